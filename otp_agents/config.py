@@ -1,0 +1,240 @@
+"""Loading a tree file (TOML) into a validated :class:`~otp_agents.spec.SupervisorSpec`.
+
+The top level of the file is the root supervisor; ``[[children]]`` arrays nest. A child's kind
+follows from its keys: ``children`` or ``strategy`` make a supervisor, ``command`` a plain OS
+command, ``module`` or ``script`` a protocol worker.
+
+Every refusal is a :class:`ConfigError` naming the file, the key path (``children[2].shutdown``)
+and what was expected. OTP's own rules are applied here, before anything starts.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .spec import (
+    AutoShutdown,
+    ChildSpec,
+    CommandSpec,
+    RestartType,
+    Strategy,
+    SupervisorSpec,
+    WorkerSpec,
+)
+
+_MODULE_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_SUPERVISOR_KEYS = {"children", "strategy"}
+_RESERVED = ("kind",)
+_ROOT_ONLY_FORBIDDEN = ("restart", "significant", "shutdown", "backoff")
+
+
+class ConfigError(ValueError):
+    """A tree specification was refused. ``str()`` is one line: ``file: key.path: problem``."""
+
+    def __init__(self, source: str, keypath: str, problem: str, line: int | None = None) -> None:
+        self.source = source
+        self.keypath = keypath
+        self.problem = problem
+        self.line = line
+        where = source if line is None else f"{source}:{line}"
+        super().__init__(f"{where}: {keypath}: {problem}" if keypath else f"{where}: {problem}")
+
+
+def load_file(path: str | Path) -> SupervisorSpec:
+    """Read and validate a tree file."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(p), "", f"cannot read tree file: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(p), "", f"not UTF-8 text (byte {exc.start})") from None
+    return loads(text, source=str(p))
+
+
+def loads(text: str, source: str = "<string>") -> SupervisorSpec:
+    """Parse TOML text and validate it as a tree."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"\(at line (\d+), column \d+\)", str(exc))
+        raise ConfigError(
+            source, "", f"invalid TOML: {exc}", line=int(m.group(1)) if m else None
+        ) from None
+    return from_dict(data, source=source)
+
+
+def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SupervisorSpec:
+    """Validate an already-parsed mapping (the same shape as the TOML file)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(source, "", f"expected a table for the root supervisor, got {_kind(data)}")
+    data = dict(data)
+    data.setdefault("id", "root")
+    for key in (*_ROOT_ONLY_FORBIDDEN, *_RESERVED):
+        if key in data:
+            raise ConfigError(source, key, "not allowed on the root supervisor (it has no parent)")
+    spec = _supervisor(data, source, "")
+    return spec
+
+
+def _kind(value: object) -> str:
+    return {dict: "a table", list: "an array", str: "a string", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _convert(data: Mapping[str, Any], cls: type[Any], source: str, keypath: str) -> Any:
+    try:
+        return msgspec.convert(data, type=cls)
+    except msgspec.ValidationError as exc:
+        problem, _, where = str(exc).partition(" - at `$")
+        sub = where.rstrip("`")
+        # msgspec reports e.g. "$.shutdown" or "$.command[0]"; turn it into our key path.
+        if not sub:
+            full = keypath
+        elif sub.startswith("["):
+            full = keypath + sub
+        else:
+            full = _join(keypath, sub.lstrip("."))
+        leaf = sub.lstrip(".").split("[")[0].split(".")[-1]
+        raise ConfigError(source, full, _friendly(problem, leaf, _lookup(data, sub))) from None
+
+
+_MISSING = object()
+
+
+def _lookup(data: Any, sub: str) -> Any:
+    """The value at a msgspec path like ``.command[0]`` (or _MISSING)."""
+    for token in re.findall(r"\.(\w+)|\[(\d+)\]", sub):
+        key, index = token
+        try:
+            data = data[key] if key else data[int(index)]
+        except (KeyError, IndexError, TypeError):
+            return _MISSING
+    return data
+
+
+def _friendly(problem: str, leaf: str, value: Any) -> str:
+    if leaf == "shutdown":
+        problem = 'expected seconds > 0, "brutal_kill" or "infinity"'
+    elif leaf == "id" and "regex" in problem:
+        problem = "expected an id of 1-63 letters, digits, '_', '.' or '-' (no '/')"
+    problem = problem.replace("Object contains unknown field", "unknown key")
+    problem = problem.replace("Object missing required field", "missing required key")
+    problem = problem[0].lower() + problem[1:] if problem else problem
+    if value is not _MISSING and "got" not in problem and "unknown key" not in problem:
+        problem += f", got {value!r}"
+    return problem
+
+
+def _child(data: object, source: str, keypath: str, parent_auto: AutoShutdown) -> ChildSpec:
+    if not isinstance(data, dict):
+        raise ConfigError(source, keypath, f"expected a table describing a child, got {_kind(data)}")
+    for key in _RESERVED:
+        if key in data:
+            raise ConfigError(source, _join(keypath, key), "unknown key (a child's kind follows from its keys)")
+    kinds = []
+    if _SUPERVISOR_KEYS & data.keys():
+        kinds.append("supervisor (children/strategy)")
+    if "command" in data:
+        kinds.append("command")
+    if "module" in data or "script" in data:
+        kinds.append("protocol worker (module/script)")
+    if len(kinds) != 1:
+        found = " and ".join(kinds) if kinds else "none of them"
+        raise ConfigError(
+            source,
+            keypath,
+            "a child needs exactly one of: `command` (plain process), `module` or `script` "
+            f"(protocol worker), `children` (nested supervisor); found {found}",
+        )
+    spec: ChildSpec
+    if kinds[0].startswith("supervisor"):
+        spec = _supervisor(data, source, keypath)
+    elif "command" in data:
+        spec = _convert({**data, "kind": "command"}, CommandSpec, source, keypath)
+        if not spec.command[0]:
+            raise ConfigError(source, _join(keypath, "command[0]"), "the program name is empty")
+        _check_process(spec, source, keypath)
+    else:
+        spec = _convert({**data, "kind": "worker"}, WorkerSpec, source, keypath)
+        _check_worker(spec, source, keypath)
+
+    if spec.significant and spec.restart is RestartType.PERMANENT:
+        raise ConfigError(
+            source, _join(keypath, "significant"), "a permanent child cannot be significant (OTP rule)"
+        )
+    if spec.significant and parent_auto is AutoShutdown.NEVER:
+        raise ConfigError(
+            source,
+            _join(keypath, "significant"),
+            "significant children need auto_shutdown = any_significant or all_significant on "
+            "their supervisor (OTP rule)",
+        )
+    return spec
+
+
+def _check_process(spec: CommandSpec | WorkerSpec, source: str, keypath: str) -> None:
+    name = spec.stop_signal.upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    if not hasattr(signal.Signals, name) or name in ("SIGKILL", "SIGSTOP"):
+        raise ConfigError(
+            source, _join(keypath, "stop_signal"), f"expected a catchable signal name, got {spec.stop_signal!r}"
+        )
+
+
+def _check_worker(spec: WorkerSpec, source: str, keypath: str) -> None:
+    if (spec.module is None) == (spec.script is None):
+        raise ConfigError(source, keypath, "a protocol worker needs exactly one of `module` or `script`")
+    if spec.module is not None and not _MODULE_RE.match(spec.module):
+        raise ConfigError(
+            source, _join(keypath, "module"), f'expected "package.module:function", got {spec.module!r}'
+        )
+    _check_process(spec, source, keypath)
+
+
+def _supervisor(data: dict[str, Any], source: str, keypath: str) -> SupervisorSpec:
+    raw_children = data.get("children", [])
+    if not isinstance(raw_children, list):
+        raise ConfigError(
+            source, _join(keypath, "children"), f"expected an array of tables, got {_kind(raw_children)}"
+        )
+    own = {k: v for k, v in data.items() if k != "children"}
+    own["kind"] = "supervisor"
+    head: SupervisorSpec = _convert(own, SupervisorSpec, source, keypath)
+    children: list[ChildSpec] = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(raw_children):
+        ckey = f"{_join(keypath, 'children')}[{i}]"
+        child = _child(raw, source, ckey, head.auto_shutdown)
+        if child.id in seen:
+            raise ConfigError(
+                source, f"{ckey}.id", f"duplicate child id {child.id!r} (also children[{seen[child.id]}])"
+            )
+        seen[child.id] = i
+        children.append(child)
+
+    if head.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
+        if len(children) != 1:
+            raise ConfigError(
+                source,
+                _join(keypath, "children"),
+                f"simple_one_for_one takes exactly one child template, got {len(children)}",
+            )
+    elif head.max_children is not None:
+        raise ConfigError(source, _join(keypath, "max_children"), "only simple_one_for_one supervisors take it")
+    return msgspec.structs.replace(head, children=children)

@@ -1,0 +1,172 @@
+"""The event stream: every supervision decision, as a typed record with a timestamp and a path.
+
+Producers call :meth:`EventBus.emit`, which never blocks and never fails: each subscriber has a
+bounded buffer and an overflowing subscriber loses events (counted in ``dropped``), never the
+supervisor's time. Sinks (the JSON-lines file, the stderr log, later the control socket and
+metrics) are subscribers.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import msgspec
+
+log = logging.getLogger("otp_agents")
+
+
+class Kind(enum.StrEnum):
+    SUPERVISOR_STARTED = "supervisor_started"
+    SUPERVISOR_STOPPED = "supervisor_stopped"
+    CHILD_STARTED = "child_started"
+    START_FAILED = "start_failed"
+    CHILD_EXITED = "child_exited"  # ended without the supervisor asking
+    CHILD_TERMINATED = "child_terminated"  # stopped by its supervisor
+    RESTARTING = "restarting"
+    RESTART_DELAYED = "restart_delayed"
+    INTENSITY_EXCEEDED = "intensity_exceeded"
+    ESCALATED = "escalated"
+    AUTO_SHUTDOWN = "auto_shutdown"
+    PROTOCOL_ERROR = "protocol_error"
+    ORPHAN_REAPED = "orphan_reaped"
+    WORKER_LOG = "worker_log"
+
+
+class Event(msgspec.Struct, omit_defaults=True, frozen=True):
+    kind: Kind
+    path: str
+    ts: float  # wall clock, seconds since the epoch (for humans and log correlation)
+    pid: int | None = None
+    code: int | None = None
+    signal: str | None = None
+    requested: bool | None = None  # for exits: did the supervisor ask for it?
+    killed: bool | None = None  # for terminations: did it take SIGKILL?
+    reason: str | None = None
+    detail: str | None = None
+    child: str | None = None  # the child a supervisor-level event is about
+    delay: float | None = None
+
+
+_json = msgspec.json.Encoder()
+
+
+def to_json_line(event: Event) -> bytes:
+    return _json.encode(event) + b"\n"
+
+
+class Subscription:
+    """A bounded buffer of events for one consumer."""
+
+    def __init__(self, bus: EventBus, maxlen: int) -> None:
+        self._bus = bus
+        self._items: deque[Event] = deque()
+        self._maxlen = maxlen
+        self._ready = anyio.Event()
+        self.dropped = 0
+        self.closed = False
+
+    def _push(self, event: Event) -> None:
+        if len(self._items) >= self._maxlen:
+            self.dropped += 1
+            return
+        self._items.append(event)
+        self._ready.set()
+
+    async def batch(self) -> list[Event]:
+        """Wait for at least one event; return everything buffered ([] once closed and empty)."""
+        while not self._items:
+            if self.closed:
+                return []
+            await self._ready.wait()
+            self._ready = anyio.Event()
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+    def close(self) -> None:
+        self.closed = True
+        self._ready.set()
+        self._bus._subs.discard(self)
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._subs: set[Subscription] = set()
+        self._listeners: list[Callable[[Event], None]] = []
+
+    def subscribe(self, maxlen: int = 10_000) -> Subscription:
+        sub = Subscription(self, maxlen)
+        self._subs.add(sub)
+        return sub
+
+    def listen(self, fn: Callable[[Event], None]) -> None:
+        """A synchronous listener, called inline: it must be cheap and must not raise."""
+        self._listeners.append(fn)
+
+    def emit(self, kind: Kind, path: str, **fields: Any) -> Event:
+        event = Event(kind=kind, path=path, ts=time.time(), **fields)
+        for fn in self._listeners:
+            try:
+                fn(event)
+            except Exception:  # a broken observer must not break supervision
+                log.exception("event listener failed")
+        for sub in self._subs:
+            sub._push(event)
+        return event
+
+    def close(self) -> None:
+        for sub in list(self._subs):
+            sub.close()
+
+
+async def write_jsonl(sub: Subscription, path: str) -> None:
+    """Append events to ``path`` as JSON lines until the subscription closes.
+
+    Writes happen in a worker thread, batched, so the supervisor's loop never waits on the disk.
+    """
+    fd = await anyio.to_thread.run_sync(
+        lambda: os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    )
+    try:
+        while True:
+            events = await sub.batch()
+            if not events:
+                break
+            data = b"".join(to_json_line(e) for e in events)
+            await anyio.to_thread.run_sync(os.write, fd, data)
+    finally:
+        os.close(fd)
+
+
+_LEVELS = {
+    Kind.START_FAILED: logging.ERROR,
+    Kind.INTENSITY_EXCEEDED: logging.ERROR,
+    Kind.ESCALATED: logging.ERROR,
+    Kind.PROTOCOL_ERROR: logging.ERROR,
+    Kind.CHILD_EXITED: logging.WARNING,
+    Kind.AUTO_SHUTDOWN: logging.WARNING,
+}
+
+
+def log_event(event: Event) -> None:
+    """Human-readable line for stderr."""
+    level = _LEVELS.get(event.kind, logging.INFO)
+    if event.kind is Kind.CHILD_EXITED and event.code == 0:
+        level = logging.INFO
+    if not log.isEnabledFor(level):
+        return
+    parts = [f"{event.path}: {event.kind.value.replace('_', ' ')}"]
+    for name in ("pid", "code", "signal", "reason", "child", "delay", "detail"):
+        value = getattr(event, name)
+        if value is not None:
+            parts.append(f"{name}={value}")
+    if event.killed:
+        parts.append("(needed SIGKILL)")
+    log.log(level, " ".join(parts))

@@ -1,0 +1,124 @@
+"""Linux process plumbing: prctl flags, exit decoding, orphan reaping.
+
+Everything here is a thin, synchronous wrapper around one system call; none of it blocks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+from collections.abc import Callable, Container
+from dataclasses import dataclass
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_prctl = _libc.prctl
+_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_prctl.restype = ctypes.c_int
+
+
+def set_child_subreaper() -> bool:
+    """Make this process adopt orphaned descendants, so they are reaped here, not by init."""
+    return _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def die_with_parent_hook(sig: int = signal.SIGKILL) -> Callable[[], None]:
+    """A ``preexec_fn`` that makes the child receive ``sig`` when the supervisor dies.
+
+    The parent's pid is captured before the fork: if the supervisor died between fork and the
+    prctl call, the child would already be orphaned and never get the signal, so it kills itself.
+    """
+    parent = os.getpid()
+    prctl = _prctl
+    kill = os.kill
+    getppid = os.getppid
+
+    def hook() -> None:
+        prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if getppid() != parent:
+            kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How an OS process ended: an exit ``code`` or the ``signal`` that killed it."""
+
+    code: int | None
+    signal: int | None
+
+    @classmethod
+    def from_waitid(cls, result: os.waitid_result) -> ExitStatus:
+        if result.si_code == os.CLD_EXITED:
+            return cls(code=result.si_status, signal=None)
+        return cls(code=None, signal=result.si_status)
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            return f"killed by {signal_name(self.signal)}"
+        return f"exit code {self.code}"
+
+
+def signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+def parse_signal(name: str) -> int:
+    name = name.upper()
+    return int(signal.Signals[name if name.startswith("SIG") else "SIG" + name])
+
+
+def reap_pidfd(pidfd: int) -> ExitStatus:
+    """Reap the (already exited) process behind ``pidfd``."""
+    result = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+    if result is None:  # pragma: no cover - only called once the pidfd is readable
+        raise ChildProcessError("process has not exited")
+    return ExitStatus.from_waitid(result)
+
+
+def reap_orphans(tracked: Container[int], limit: int = 1024) -> list[tuple[int, ExitStatus]]:
+    """Reap exited children that nobody tracks (adopted orphans), without touching tracked ones.
+
+    ``waitid(WNOWAIT)`` peeks at one zombie; an untracked one is reaped, a tracked one is left
+    for its own watcher (which reaps it and then calls this again).
+    """
+    reaped: list[tuple[int, ExitStatus]] = []
+    for _ in range(limit):
+        try:
+            peek = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            break
+        if peek is None or peek.si_pid == 0 or peek.si_pid in tracked:
+            break
+        try:
+            result = os.waitid(os.P_PID, peek.si_pid, os.WEXITED | os.WNOHANG)
+        except ChildProcessError:
+            continue
+        if result is not None:
+            reaped.append((peek.si_pid, ExitStatus.from_waitid(result)))
+    return reaped
+
+
+def child_pids() -> list[int]:
+    """Direct children of this process (including adopted orphans), from /proc."""
+    pids: list[int] = []
+    task_dir = f"/proc/{os.getpid()}/task"
+    try:
+        tids = os.listdir(task_dir)
+    except OSError:
+        return pids
+    for tid in tids:
+        try:
+            with open(f"{task_dir}/{tid}/children", "rb") as f:
+                pids.extend(int(p) for p in f.read().split())
+        except OSError:
+            continue
+    return pids

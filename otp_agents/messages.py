@@ -1,0 +1,82 @@
+"""The messages exchanged between a supervisor and a protocol worker.
+
+Each message is a msgspec Struct tagged by ``type``; the wire format is a MessagePack map with
+that tag (see ``protocols/PROTOCOL.md``). Field names are short words, never positional, so that
+other languages can implement a worker from ``protocols/schema.json`` alone.
+
+Session, in order::
+
+    worker     -> supervisor  Hello(versions, pid)
+    supervisor -> worker      Welcome(version, path)          or Reject(reason)
+    worker     -> supervisor  Ready()                           the child now counts as started
+    ...        <->            Ping / Pong, Log, Error           any time after Welcome
+    supervisor -> worker      Shutdown(timeout, reason)         finish, then exit 0
+    worker     -> supervisor  Bye(reason)                       optional, just before exit
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+MAX_FRAME = 1 << 20  # default maximum frame body, bytes
+
+_Text = Annotated[str, msgspec.Meta(max_length=65536)]
+
+
+class _Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=False, omit_defaults=True):
+    pass
+
+
+class Hello(_Msg, tag="hello"):
+    versions: list[int]
+    pid: int
+
+
+class Welcome(_Msg, tag="welcome"):
+    version: int
+    path: str
+
+
+class Reject(_Msg, tag="reject"):
+    reason: _Text
+
+
+class Ready(_Msg, tag="ready"):
+    pass
+
+
+class Ping(_Msg, tag="ping"):
+    seq: int
+    sent_ns: int  # supervisor's monotonic clock; the worker echoes it untouched
+
+
+class Pong(_Msg, tag="pong"):
+    seq: int
+    sent_ns: int  # the ping's own timestamp, echoed
+    loop_lag_ms: float = 0.0  # worker's measured event-loop lag
+
+
+class Shutdown(_Msg, tag="shutdown"):
+    timeout: float  # seconds the supervisor will wait before SIGKILL
+    reason: str = "shutdown"
+
+
+class Bye(_Msg, tag="bye"):
+    reason: str = "normal"
+
+
+class Log(_Msg, tag="log"):
+    level: int
+    message: _Text
+
+
+class Error(_Msg, tag="error"):
+    message: _Text
+
+
+Message = Hello | Welcome | Reject | Ready | Ping | Pong | Shutdown | Bye | Log | Error
+ALL_MESSAGES: tuple[type[_Msg], ...] = (Hello, Welcome, Reject, Ready, Ping, Pong, Shutdown, Bye, Log, Error)

@@ -1,0 +1,382 @@
+"""Child process handles: spawning, exit detection, the stop ladder.
+
+Each child runs in its own process group, receives SIGKILL if the supervisor dies
+(``PR_SET_PDEATHSIG``), and is watched through a pidfd: its exit wakes the event loop directly,
+with no polling and no thread. When the group leader exits, whatever it left in its group is
+killed before the leader is reaped (so the group id cannot have been recycled), as systemd's
+``KillMode=control-group`` does.
+
+Stop ladder (``shutdown`` in the child spec):
+
+* a number of seconds: the polite request (``stop_signal`` to the group for a plain command;
+  a ``Shutdown`` frame plus ``stop_signal`` to the worker itself for a protocol worker), wait up
+  to that long, then SIGKILL to the whole group;
+* ``brutal_kill``: SIGKILL to the group at once;
+* ``infinity``: the polite request, then wait as long as it takes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.abc
+
+from . import linux
+from .channel import Channel, ChannelClosed
+from .events import EventBus, Kind
+from .linux import ExitStatus
+from .messages import (
+    SUPPORTED_VERSIONS,
+    Bye,
+    Error,
+    Hello,
+    Log,
+    Message,
+    Ready,
+    Reject,
+    Shutdown,
+    Welcome,
+)
+from .spec import CommandSpec, ProcessSpec, WorkerSpec
+from .wire import FrameError
+
+log = logging.getLogger("otp_agents")
+
+# After SIGKILL a process normally disappears within milliseconds; a process stuck in
+# uninterruptible sleep may not. We stop waiting after this long and say so.
+KILL_WAIT = 10.0
+ENV_FD = "OTP_AGENTS_FD"
+ENV_PATH = "OTP_AGENTS_PATH"
+ENV_BACKEND = "OTP_AGENTS_BACKEND"
+
+
+class StartError(Exception):
+    """A child could not be started. ``str()`` says why, in one line."""
+
+
+@dataclass
+class Host:
+    """What a process handle needs from the runtime around it."""
+
+    tg: anyio.abc.TaskGroup
+    bus: EventBus
+    tracked: set[int] = field(default_factory=set)  # pids with a watcher of their own
+    after_reap: Callable[[], None] = lambda: None  # e.g. sweep adopted orphans
+
+
+@dataclass
+class Exit:
+    """The end of one child process, as the supervisor sees it."""
+
+    status: ExitStatus
+    requested: bool  # the supervisor asked it to stop
+    fault: str | None = None  # set when the supervisor killed it for a fault (protocol error...)
+
+    @property
+    def normal(self) -> bool:
+        """OTP's normal/shutdown: exit code 0, or an exit the supervisor asked for."""
+        return self.fault is None and (self.requested or self.status.code == 0)
+
+    def describe(self) -> str:
+        text = self.status.describe()
+        return f"{text} ({self.fault})" if self.fault else text
+
+
+class ChildProcess:
+    """One running OS process. Built only by :func:`spawn`."""
+
+    def __init__(
+        self,
+        path: str,
+        spec: ProcessSpec,
+        popen: subprocess.Popen[bytes],
+        pidfd: int,
+        host: Host,
+        on_exit: Callable[[ChildProcess], None],
+    ) -> None:
+        self.path = path
+        self.spec = spec
+        self.pid = popen.pid
+        self.started_at = time.monotonic()
+        self.exited = anyio.Event()
+        self.exit: Exit | None = None
+        self.channel: Channel | None = None
+        self._popen = popen
+        self._pidfd = pidfd
+        self._host = host
+        self._on_exit = on_exit
+        self._requested = False
+        self._fault: str | None = None
+        host.tracked.add(self.pid)
+
+    # -- exit detection ------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        try:
+            await anyio.wait_readable(self._pidfd)
+        finally:
+            # Normal path: the leader has exited but is not reaped yet, so its pid (and the
+            # group id) cannot have been reused: killing the group is safe. On cancellation
+            # (runtime teardown) the same holds while we still own the unreaped pid.
+            self._signal_group(signal.SIGKILL)
+            status = self._reap()
+        self.exit = Exit(status=status, requested=self._requested, fault=self._fault)
+        self.exited.set()
+        if self.channel is not None:
+            await self.channel.aclose()
+        self._on_exit(self)
+        self._host.after_reap()
+
+    def _reap(self) -> ExitStatus:
+        try:
+            result = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED)
+            status = ExitStatus.from_waitid(result) if result else ExitStatus(None, signal.SIGKILL)
+        except ChildProcessError:  # reaped elsewhere: we can no longer know how it ended
+            status = ExitStatus(code=None, signal=None)
+        finally:
+            os.close(self._pidfd)
+            self._host.tracked.discard(self.pid)
+        # Tell subprocess the process is gone, so Popen.__del__ never waits on a recycled pid.
+        self._popen.returncode = status.code if status.code is not None else -(status.signal or 0)
+        return status
+
+    # -- signalling ----------------------------------------------------------------------------
+
+    def _signal_group(self, sig: int) -> None:
+        if self.exit is not None:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _signal_leader(self, sig: int) -> None:
+        if self.exit is not None:
+            return
+        try:
+            os.kill(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def fault(self, reason: str) -> None:
+        """Kill the child because it misbehaved; its exit will be a crash with this reason."""
+        if self.exit is None and self._fault is None:
+            self._fault = reason
+            self._signal_group(signal.SIGKILL)
+
+    def kill(self) -> None:
+        """SIGKILL the whole group now (a requested stop)."""
+        self._requested = True
+        self._signal_group(signal.SIGKILL)
+
+    async def stop(self) -> bool:
+        """Run the stop ladder; returns True if SIGKILL was needed. Waits for the exit."""
+        self._requested = True
+        if self.exited.is_set():
+            return False
+        shutdown = self.spec.shutdown
+        if shutdown == "brutal_kill":
+            self.kill()
+            await self._wait_killed()
+            return True
+        await self._polite_stop(None if shutdown == "infinity" else float(shutdown))
+        if shutdown == "infinity":
+            await self.exited.wait()
+            return False
+        with anyio.move_on_after(float(shutdown)):
+            await self.exited.wait()
+            return False
+        log.warning("%s: did not stop within %ss, sending SIGKILL", self.path, shutdown)
+        self.kill()
+        await self._wait_killed()
+        return True
+
+    async def _polite_stop(self, timeout: float | None) -> None:
+        sig = linux.parse_signal(self.spec.stop_signal)
+        if self.channel is None:
+            self._signal_group(sig)
+            return
+        with anyio.move_on_after(0.5):
+            try:
+                await self.channel.send(Shutdown(timeout=timeout or 0.0))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass
+        self._signal_leader(sig)
+
+    async def _wait_killed(self) -> None:
+        with anyio.move_on_after(KILL_WAIT):
+            await self.exited.wait()
+            return
+        log.error("%s: pid %d still not gone %ss after SIGKILL", self.path, self.pid, KILL_WAIT)
+
+    # -- protocol reader -------------------------------------------------------------------------
+
+    async def _read(self, channel: Channel) -> None:
+        """Serve the worker's frames after Ready. A bad frame is the child's fault, not ours."""
+        bus = self._host.bus
+        try:
+            while True:
+                msg = await channel.receive()
+                self._handle(msg, bus)
+        except ChannelClosed:
+            return
+        except FrameError as exc:
+            bus.emit(Kind.PROTOCOL_ERROR, self.path, pid=self.pid, reason=exc.kind, detail=exc.detail)
+            self.fault(f"protocol error: {exc}")
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError):
+            return
+
+    def _handle(self, msg: Message, bus: EventBus) -> None:
+        if isinstance(msg, Log):
+            bus.emit(Kind.WORKER_LOG, self.path, pid=self.pid, detail=msg.message, code=msg.level)
+        elif isinstance(msg, Error):
+            bus.emit(Kind.WORKER_LOG, self.path, pid=self.pid, detail=msg.message, reason="error")
+        elif isinstance(msg, Bye):
+            pass
+        elif isinstance(msg, Hello | Ready):
+            bus.emit(Kind.PROTOCOL_ERROR, self.path, pid=self.pid, reason="unexpected", detail=msg.__class__.__name__)
+            self.fault(f"protocol error: unexpected {type(msg).__name__} after start")
+        # Pong and future monitor frames are handled by the health monitors.
+
+
+# -- spawning ------------------------------------------------------------------------------------
+
+
+def _environment(spec: ProcessSpec) -> dict[str, str]:
+    if spec.clear_env:
+        env = {"PATH": os.environ.get("PATH", os.defpath)}
+    else:
+        env = dict(os.environ)
+    env.update(spec.env)
+    return env
+
+
+def _argv(spec: ProcessSpec) -> list[str]:
+    if isinstance(spec, CommandSpec):
+        return list(spec.command)
+    python = spec.python or sys.executable
+    if spec.module is not None:
+        return [python, "-m", "otp_agents.worker_entry", spec.module, *spec.args]
+    assert spec.script is not None
+    return [python, spec.script, *spec.args]
+
+
+def _popen(argv: list[str], spec: ProcessSpec, env: dict[str, str], pass_fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
+    try:
+        return subprocess.Popen(
+            argv,
+            env=env,
+            cwd=spec.cwd,
+            stdin=subprocess.DEVNULL,
+            close_fds=True,
+            pass_fds=pass_fds,
+            process_group=0,
+            preexec_fn=linux.die_with_parent_hook(),
+        )
+    except OSError as exc:
+        raise StartError(f"cannot execute {argv[0]!r}: {exc.strerror or exc}") from None
+    except subprocess.SubprocessError as exc:
+        raise StartError(f"cannot start {argv[0]!r}: {exc}") from None
+
+
+async def spawn(path: str, spec: ProcessSpec, host: Host, on_exit: Callable[[ChildProcess], None]) -> ChildProcess:
+    """Start the child; return once it counts as started (spawned, or Ready for a worker).
+
+    Raises :class:`StartError` if it cannot; nothing of it is left running then.
+    """
+    env = _environment(spec)
+    argv = _argv(spec)
+    if isinstance(spec, CommandSpec):
+        popen = _popen(argv, spec, env, ())
+        return _track(path, spec, popen, host, on_exit)
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        env[ENV_FD] = str(theirs.fileno())
+        env[ENV_PATH] = path
+        env[ENV_BACKEND] = spec.backend
+        popen = _popen(argv, spec, env, (theirs.fileno(),))
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    proc = _track(path, spec, popen, host, on_exit)
+    try:
+        channel = await Channel.from_socket(ours)
+    except BaseException:
+        ours.close()
+        proc.kill()
+        raise
+    proc.channel = channel
+    try:
+        await _handshake(proc, channel, spec)
+    except BaseException:
+        proc.kill()
+        with anyio.CancelScope(shield=True):
+            await proc._wait_killed()
+        raise
+    host.tg.start_soon(proc._read, channel, name=f"reader {path}")
+    return proc
+
+
+def _track(
+    path: str, spec: ProcessSpec, popen: subprocess.Popen[bytes], host: Host, on_exit: Callable[[ChildProcess], None]
+) -> ChildProcess:
+    pidfd = os.pidfd_open(popen.pid)
+    proc = ChildProcess(path, spec, popen, pidfd, host, on_exit)
+    host.tg.start_soon(proc._watch, name=f"watch {path}")
+    return proc
+
+
+async def _handshake(proc: ChildProcess, channel: Channel, spec: WorkerSpec) -> None:
+    problem: str | None = None
+
+    async def converse() -> None:
+        nonlocal problem
+        hello = await channel.receive()
+        if not isinstance(hello, Hello):
+            problem = f"expected hello, got {type(hello).__name__.lower()}"
+            return
+        common = sorted(set(hello.versions) & set(SUPPORTED_VERSIONS))
+        if not common:
+            await channel.send(Reject(reason=f"no common protocol version (we speak {list(SUPPORTED_VERSIONS)})"))
+            problem = f"worker speaks protocol versions {hello.versions}, we speak {list(SUPPORTED_VERSIONS)}"
+            return
+        await channel.send(Welcome(version=common[-1], path=proc.path))
+        ready = await channel.receive()
+        if not isinstance(ready, Ready):
+            problem = f"expected ready, got {type(ready).__name__.lower()}"
+
+    async with anyio.create_task_group() as tg:
+
+        async def on_early_exit() -> None:
+            await proc.exited.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(on_early_exit)
+        try:
+            with anyio.fail_after(spec.start_timeout):
+                await converse()
+        except TimeoutError:
+            problem = f"not ready within start_timeout ({spec.start_timeout}s)"
+        except ChannelClosed:
+            with anyio.move_on_after(1.0):
+                await proc.exited.wait()
+            problem = "exited before it was ready"
+        except FrameError as exc:
+            problem = f"protocol error during start: {exc}"
+        tg.cancel_scope.cancel()
+    if proc.exit is not None and problem in (None, "exited before it was ready"):
+        problem = f"exited before it was ready ({proc.exit.status.describe()})"
+    if problem is not None:
+        raise StartError(problem)

@@ -1,0 +1,197 @@
+"""Running a whole tree: the task group, the event sinks, signals, orphan reaping.
+
+``running(spec)`` is the embedding API (tests use it); ``run(spec)`` is what ``otp-agents run``
+calls: it also handles SIGTERM/SIGINT (first: graceful stop in reverse start order; second:
+SIGKILL everything) and turns the outcome into an exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+
+from . import linux
+from .events import EventBus, Kind, log_event, write_jsonl
+from .process import Host, StartError
+from .spec import SupervisorSpec
+from .supervisor import ChildNotFound, Slot, Supervisor
+
+log = logging.getLogger("otp_agents")
+
+EXIT_OK = 0
+EXIT_GAVE_UP = 1
+EXIT_CONFIG = 2
+EXIT_START_FAILED = 3
+
+
+class Tree:
+    """A running tree. Paths are ``root/voice/leaf-3``."""
+
+    def __init__(self, root: Supervisor, host: Host) -> None:
+        self.root = root
+        self.host = host
+        self.bus = host.bus
+
+    def supervisor(self, path: str) -> Supervisor:
+        node = self._walk(path)
+        if isinstance(node, Supervisor):
+            return node
+        if isinstance(node, Slot) and isinstance(node.instance, Supervisor):
+            return node.instance
+        raise ChildNotFound(f"{path} is not a running supervisor")
+
+    def slot(self, path: str) -> Slot:
+        node = self._walk(path)
+        if not isinstance(node, Slot):
+            raise ChildNotFound(f"{path} is the root supervisor, not a child")
+        return node
+
+    def pid(self, path: str) -> int | None:
+        """The OS pid of a running process child, else None."""
+        try:
+            inst = self.slot(path).instance
+        except ChildNotFound:
+            return None
+        return getattr(inst, "pid", None) if inst is not None else None
+
+    def _walk(self, path: str) -> Supervisor | Slot:
+        parts = path.split("/")
+        if parts[0] != self.root.path:
+            raise ChildNotFound(path)
+        node: Supervisor | Slot = self.root
+        for part in parts[1:]:
+            sup = node if isinstance(node, Supervisor) else node.instance
+            if not isinstance(sup, Supervisor) or part not in sup.slots:
+                raise ChildNotFound(path)
+            node = sup.slots[part]
+        return node
+
+
+@asynccontextmanager
+async def running(
+    spec: SupervisorSpec,
+    *,
+    events_file: str | None = None,
+    subreaper: bool = False,
+    bus: EventBus | None = None,
+) -> AsyncIterator[Tree]:
+    """Start the tree; yield it; stop it (reverse start order) when the block exits.
+
+    Raises :class:`~otp_agents.process.StartError` if the root cannot start (nothing is left
+    running then). ``subreaper`` makes this process adopt and reap orphaned grandchildren; only
+    the CLI turns it on, since it takes over reaping for the whole process.
+    """
+    bus = bus or EventBus()
+    async with anyio.create_task_group() as tg:
+        host = Host(tg=tg, bus=bus)
+        writer_done = anyio.Event()
+        if events_file is not None:
+            sub = bus.subscribe()
+
+            async def writer() -> None:
+                try:
+                    await write_jsonl(sub, events_file)
+                finally:
+                    writer_done.set()
+
+            tg.start_soon(writer)
+        else:
+            writer_done.set()
+        if subreaper:
+            linux.set_child_subreaper()
+            host.after_reap = lambda: _sweep_orphans(host)
+            tg.start_soon(_reap_on_sigchld, host)
+        root = Supervisor(spec, spec.id, host)
+        try:
+            await root.start()
+            yield Tree(root, host)
+        finally:
+            with anyio.CancelScope(shield=True):
+                if not root.finished.is_set():
+                    await root.stop()
+                if subreaper:
+                    await _kill_adopted(host)
+                bus.close()
+                with anyio.move_on_after(5):
+                    await writer_done.wait()
+            tg.cancel_scope.cancel()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    code: int
+    message: str
+
+
+async def run(spec: SupervisorSpec, *, events_file: str | None = None) -> Outcome:
+    """Run until the root ends or a stop signal arrives; the CLI's main loop."""
+    bus = EventBus()
+    bus.listen(log_event)
+    try:
+        async with running(spec, events_file=events_file, subreaper=True, bus=bus) as tree:
+            root = tree.root
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async with anyio.create_task_group() as tg:
+
+                    async def on_signals() -> None:
+                        count = 0
+                        async for sig in signals:
+                            count += 1
+                            name = linux.signal_name(sig)
+                            if count == 1:
+                                log.info("%s received: stopping the tree in reverse start order", name)
+                                tg.start_soon(root.stop)
+                            else:
+                                log.warning("%s received again: killing every child now", name)
+                                tg.start_soon(root.kill)
+
+                    tg.start_soon(on_signals)
+                    await root.finished.wait()
+                    tg.cancel_scope.cancel()
+            ex = root.exit
+    except StartError as exc:
+        return Outcome(EXIT_START_FAILED, f"{spec.id}: could not start: {exc}")
+    assert ex is not None
+    if ex.requested:
+        return Outcome(EXIT_OK, f"{spec.id}: stopped")
+    return Outcome(EXIT_GAVE_UP, f"{spec.id}: root supervisor gave up: {ex.describe()}")
+
+
+# -- orphans -----------------------------------------------------------------------------------
+
+
+def _sweep_orphans(host: Host) -> None:
+    for pid, status in linux.reap_orphans(host.tracked):
+        host.bus.emit(Kind.ORPHAN_REAPED, "", pid=pid, code=status.code, signal=_sig(status.signal))
+
+
+def _sig(sig: int | None) -> str | None:
+    return linux.signal_name(sig) if sig is not None else None
+
+
+async def _reap_on_sigchld(host: Host) -> None:
+    with anyio.open_signal_receiver(signal.SIGCHLD) as signals:
+        _sweep_orphans(host)
+        async for _ in signals:
+            _sweep_orphans(host)
+
+
+async def _kill_adopted(host: Host) -> None:
+    """At the very end: adopted descendants that escaped their process group die too."""
+    for _ in range(3):
+        strays = [pid for pid in linux.child_pids() if pid not in host.tracked]
+        if not strays:
+            return
+        for pid in strays:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        await anyio.sleep(0.05)
+        _sweep_orphans(host)

@@ -1,0 +1,128 @@
+"""The typed tree specification.
+
+A tree file is decoded once, at the edge, into these Structs (see ``config.py``); everything after
+that point only ever sees valid values. The vocabulary is Erlang/OTP's: a supervisor has a
+``strategy``, an ``intensity`` and a ``period``; every child has a ``restart`` type, a ``shutdown``
+and may be ``significant``.
+
+Defaults are declared here, once, and follow OTP:
+
+* ``intensity = 1``, ``period = 5`` seconds, ``auto_shutdown = "never"``;
+* worker ``shutdown = 5`` seconds, supervisor ``shutdown = "infinity"``;
+* ``restart = "permanent"``.
+
+Two defaults have no OTP counterpart because OS processes need them: a protocol worker must say
+Ready within ``start_timeout`` (10 s, LiveKit Agents' initialize timeout), and an opt-in restart
+``backoff`` (off by default: OTP restarts immediately).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Literal
+
+import msgspec
+
+ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$"
+
+ChildId = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+Shutdown = Annotated[float, msgspec.Meta(gt=0)] | Literal["brutal_kill", "infinity"]
+
+
+class Strategy(enum.StrEnum):
+    ONE_FOR_ONE = "one_for_one"
+    ONE_FOR_ALL = "one_for_all"
+    REST_FOR_ONE = "rest_for_one"
+    SIMPLE_ONE_FOR_ONE = "simple_one_for_one"
+
+
+class RestartType(enum.StrEnum):
+    PERMANENT = "permanent"  # always restarted
+    TRANSIENT = "transient"  # restarted only after an abnormal exit
+    TEMPORARY = "temporary"  # never restarted; removed when it ends
+
+
+class AutoShutdown(enum.StrEnum):
+    NEVER = "never"
+    ANY_SIGNIFICANT = "any_significant"
+    ALL_SIGNIFICANT = "all_significant"
+
+
+class Backoff(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Opt-in delay before a restart: ``min(max, initial * factor**n) * (1 + jitter * U(-1, 1))``.
+
+    ``n`` counts consecutive restarts of the child and resets once it has run ``reset_after``
+    seconds. The intensity window still applies: backoff slows a crash loop, intensity ends it.
+    """
+
+    initial: Seconds = 0.1
+    max: Seconds = 30.0
+    factor: Annotated[float, msgspec.Meta(ge=1)] = 2.0
+    jitter: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.2
+    reset_after: Seconds = 60.0
+
+
+class _ChildBase(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    id: ChildId
+    restart: RestartType = RestartType.PERMANENT
+    significant: bool = False
+    backoff: Backoff | None = None
+
+
+class _ProcessBase(_ChildBase, kw_only=True):
+    env: dict[str, str] = {}
+    # When true the child gets only ``env`` (plus PATH); otherwise the supervisor's environment
+    # with ``env`` layered on top.
+    clear_env: bool = False
+    cwd: str | None = None
+    shutdown: Shutdown = 5.0
+    # Signal sent first when the supervisor stops the child (SIGKILL follows after ``shutdown``).
+    stop_signal: str = "SIGTERM"
+
+
+class CommandSpec(_ProcessBase, kw_only=True, tag_field="kind", tag="command"):
+    """A plain OS command. It counts as started as soon as it has been spawned."""
+
+    command: Annotated[list[str], msgspec.Meta(min_length=1)]
+
+
+class WorkerSpec(_ProcessBase, kw_only=True, tag_field="kind", tag="worker"):
+    """A Python worker that speaks the otp-agents protocol. Started when it says Ready."""
+
+    module: str | None = None  # "package.module:function"
+    script: str | None = None  # path to a script that calls otp_agents.worker.run(...)
+    args: list[str] = []
+    python: str | None = None  # interpreter; default: the supervisor's own
+    backend: Literal["asyncio", "trio"] = "asyncio"
+    start_timeout: Seconds = 10.0
+
+
+class SupervisorSpec(_ChildBase, kw_only=True, tag_field="kind", tag="supervisor"):
+    """A supervisor node. Its children start in list order and stop in reverse order."""
+
+    strategy: Strategy = Strategy.ONE_FOR_ONE
+    intensity: Annotated[int, msgspec.Meta(ge=0)] = 1
+    period: Seconds = 5.0
+    auto_shutdown: AutoShutdown = AutoShutdown.NEVER
+    shutdown: Shutdown = "infinity"
+    # Only for simple_one_for_one: cap on dynamic children (None: no cap).
+    max_children: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    children: list[ChildSpec] = []
+
+
+ChildSpec = CommandSpec | WorkerSpec | SupervisorSpec
+ProcessSpec = CommandSpec | WorkerSpec
+
+
+def walk(spec: SupervisorSpec, path: str | None = None) -> list[tuple[str, ChildSpec]]:
+    """Every node of the tree with its path, parents before children, in start order."""
+    here = path or spec.id
+    out: list[tuple[str, ChildSpec]] = [(here, spec)]
+    for child in spec.children:
+        child_path = f"{here}/{child.id}"
+        if isinstance(child, SupervisorSpec):
+            out.extend(walk(child, child_path))
+        else:
+            out.append((child_path, child))
+    return out

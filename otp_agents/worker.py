@@ -1,0 +1,178 @@
+"""The worker side of the protocol: what a Python child imports.
+
+A worker is an async function taking a :class:`Worker`::
+
+    async def main(worker: Worker) -> None:
+        model = load_model()          # anything slow happens before ready()
+        await worker.ready()          # from now on the supervisor counts us as started
+        while not worker.stopping:
+            ...                       # do the work; check worker.stopping between units
+        # returning is a clean exit (code 0)
+
+Point a tree at it with ``module = "package.module:main"``, or make a script that ends with
+``otp_agents.worker.run(main)`` and use ``script = "path/to/script.py"``.
+
+The library answers pings from the worker's own event loop (so a stalled loop shows up as a
+missing pong), turns the supervisor's ``Shutdown`` frame and SIGTERM/SIGINT into
+:attr:`Worker.stopping`, and enforces the shutdown deadline itself: if ``main`` has not returned
+shortly before the supervisor would SIGKILL it, ``main`` is cancelled so the process still
+leaves through its normal, orderly exit path. Everything is closed inside the event loop, so no
+"no running event loop" errors appear on the way out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+import anyio
+
+from .channel import Channel, ChannelClosed
+from .messages import SUPPORTED_VERSIONS, Bye, Hello, Log, Ping, Pong, Reject, Shutdown, Welcome
+from .process import ENV_BACKEND, ENV_FD, ENV_PATH
+from .wire import FrameError
+
+log = logging.getLogger("otp_agents.worker")
+
+# Part of the supervisor's shutdown timeout the worker keeps for its own orderly exit.
+DEADLINE_MARGIN = 0.2
+EXIT_OK = 0
+EXIT_CRASH = 1
+EXIT_NO_SUPERVISOR = 70
+
+
+class Worker:
+    """Handed to a worker's main function."""
+
+    def __init__(self, channel: Channel, path: str, args: list[str]) -> None:
+        self.path = path
+        self.args = args
+        self._channel = channel
+        self._stop = anyio.Event()
+        self._ready_sent = False
+        self.shutdown_timeout: float | None = None
+        self.stop_reason: str | None = None
+
+    @property
+    def stopping(self) -> bool:
+        """True once the supervisor (or a signal) asked this worker to finish."""
+        return self._stop.is_set()
+
+    async def wait_stopping(self) -> None:
+        await self._stop.wait()
+
+    async def ready(self) -> None:
+        """Tell the supervisor this worker is started. Call it once, after setup."""
+        if not self._ready_sent:
+            self._ready_sent = True
+            from .messages import Ready
+
+            await self._channel.send(Ready())
+
+    async def log(self, message: str, level: int = logging.INFO) -> None:
+        """Send a log line into the supervisor's event stream."""
+        await self._channel.send(Log(level=level, message=message[:65536]))
+
+    def request_stop(self, reason: str, timeout: float | None = None) -> None:
+        if not self._stop.is_set():
+            self.stop_reason = reason
+            self.shutdown_timeout = timeout
+            self._stop.set()
+
+
+Main = Callable[[Worker], Awaitable[None]]
+
+
+def run(main: Main, args: list[str] | None = None) -> None:
+    """Run ``main`` as a protocol worker and exit the process with its outcome."""
+    backend = os.environ.get(ENV_BACKEND, "asyncio")
+    if ENV_FD not in os.environ:
+        sys.stderr.write("otp-agents worker: no supervisor channel (OTP_AGENTS_FD is not set)\n")
+        sys.exit(EXIT_NO_SUPERVISOR)
+    code = anyio.run(_serve, main, list(sys.argv[1:] if args is None else args), backend=backend)
+    sys.exit(code)
+
+
+async def _serve(main: Main, args: list[str]) -> int:
+    sock = socket.socket(fileno=int(os.environ[ENV_FD]))
+    sock.set_inheritable(False)  # our own subprocesses must not hold the supervisor's channel
+    channel = await Channel.from_socket(sock)
+    try:
+        await channel.send(Hello(versions=list(SUPPORTED_VERSIONS), pid=os.getpid()))
+        first = await channel.receive()
+        if isinstance(first, Reject):
+            sys.stderr.write(f"otp-agents worker: supervisor refused us: {first.reason}\n")
+            return EXIT_NO_SUPERVISOR
+        if not isinstance(first, Welcome):
+            sys.stderr.write(f"otp-agents worker: expected welcome, got {type(first).__name__}\n")
+            return EXIT_NO_SUPERVISOR
+        worker = Worker(channel, first.path or os.environ.get(ENV_PATH, ""), args)
+        return await _supervised(main, worker, channel)
+    except (ChannelClosed, FrameError, OSError) as exc:
+        sys.stderr.write(f"otp-agents worker: lost the supervisor channel: {exc}\n")
+        return EXIT_NO_SUPERVISOR
+    finally:
+        with anyio.CancelScope(shield=True):
+            await channel.aclose()
+
+
+async def _supervised(main: Main, worker: Worker, channel: Channel) -> int:
+    code = EXIT_OK
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_serve_channel, worker, channel)
+        tg.start_soon(_serve_signals, worker)
+        main_scope = anyio.CancelScope()
+        tg.start_soon(_enforce_deadline, worker, main_scope)
+        with main_scope:
+            try:
+                await main(worker)
+            except Exception:
+                log.exception("worker %s crashed", worker.path)
+                sys.stderr.flush()
+                code = EXIT_CRASH
+        if main_scope.cancelled_caught:
+            sys.stderr.write(f"otp-agents worker {worker.path}: main cancelled at the shutdown deadline\n")
+        with anyio.move_on_after(0.5, shield=True):
+            try:
+                await channel.send(Bye(reason="normal" if code == EXIT_OK else "crash"))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass
+        tg.cancel_scope.cancel()
+    return code
+
+
+async def _serve_channel(worker: Worker, channel: Channel) -> None:
+    """Answer pings and take shutdown requests, from this event loop."""
+    try:
+        while True:
+            msg = await channel.receive()
+            if isinstance(msg, Ping):
+                await channel.send(Pong(seq=msg.seq, sent_ns=msg.sent_ns))
+            elif isinstance(msg, Shutdown):
+                worker.request_stop(msg.reason, msg.timeout or None)
+    except (ChannelClosed, FrameError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        # The supervisor is gone (or spoke garbage): finish up. PR_SET_PDEATHSIG covers the case
+        # where this loop cannot run at all.
+        worker.request_stop("supervisor lost", 1.0)
+
+
+async def _serve_signals(worker: Worker) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for sig in signals:
+            worker.request_stop(signal.Signals(sig).name, worker.shutdown_timeout)
+
+
+async def _enforce_deadline(worker: Worker, main_scope: anyio.CancelScope) -> None:
+    await worker.wait_stopping()
+    timeout = worker.shutdown_timeout
+    if not timeout:
+        return
+    started = time.monotonic()
+    await anyio.sleep(max(0.0, timeout * (1 - DEADLINE_MARGIN)))
+    log.warning("%s: still busy %.2fs after the stop request; cancelling", worker.path, time.monotonic() - started)
+    main_scope.cancel()

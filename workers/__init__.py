@@ -1,0 +1,1 @@
+"""Leaf programs run by the trees in supervisors/."""
