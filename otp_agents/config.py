@@ -67,9 +67,7 @@ def loads(text: str, source: str = "<string>") -> SupervisorSpec:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"\(at line (\d+), column \d+\)", str(exc))
-        raise ConfigError(
-            source, "", f"invalid TOML: {exc}", line=int(m.group(1)) if m else None
-        ) from None
+        raise ConfigError(source, "", f"invalid TOML: {exc}", line=int(m.group(1)) if m else None) from None
     return from_dict(data, source=source)
 
 
@@ -145,7 +143,9 @@ def _child(data: object, source: str, keypath: str, parent_auto: AutoShutdown) -
         raise ConfigError(source, keypath, f"expected a table describing a child, got {_kind(data)}")
     for key in _RESERVED:
         if key in data:
-            raise ConfigError(source, _join(keypath, key), "unknown key (a child's kind follows from its keys)")
+            raise ConfigError(
+                source, _join(keypath, key), "unknown key (a child's kind follows from its keys)"
+            )
     kinds = []
     if _SUPERVISOR_KEYS & data.keys():
         kinds.append("supervisor (children/strategy)")
@@ -165,13 +165,15 @@ def _child(data: object, source: str, keypath: str, parent_auto: AutoShutdown) -
     if kinds[0].startswith("supervisor"):
         spec = _supervisor(data, source, keypath)
     elif "command" in data:
-        spec = _convert({**data, "kind": "command"}, CommandSpec, source, keypath)
-        if not spec.command[0]:
+        command: CommandSpec = _convert({**data, "kind": "command"}, CommandSpec, source, keypath)
+        if not command.command[0]:
             raise ConfigError(source, _join(keypath, "command[0]"), "the program name is empty")
-        _check_process(spec, source, keypath)
+        _check_process(command, source, keypath)
+        spec = command
     else:
-        spec = _convert({**data, "kind": "worker"}, WorkerSpec, source, keypath)
-        _check_worker(spec, source, keypath)
+        worker: WorkerSpec = _convert({**data, "kind": "worker"}, WorkerSpec, source, keypath)
+        _check_worker(worker, source, keypath)
+        spec = worker
 
     if spec.significant and spec.restart is RestartType.PERMANENT:
         raise ConfigError(
@@ -193,7 +195,9 @@ def _check_process(spec: CommandSpec | WorkerSpec, source: str, keypath: str) ->
         name = "SIG" + name
     if not hasattr(signal.Signals, name) or name in ("SIGKILL", "SIGSTOP"):
         raise ConfigError(
-            source, _join(keypath, "stop_signal"), f"expected a catchable signal name, got {spec.stop_signal!r}"
+            source,
+            _join(keypath, "stop_signal"),
+            f"expected a catchable signal name, got {spec.stop_signal!r}",
         )
 
 
@@ -236,5 +240,7 @@ def _supervisor(data: dict[str, Any], source: str, keypath: str) -> SupervisorSp
                 f"simple_one_for_one takes exactly one child template, got {len(children)}",
             )
     elif head.max_children is not None:
-        raise ConfigError(source, _join(keypath, "max_children"), "only simple_one_for_one supervisors take it")
+        raise ConfigError(
+            source, _join(keypath, "max_children"), "only simple_one_for_one supervisors take it"
+        )
     return msgspec.structs.replace(head, children=children)

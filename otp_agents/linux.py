@@ -23,7 +23,7 @@ _prctl.restype = ctypes.c_int
 
 def set_child_subreaper() -> bool:
     """Make this process adopt orphaned descendants, so they are reaped here, not by init."""
-    return _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    return bool(_prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
 
 
 def die_with_parent_hook(sig: int = signal.SIGKILL) -> Callable[[], None]:
@@ -84,13 +84,13 @@ def reap_pidfd(pidfd: int) -> ExitStatus:
     return ExitStatus.from_waitid(result)
 
 
-def reap_orphans(tracked: Container[int], limit: int = 1024) -> list[tuple[int, ExitStatus]]:
+def reap_orphans(tracked: Container[int], limit: int = 1024) -> list[tuple[int, int | None, ExitStatus]]:
     """Reap exited children that nobody tracks (adopted orphans), without touching tracked ones.
 
     ``waitid(WNOWAIT)`` peeks at one zombie; an untracked one is reaped, a tracked one is left
     for its own watcher (which reaps it and then calls this again).
     """
-    reaped: list[tuple[int, ExitStatus]] = []
+    reaped: list[tuple[int, int | None, ExitStatus]] = []
     for _ in range(limit):
         try:
             peek = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -98,13 +98,26 @@ def reap_orphans(tracked: Container[int], limit: int = 1024) -> list[tuple[int, 
             break
         if peek is None or peek.si_pid == 0 or peek.si_pid in tracked:
             break
+        pgid = zombie_pgid(peek.si_pid)
         try:
             result = os.waitid(os.P_PID, peek.si_pid, os.WEXITED | os.WNOHANG)
         except ChildProcessError:
             continue
         if result is not None:
-            reaped.append((peek.si_pid, ExitStatus.from_waitid(result)))
+            reaped.append((peek.si_pid, pgid, ExitStatus.from_waitid(result)))
     return reaped
+
+
+def zombie_pgid(pid: int) -> int | None:
+    """Process group of a (possibly zombie) process: still readable until it is reaped."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # Fields after the parenthesised command name: state ppid pgrp ...
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return int(fields[2]) if len(fields) > 2 else None
 
 
 def child_pids() -> list[int]:

@@ -17,6 +17,7 @@ Stop ladder (``shutdown`` in the child spec):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -69,7 +70,7 @@ class Host:
 
     tg: anyio.abc.TaskGroup
     bus: EventBus
-    tracked: set[int] = field(default_factory=set)  # pids with a watcher of their own
+    tracked: dict[int, str] = field(default_factory=dict)  # pid -> path, for pids with a watcher
     after_reap: Callable[[], None] = lambda: None  # e.g. sweep adopted orphans
 
 
@@ -116,7 +117,7 @@ class ChildProcess:
         self._on_exit = on_exit
         self._requested = False
         self._fault: str | None = None
-        host.tracked.add(self.pid)
+        host.tracked[self.pid] = path
 
     # -- exit detection ------------------------------------------------------------------------
 
@@ -144,7 +145,7 @@ class ChildProcess:
             status = ExitStatus(code=None, signal=None)
         finally:
             os.close(self._pidfd)
-            self._host.tracked.discard(self.pid)
+            self._host.tracked.pop(self.pid, None)
         # Tell subprocess the process is gone, so Popen.__del__ never waits on a recycled pid.
         self._popen.returncode = status.code if status.code is not None else -(status.signal or 0)
         return status
@@ -154,18 +155,14 @@ class ChildProcess:
     def _signal_group(self, sig: int) -> None:
         if self.exit is not None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def _signal_leader(self, sig: int) -> None:
         if self.exit is not None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(self.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def fault(self, reason: str) -> None:
         """Kill the child because it misbehaved; its exit will be a crash with this reason."""
@@ -200,16 +197,14 @@ class ChildProcess:
         await self._wait_killed()
         return True
 
-    async def _polite_stop(self, timeout: float | None) -> None:
+    async def _polite_stop(self, grace: float | None) -> None:
         sig = linux.parse_signal(self.spec.stop_signal)
         if self.channel is None:
             self._signal_group(sig)
             return
         with anyio.move_on_after(0.5):
-            try:
-                await self.channel.send(Shutdown(timeout=timeout or 0.0))
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                pass
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                await self.channel.send(Shutdown(timeout=grace or 0.0))
         self._signal_leader(sig)
 
     async def _wait_killed(self) -> None:
@@ -243,7 +238,13 @@ class ChildProcess:
         elif isinstance(msg, Bye):
             pass
         elif isinstance(msg, Hello | Ready):
-            bus.emit(Kind.PROTOCOL_ERROR, self.path, pid=self.pid, reason="unexpected", detail=msg.__class__.__name__)
+            bus.emit(
+                Kind.PROTOCOL_ERROR,
+                self.path,
+                pid=self.pid,
+                reason="unexpected",
+                detail=msg.__class__.__name__,
+            )
             self.fault(f"protocol error: unexpected {type(msg).__name__} after start")
         # Pong and future monitor frames are handled by the health monitors.
 
@@ -252,10 +253,7 @@ class ChildProcess:
 
 
 def _environment(spec: ProcessSpec) -> dict[str, str]:
-    if spec.clear_env:
-        env = {"PATH": os.environ.get("PATH", os.defpath)}
-    else:
-        env = dict(os.environ)
+    env = {"PATH": os.environ.get("PATH", os.defpath)} if spec.clear_env else dict(os.environ)
     env.update(spec.env)
     return env
 
@@ -270,7 +268,9 @@ def _argv(spec: ProcessSpec) -> list[str]:
     return [python, spec.script, *spec.args]
 
 
-def _popen(argv: list[str], spec: ProcessSpec, env: dict[str, str], pass_fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
+def _popen(
+    argv: list[str], spec: ProcessSpec, env: dict[str, str], pass_fds: tuple[int, ...]
+) -> subprocess.Popen[bytes]:
     try:
         return subprocess.Popen(
             argv,
@@ -288,7 +288,9 @@ def _popen(argv: list[str], spec: ProcessSpec, env: dict[str, str], pass_fds: tu
         raise StartError(f"cannot start {argv[0]!r}: {exc}") from None
 
 
-async def spawn(path: str, spec: ProcessSpec, host: Host, on_exit: Callable[[ChildProcess], None]) -> ChildProcess:
+async def spawn(
+    path: str, spec: ProcessSpec, host: Host, on_exit: Callable[[ChildProcess], None]
+) -> ChildProcess:
     """Start the child; return once it counts as started (spawned, or Ready for a worker).
 
     Raises :class:`StartError` if it cannot; nothing of it is left running then.
@@ -330,7 +332,11 @@ async def spawn(path: str, spec: ProcessSpec, host: Host, on_exit: Callable[[Chi
 
 
 def _track(
-    path: str, spec: ProcessSpec, popen: subprocess.Popen[bytes], host: Host, on_exit: Callable[[ChildProcess], None]
+    path: str,
+    spec: ProcessSpec,
+    popen: subprocess.Popen[bytes],
+    host: Host,
+    on_exit: Callable[[ChildProcess], None],
 ) -> ChildProcess:
     pidfd = os.pidfd_open(popen.pid)
     proc = ChildProcess(path, spec, popen, pidfd, host, on_exit)
@@ -349,7 +355,9 @@ async def _handshake(proc: ChildProcess, channel: Channel, spec: WorkerSpec) -> 
             return
         common = sorted(set(hello.versions) & set(SUPPORTED_VERSIONS))
         if not common:
-            await channel.send(Reject(reason=f"no common protocol version (we speak {list(SUPPORTED_VERSIONS)})"))
+            await channel.send(
+                Reject(reason=f"no common protocol version (we speak {list(SUPPORTED_VERSIONS)})")
+            )
             problem = f"worker speaks protocol versions {hello.versions}, we speak {list(SUPPORTED_VERSIONS)}"
             return
         await channel.send(Welcome(version=common[-1], path=proc.path))

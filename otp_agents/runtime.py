@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
 import anyio
@@ -105,8 +105,8 @@ async def running(
             writer_done.set()
         if subreaper:
             linux.set_child_subreaper()
-            host.after_reap = lambda: _sweep_orphans(host)
-            tg.start_soon(_reap_on_sigchld, host)
+            host.after_reap = lambda: _sweep_orphans(host, spec.id)
+            tg.start_soon(_reap_on_sigchld, host, spec.id)
         root = Supervisor(spec, spec.id, host)
         try:
             await root.start()
@@ -116,7 +116,7 @@ async def running(
                 if not root.finished.is_set():
                     await root.stop()
                 if subreaper:
-                    await _kill_adopted(host)
+                    await _kill_adopted(host, spec.id)
                 bus.close()
                 with anyio.move_on_after(5):
                     await writer_done.wait()
@@ -166,32 +166,32 @@ async def run(spec: SupervisorSpec, *, events_file: str | None = None) -> Outcom
 # -- orphans -----------------------------------------------------------------------------------
 
 
-def _sweep_orphans(host: Host) -> None:
-    for pid, status in linux.reap_orphans(host.tracked):
-        host.bus.emit(Kind.ORPHAN_REAPED, "", pid=pid, code=status.code, signal=_sig(status.signal))
+def _sweep_orphans(host: Host, root: str) -> None:
+    for pid, pgid, status in linux.reap_orphans(host.tracked):
+        # An orphan still in a child's process group is attributed to that child.
+        owner = host.tracked.get(pgid, root) if pgid is not None else root
+        host.bus.emit(Kind.ORPHAN_REAPED, owner, pid=pid, code=status.code, signal=_sig(status.signal))
 
 
 def _sig(sig: int | None) -> str | None:
     return linux.signal_name(sig) if sig is not None else None
 
 
-async def _reap_on_sigchld(host: Host) -> None:
+async def _reap_on_sigchld(host: Host, root: str) -> None:
     with anyio.open_signal_receiver(signal.SIGCHLD) as signals:
-        _sweep_orphans(host)
+        _sweep_orphans(host, root)
         async for _ in signals:
-            _sweep_orphans(host)
+            _sweep_orphans(host, root)
 
 
-async def _kill_adopted(host: Host) -> None:
+async def _kill_adopted(host: Host, root: str) -> None:
     """At the very end: adopted descendants that escaped their process group die too."""
     for _ in range(3):
         strays = [pid for pid in linux.child_pids() if pid not in host.tracked]
         if not strays:
             return
         for pid in strays:
-            try:
+            with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         await anyio.sleep(0.05)
-        _sweep_orphans(host)
+        _sweep_orphans(host, root)

@@ -70,7 +70,7 @@ class _ChildBase(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     backoff: Backoff | None = None
 
 
-class _ProcessBase(_ChildBase, kw_only=True):
+class _ProcessBase(_ChildBase, kw_only=True, frozen=True):
     env: dict[str, str] = {}
     # When true the child gets only ``env`` (plus PATH); otherwise the supervisor's environment
     # with ``env`` layered on top.
@@ -81,13 +81,13 @@ class _ProcessBase(_ChildBase, kw_only=True):
     stop_signal: str = "SIGTERM"
 
 
-class CommandSpec(_ProcessBase, kw_only=True, tag_field="kind", tag="command"):
+class CommandSpec(_ProcessBase, kw_only=True, frozen=True, tag_field="kind", tag="command"):
     """A plain OS command. It counts as started as soon as it has been spawned."""
 
     command: Annotated[list[str], msgspec.Meta(min_length=1)]
 
 
-class WorkerSpec(_ProcessBase, kw_only=True, tag_field="kind", tag="worker"):
+class WorkerSpec(_ProcessBase, kw_only=True, frozen=True, tag_field="kind", tag="worker"):
     """A Python worker that speaks the otp-agents protocol. Started when it says Ready."""
 
     module: str | None = None  # "package.module:function"
@@ -98,7 +98,7 @@ class WorkerSpec(_ProcessBase, kw_only=True, tag_field="kind", tag="worker"):
     start_timeout: Seconds = 10.0
 
 
-class SupervisorSpec(_ChildBase, kw_only=True, tag_field="kind", tag="supervisor"):
+class SupervisorSpec(_ChildBase, kw_only=True, frozen=True, tag_field="kind", tag="supervisor"):
     """A supervisor node. Its children start in list order and stop in reverse order."""
 
     strategy: Strategy = Strategy.ONE_FOR_ONE

@@ -184,6 +184,7 @@ class Supervisor:
         self.started_at = time.monotonic()
         self._notify_parent = notify_parent
         self._mailbox = Mailbox()
+        self._busy = False
         self._scope: anyio.CancelScope | None = None
         self._dynamic = spec.strategy is Strategy.SIMPLE_ONE_FOR_ONE
         self._next_dynamic = 1
@@ -318,30 +319,41 @@ class Supervisor:
             self._scope = scope
             while self.exit is None:
                 msg = await self._mailbox.get()
-                if isinstance(msg, ChildDown):
-                    await self._on_child_down(msg.slot_id, msg.instance)
-                elif isinstance(msg, TryAgain):
-                    await self._apply(rules.try_again(self.state, msg.slot_id, time.monotonic()), immediate=True)
-                elif isinstance(msg, StartLater):
-                    rec = self.state.find(msg.child)
-                    if rec is not None and rec.status is Status.RESTARTING:
-                        rec.status = Status.STOPPED
-                        await self._start_ids(msg.child, msg.ids)
-                elif isinstance(msg, Stop):
-                    await self._give_up(SupervisorExit("shutdown", requested=True))
-                else:
-                    try:
-                        msg.result = await msg.fn()
-                    except (Refused, ChildNotFound, StartError) as exc:
-                        msg.error = exc
-                    finally:
-                        msg.done.set()
+                self._busy = True
+                try:
+                    await self._handle(msg)
+                finally:
+                    self._busy = False
         # Anything still queued will never be handled: release waiting callers.
         while len(self._mailbox):
             left = self._mailbox._items.popleft()
             if isinstance(left, Call):
                 left.error = Refused(f"{self.path} stopped")
                 left.done.set()
+
+    def idle(self) -> bool:
+        """Nothing queued and nothing in progress (tests and tools use it to wait for calm)."""
+        return not self._busy and not len(self._mailbox)
+
+    async def _handle(self, msg: Msg) -> None:
+        if isinstance(msg, ChildDown):
+            await self._on_child_down(msg.slot_id, msg.instance)
+        elif isinstance(msg, TryAgain):
+            await self._apply(rules.try_again(self.state, msg.slot_id, time.monotonic()), immediate=True)
+        elif isinstance(msg, StartLater):
+            rec = self.state.find(msg.child)
+            if rec is not None and rec.status is Status.RESTARTING:
+                rec.status = Status.STOPPED
+                await self._start_ids(msg.child, msg.ids)
+        elif isinstance(msg, Stop):
+            await self._give_up(SupervisorExit("shutdown", requested=True))
+        else:
+            try:
+                msg.result = await msg.fn()
+            except (Refused, ChildNotFound, StartError) as exc:
+                msg.error = exc
+            finally:
+                msg.done.set()
 
     # -- handling one event ----------------------------------------------------------------------
 
@@ -357,13 +369,19 @@ class Supervisor:
         await self._apply(decision, cause=(slot.path, ex.describe()), crashed=slot)
 
     async def _apply(
-        self, decision: Decision, cause: tuple[str, str] | None = None, crashed: Slot | None = None, immediate: bool = False
+        self,
+        decision: Decision,
+        cause: tuple[str, str] | None = None,
+        crashed: Slot | None = None,
+        immediate: bool = False,
     ) -> None:
         if isinstance(decision, Nothing):
             return
         if isinstance(decision, GiveUp):
             path = f"{self.path}/{decision.child}"
-            kind = Kind.INTENSITY_EXCEEDED if decision.reason is GiveUpReason.INTENSITY else Kind.AUTO_SHUTDOWN
+            kind = (
+                Kind.INTENSITY_EXCEEDED if decision.reason is GiveUpReason.INTENSITY else Kind.AUTO_SHUTDOWN
+            )
             detail = (
                 f"more than {self.spec.intensity} restarts in {self.spec.period:g}s"
                 if decision.reason is GiveUpReason.INTENSITY
@@ -371,7 +389,9 @@ class Supervisor:
             )
             self.host.bus.emit(kind, self.path, child=path, detail=detail)
             await self._give_up(
-                SupervisorExit(decision.reason.value, requested=False, child=path, cause=cause[1] if cause else None)
+                SupervisorExit(
+                    decision.reason.value, requested=False, child=path, cause=cause[1] if cause else None
+                )
             )
             return
         await self._run_plan(decision, crashed, immediate)

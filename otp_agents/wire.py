@@ -27,7 +27,7 @@ class FrameError(Exception):
 
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Message)
+_decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
 
 
 def encode(msg: Message) -> bytes:
@@ -73,7 +73,9 @@ class FrameDecoder:
         while len(buf) - pos >= HEADER_SIZE:
             (size,) = _HEADER.unpack_from(buf, pos)
             if size > self.max_frame:
-                raise FrameError("oversized", f"declared body of {size} bytes exceeds the {self.max_frame} limit")
+                raise FrameError(
+                    "oversized", f"declared body of {size} bytes exceeds the {self.max_frame} limit"
+                )
             end = pos + HEADER_SIZE + size
             if len(buf) < end:
                 break

@@ -22,6 +22,7 @@ leaves through its normal, orderly exit path. Everything is closed inside the ev
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -138,10 +139,8 @@ async def _supervised(main: Main, worker: Worker, channel: Channel) -> int:
         if main_scope.cancelled_caught:
             sys.stderr.write(f"otp-agents worker {worker.path}: main cancelled at the shutdown deadline\n")
         with anyio.move_on_after(0.5, shield=True):
-            try:
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 await channel.send(Bye(reason="normal" if code == EXIT_OK else "crash"))
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                pass
         tg.cancel_scope.cancel()
     return code
 
@@ -174,5 +173,7 @@ async def _enforce_deadline(worker: Worker, main_scope: anyio.CancelScope) -> No
         return
     started = time.monotonic()
     await anyio.sleep(max(0.0, timeout * (1 - DEADLINE_MARGIN)))
-    log.warning("%s: still busy %.2fs after the stop request; cancelling", worker.path, time.monotonic() - started)
+    log.warning(
+        "%s: still busy %.2fs after the stop request; cancelling", worker.path, time.monotonic() - started
+    )
     main_scope.cancel()

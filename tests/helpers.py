@@ -1,0 +1,128 @@
+"""Shared test helpers: real trees, an event recorder, waiting for calm."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from otp_agents.config import from_dict
+from otp_agents.events import Event, EventBus, Kind
+from otp_agents.runtime import Tree, running
+from otp_agents.supervisor import Supervisor
+
+ROOT = Path(__file__).resolve().parent.parent
+FAULTY = [str(ROOT / "workers" / "faulty.sh")]
+WAIT = 20.0  # failure bound for waits; never a speed claim
+
+
+def cmd(cid: str, **extra: Any) -> dict[str, Any]:
+    """A plain-command child running workers/faulty.sh (signal-driven exits)."""
+    return {"id": cid, "command": FAULTY, "shutdown": 2, **extra}
+
+
+def worker(cid: str, target: str, **extra: Any) -> dict[str, Any]:
+    return {"id": cid, "module": target, "shutdown": 3, "cwd": str(ROOT), **extra}
+
+
+class Recorder:
+    """Collects every event; lets a test wait for one."""
+
+    def __init__(self, bus: EventBus) -> None:
+        self.events: list[Event] = []
+        self._changed = anyio.Event()
+        bus.listen(self._on)
+
+    def _on(self, event: Event) -> None:
+        self.events.append(event)
+        self._changed.set()
+
+    def of(self, kind: Kind, path: str | None = None) -> list[Event]:
+        return [e for e in self.events if e.kind is kind and (path is None or e.path == path)]
+
+    def since(self, mark: int) -> list[Event]:
+        return self.events[mark:]
+
+    def mark(self) -> int:
+        return len(self.events)
+
+    async def wait_for(self, pred: Callable[[Event], bool], start: int = 0) -> Event:
+        with anyio.fail_after(WAIT):
+            while True:
+                for e in self.events[start:]:
+                    if pred(e):
+                        return e
+                start = len(self.events)
+                self._changed = anyio.Event()
+                await self._changed.wait()
+
+    async def wait_kind(self, kind: Kind, path: str, start: int = 0) -> Event:
+        return await self.wait_for(lambda e: e.kind is kind and e.path == path, start)
+
+    def compact(self, start: int = 0, kinds: tuple[Kind, ...] | None = None) -> list[str]:
+        """Events as 'kind path' strings, for readable assertions."""
+        return [f"{e.kind.value} {e.path}" for e in self.events[start:] if kinds is None or e.kind in kinds]
+
+
+def supervisors(sup: Supervisor) -> list[Supervisor]:
+    out = [sup]
+    for slot in sup.slots.values():
+        if isinstance(slot.instance, Supervisor):
+            out.extend(supervisors(slot.instance))
+    return out
+
+
+async def settle(tree: Tree) -> None:
+    """Wait until every supervisor has an empty mailbox and nothing in progress (twice in a row)."""
+    calm = 0
+    with anyio.fail_after(WAIT):
+        while calm < 3:
+            await anyio.sleep(0.002)
+            calm = calm + 1 if all(s.idle() for s in supervisors(tree.root)) else 0
+
+
+@asynccontextmanager
+async def tree_of(config: dict[str, Any]) -> AsyncIterator[tuple[Tree, Recorder]]:
+    bus = EventBus()
+    rec = Recorder(bus)
+    async with running(from_dict(config), bus=bus) as tree:
+        yield tree, rec
+
+
+def alive(pid: int) -> bool:
+    """True if pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] != b"Z"
+
+
+def kill(pid: int, sig: int) -> None:
+    os.kill(pid, sig)
+
+
+async def armed(pid: int | None) -> int:
+    """Wait until a faulty.sh process has installed its traps (it then waits on a child)."""
+    assert pid is not None
+    with anyio.fail_after(WAIT):
+        while True:
+            try:
+                with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
+                    if f.read().strip():
+                        return pid
+            except OSError:
+                return pid  # already gone: the caller's wait will tell
+            await anyio.sleep(0.005)
+
+
+async def signal_child(tree: Tree, path: str, sig: int) -> int:
+    """Send sig to the child at path once it is armed; returns the pid signalled."""
+    pid = await armed(tree.pid(path))
+    os.kill(pid, sig)
+    return pid

@@ -1,0 +1,81 @@
+"""Misbehaving protocol workers, for tests and chaos runs. Each is a ``module = ...`` target."""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import time
+
+import anyio
+import msgspec
+
+from otp_agents.process import ENV_FD
+from otp_agents.worker import Worker
+
+
+async def steady(worker: Worker) -> None:
+    """Ready at once; returns cleanly when asked to stop."""
+    await worker.ready()
+    await worker.wait_stopping()
+
+
+async def slow_start(worker: Worker) -> None:
+    """Takes the first arg's seconds before saying Ready."""
+    await anyio.sleep(float(worker.args[0]) if worker.args else 1.0)
+    await worker.ready()
+    await worker.wait_stopping()
+
+
+async def exit_before_ready(worker: Worker) -> None:
+    """Fails during setup (exit code 1 through the library's crash path)."""
+    raise RuntimeError("setup failed")
+
+
+async def crash_after(worker: Worker) -> None:
+    """Ready, then crashes after the first arg's seconds (default 0)."""
+    await worker.ready()
+    await anyio.sleep(float(worker.args[0]) if worker.args else 0.0)
+    raise RuntimeError("crash")
+
+
+async def ignore_shutdown(worker: Worker) -> None:
+    """Ready, then keeps working through the stop request in a blocking loop (no await)."""
+    await worker.ready()
+    await worker.wait_stopping()
+    while True:  # blocks the event loop: only SIGKILL ends this
+        time.sleep(0.05)
+
+
+def _raw(data: bytes) -> None:
+    os.write(int(os.environ[ENV_FD]), data)
+
+
+async def garbage(worker: Worker) -> None:
+    """Ready, then writes bytes that are not a frame."""
+    await worker.ready()
+    _raw(struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1")
+    await worker.wait_stopping()
+
+
+async def oversized(worker: Worker) -> None:
+    """Ready, then declares a 1 GiB frame."""
+    await worker.ready()
+    _raw(struct.pack(">I", 1 << 30))
+    await worker.wait_stopping()
+
+
+async def unknown_tag(worker: Worker) -> None:
+    """Ready, then sends a well-formed frame of a type nobody knows."""
+    await worker.ready()
+    body = msgspec.msgpack.encode({"type": "teleport", "to": "mars"})
+    _raw(struct.pack(">I", len(body)) + body)
+    await worker.wait_stopping()
+
+
+async def truncated(worker: Worker) -> None:
+    """Ready, then half a frame, then exits."""
+    await worker.ready()
+    _raw(struct.pack(">I", 100) + b"\x81")
+    sys.stderr.flush()
+    os._exit(4)
