@@ -107,18 +107,21 @@ def kill(pid: int, sig: int) -> None:
     os.kill(pid, sig)
 
 
+def _waits_on_child(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
+            return bool(f.read().strip())
+    except OSError:
+        return True  # already gone: the caller's own wait will tell
+
+
 async def armed(pid: int | None) -> int:
     """Wait until a faulty.sh process has installed its traps (it then waits on a child)."""
     assert pid is not None
     with anyio.fail_after(WAIT):
-        while True:
-            try:
-                with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
-                    if f.read().strip():
-                        return pid
-            except OSError:
-                return pid  # already gone: the caller's wait will tell
+        while not _waits_on_child(pid):  # noqa: ASYNC110 - /proc has no wakeup
             await anyio.sleep(0.005)
+    return pid
 
 
 async def signal_child(tree: Tree, path: str, sig: int) -> int:

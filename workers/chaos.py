@@ -44,7 +44,7 @@ async def ignore_shutdown(worker: Worker) -> None:
     await worker.ready()
     await worker.wait_stopping()
     while True:  # blocks the event loop: only SIGKILL ends this
-        time.sleep(0.05)
+        time.sleep(0.05)  # noqa: ASYNC251 - deliberately stuck
 
 
 def _raw(data: bytes) -> None:
