@@ -44,6 +44,7 @@ class Channel:
 
     async def receive(self) -> Message:
         while not self._pending:
+            self._decoder.check()
             try:
                 data = await self._stream.receive(_READ_SIZE)
             except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionResetError):

@@ -362,7 +362,11 @@ async def _handshake(proc: ChildProcess, channel: Channel, spec: WorkerSpec) -> 
             return
         await channel.send(Welcome(version=common[-1], path=proc.path))
         ready = await channel.receive()
-        if not isinstance(ready, Ready):
+        if isinstance(ready, Bye):  # main() ended before ready(): wait for the exit status
+            with anyio.move_on_after(2.0):
+                await proc.exited.wait()
+            problem = "exited before it was ready"
+        elif not isinstance(ready, Ready):
             problem = f"expected ready, got {type(ready).__name__.lower()}"
 
     async with anyio.create_task_group() as tg:

@@ -110,17 +110,25 @@ async def running(
         root = Supervisor(spec, spec.id, host)
         try:
             await root.start()
-            yield Tree(root, host)
-        finally:
-            with anyio.CancelScope(shield=True):
-                if not root.finished.is_set():
-                    await root.stop()
-                if subreaper:
-                    await _kill_adopted(host, spec.id)
-                bus.close()
-                with anyio.move_on_after(5):
-                    await writer_done.wait()
-            tg.cancel_scope.cancel()
+        except StartError as exc:
+            start_error = exc  # raised below, outside the task group, as itself
+        else:
+            start_error = None
+            try:
+                yield Tree(root, host)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    if not root.finished.is_set():
+                        await root.stop()
+        with anyio.CancelScope(shield=True):
+            if subreaper:
+                await _kill_adopted(host, spec.id)
+            bus.close()
+            with anyio.move_on_after(5):
+                await writer_done.wait()
+        tg.cancel_scope.cancel()
+    if start_error is not None:
+        raise start_error
 
 
 @dataclass(frozen=True)

@@ -64,26 +64,43 @@ class FrameDecoder:
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self.max_frame = max_frame
         self._buf = bytearray()
+        self._error: FrameError | None = None
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        """Messages completed by ``data``. A bad frame raises :class:`FrameError`; if good
+        frames preceded it in the same chunk they are returned first and the error is raised
+        by the next call (so a Ready followed by garbage still counts as Ready)."""
+        self.check()
         self._buf += data
         out: list[Message] = []
         buf = self._buf
         pos = 0
-        while len(buf) - pos >= HEADER_SIZE:
-            (size,) = _HEADER.unpack_from(buf, pos)
-            if size > self.max_frame:
-                raise FrameError(
-                    "oversized", f"declared body of {size} bytes exceeds the {self.max_frame} limit"
-                )
-            end = pos + HEADER_SIZE + size
-            if len(buf) < end:
-                break
-            out.append(decode_body(buf[pos + HEADER_SIZE : end]))
-            pos = end
+        try:
+            while len(buf) - pos >= HEADER_SIZE:
+                (size,) = _HEADER.unpack_from(buf, pos)
+                if size > self.max_frame:
+                    raise FrameError(
+                        "oversized", f"declared body of {size} bytes exceeds the {self.max_frame} limit"
+                    )
+                end = pos + HEADER_SIZE + size
+                if len(buf) < end:
+                    break
+                out.append(decode_body(buf[pos + HEADER_SIZE : end]))
+                pos = end
+        except FrameError as exc:
+            self._error = exc
+            buf.clear()
+            if not out:
+                raise
+            return out
         if pos:
             del buf[:pos]
         return out
+
+    def check(self) -> None:
+        """Raise the error a previous :meth:`feed` deferred, if any."""
+        if self._error is not None:
+            raise self._error
 
     @property
     def pending(self) -> int:
