@@ -11,6 +11,7 @@ from pathlib import Path
 import anyio
 import click
 
+from . import guard
 from .config import ConfigError, load_file
 from .runtime import EXIT_CONFIG, run
 from .spec import ChildSpec, CommandSpec, SupervisorSpec, WorkerSpec
@@ -58,7 +59,11 @@ def run_cmd(tree: str | None, backend: str, events_file: str | None, log_level: 
         level=getattr(logging, log_level.upper()),
         format="%(asctime)s %(levelname)-7s %(message)s",
     )
-    outcome = anyio.run(lambda: run(spec, events_file=events_file), backend=backend)
+    keeper = guard.start()  # before the event loop: forking is only safe without threads
+    try:
+        outcome = anyio.run(lambda: run(spec, events_file=events_file, guard=keeper), backend=backend)
+    finally:
+        keeper.close()
     click.echo(f"otp-agents: {outcome.message}", err=True)
     sys.exit(outcome.code)
 

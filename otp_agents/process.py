@@ -34,6 +34,7 @@ import anyio.abc
 from . import linux
 from .channel import Channel, ChannelClosed
 from .events import EventBus, Kind
+from .guard import Guard
 from .linux import ExitStatus
 from .messages import (
     SUPPORTED_VERSIONS,
@@ -72,6 +73,7 @@ class Host:
     bus: EventBus
     tracked: dict[int, str] = field(default_factory=dict)  # pid -> path, for pids with a watcher
     after_reap: Callable[[], None] = lambda: None  # e.g. sweep adopted orphans
+    guard: Guard | None = None  # kills our process groups if this process dies
 
 
 @dataclass
@@ -118,6 +120,8 @@ class ChildProcess:
         self._requested = False
         self._fault: str | None = None
         host.tracked[self.pid] = path
+        if host.guard is not None:
+            host.guard.add(self.pid)
 
     # -- exit detection ------------------------------------------------------------------------
 
@@ -146,6 +150,8 @@ class ChildProcess:
         finally:
             os.close(self._pidfd)
             self._host.tracked.pop(self.pid, None)
+            if self._host.guard is not None:
+                self._host.guard.remove(self.pid)
         # Tell subprocess the process is gone, so Popen.__del__ never waits on a recycled pid.
         self._popen.returncode = status.code if status.code is not None else -(status.signal or 0)
         return status

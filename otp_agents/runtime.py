@@ -18,6 +18,7 @@ import anyio
 
 from . import linux
 from .events import EventBus, Kind, log_event, write_jsonl
+from .guard import Guard
 from .process import Host, StartError
 from .spec import SupervisorSpec
 from .supervisor import ChildNotFound, Slot, Supervisor
@@ -80,6 +81,7 @@ async def running(
     events_file: str | None = None,
     subreaper: bool = False,
     bus: EventBus | None = None,
+    guard: Guard | None = None,
 ) -> AsyncIterator[Tree]:
     """Start the tree; yield it; stop it (reverse start order) when the block exits.
 
@@ -89,7 +91,7 @@ async def running(
     """
     bus = bus or EventBus()
     async with anyio.create_task_group() as tg:
-        host = Host(tg=tg, bus=bus)
+        host = Host(tg=tg, bus=bus, guard=guard)
         writer_done = anyio.Event()
         if events_file is not None:
             sub = bus.subscribe()
@@ -137,12 +139,12 @@ class Outcome:
     message: str
 
 
-async def run(spec: SupervisorSpec, *, events_file: str | None = None) -> Outcome:
+async def run(spec: SupervisorSpec, *, events_file: str | None = None, guard: Guard | None = None) -> Outcome:
     """Run until the root ends or a stop signal arrives; the CLI's main loop."""
     bus = EventBus()
     bus.listen(log_event)
     try:
-        async with running(spec, events_file=events_file, subreaper=True, bus=bus) as tree:
+        async with running(spec, events_file=events_file, subreaper=True, bus=bus, guard=guard) as tree:
             root = tree.root
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async with anyio.create_task_group() as tg:

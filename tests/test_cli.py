@@ -1,0 +1,207 @@
+"""The `otp-agents` command, run as a real process on each backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .helpers import FAULTY, ROOT, WAIT, alive
+
+CLI = [sys.executable, "-m", "otp_agents.cli"]
+BACKENDS = ["asyncio", "trio"]
+
+
+def write_tree(tmp: Path, text: str) -> Path:
+    path = tmp / "tree.toml"
+    path.write_text(text)
+    return path
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_events(path: Path, pred: Any, proc: subprocess.Popen[bytes] | None = None) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        events = read_events(path)
+        if pred(events):
+            return events
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"otp-agents exited early with {proc.returncode}")
+        time.sleep(0.02)
+    raise AssertionError(f"condition not met; events: {read_events(path)}")
+
+
+TREE = f"""
+id = "root"
+strategy = "one_for_one"
+
+[[children]]
+id = "a"
+command = ["{FAULTY[0]}"]
+
+[[children]]
+id = "w"
+module = "workers.chaos:steady"
+
+[[children]]
+id = "sub"
+strategy = "one_for_all"
+  [[children.children]]
+  id = "x"
+  command = ["{FAULTY[0]}"]
+"""
+
+
+def started(events: list[dict[str, Any]]) -> dict[str, int]:
+    return {e["path"]: e["pid"] for e in events if e["kind"] == "child_started"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_run_then_sigterm_stops_in_reverse_order(tmp_path: Path, backend: str) -> None:
+    tree = write_tree(tmp_path, TREE)
+    events_file = tmp_path / "events.jsonl"
+    proc = subprocess.Popen(
+        [*CLI, "run", str(tree), "--backend", backend, "--events", str(events_file)],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+    )
+    events = wait_events(events_file, lambda ev: len(started(ev)) == 3, proc)
+    pids = started(events)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=WAIT)
+    assert proc.returncode == 0, err.decode()
+    assert b"root: stopped" in err
+    terminated = [e["path"] for e in read_events(events_file) if e["kind"] == "child_terminated"]
+    assert terminated == ["root/sub/x", "root/w", "root/a"]
+    assert not any(alive(pid) for pid in pids.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_root_giving_up_exits_nonzero_naming_the_child(tmp_path: Path, backend: str) -> None:
+    tree = write_tree(
+        tmp_path,
+        """
+intensity = 2
+period = 60
+[[children]]
+id = "steady"
+command = ["sleep", "60"]
+[[children]]
+id = "crasher"
+command = ["sh", "-c", "exit 3"]
+""",
+    )
+    proc = subprocess.run(
+        [*CLI, "run", str(tree), "--backend", backend], cwd=ROOT, capture_output=True, timeout=WAIT, check=False
+    )
+    assert proc.returncode == 1
+    last = proc.stderr.decode().strip().splitlines()[-1]
+    assert last == (
+        "otp-agents: root: root supervisor gave up: reached_max_restart_intensity "
+        "after root/crasher ended (exit code 3)"
+    )
+
+
+def test_bad_config_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    tree = write_tree(
+        tmp_path,
+        """
+[[children]]
+id = "a"
+command = ["sleep", "60"]
+[[children]]
+id = "b"
+command = ["sleep", "60"]
+shutdown = "later"
+""",
+    )
+    events_file = tmp_path / "events.jsonl"
+    proc = subprocess.run(
+        [*CLI, "run", str(tree), "--events", str(events_file)], capture_output=True, timeout=WAIT, check=False
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.decode().strip() == (
+        f'otp-agents: {tree}: children[1].shutdown: expected seconds > 0, "brutal_kill" or "infinity", got \'later\''
+    )
+    assert not events_file.exists()
+
+
+def test_start_failure_exit_code(tmp_path: Path) -> None:
+    tree = write_tree(tmp_path, '[[children]]\nid = "a"\ncommand = ["/no/such/program"]\n')
+    proc = subprocess.run([*CLI, "run", str(tree)], capture_output=True, timeout=WAIT, check=False)
+    assert proc.returncode == 3
+    assert "root/a: cannot execute '/no/such/program'" in proc.stderr.decode()
+
+
+def test_check_prints_the_tree_without_starting_it(tmp_path: Path) -> None:
+    tree = write_tree(tmp_path, TREE + '\n[[children]]\nid = "ghost"\ncommand = ["no-such-program-xyz"]\n')
+    proc = subprocess.run([*CLI, "check", str(tree)], cwd=ROOT, capture_output=True, timeout=WAIT, check=False)
+    assert proc.returncode == 0
+    out = proc.stdout.decode().splitlines()
+    assert out[0] == f"{tree}: ok"
+    assert out[1].startswith("root  supervisor one_for_one intensity=1 period=5s")
+    assert [line.split()[0] for line in out[2:]] == ["root/a", "root/w", "root/sub", "root/sub/x", "root/ghost"]
+    assert "warning: root/ghost: program 'no-such-program-xyz' not found" in proc.stderr.decode()
+
+
+def test_default_tree_checks() -> None:
+    proc = subprocess.run([*CLI, "check"], cwd=ROOT, capture_output=True, timeout=WAIT, check=False)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert "supervisors/default.toml: ok" in proc.stdout.decode()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_supervisor_killed_with_sigkill_leaves_no_process_behind(tmp_path: Path, backend: str) -> None:
+    tree = write_tree(tmp_path, TREE)
+    events_file = tmp_path / "events.jsonl"
+    proc = subprocess.Popen(
+        [*CLI, "run", str(tree), "--backend", backend, "--events", str(events_file)],
+        cwd=ROOT,
+        stderr=subprocess.DEVNULL,
+    )
+    pids = started(wait_events(events_file, lambda ev: len(started(ev)) == 3, proc))
+    family = _descendants(proc.pid)
+    assert set(pids.values()) <= family
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=WAIT)
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline and any(alive(p) for p in family):
+        time.sleep(0.02)
+    survivors = {p: _cmdline(p) for p in family if alive(p)}
+    assert survivors == {}
+
+
+def _descendants(pid: int) -> set[int]:
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+                out.update(kids)
+                todo.extend(kids)
+        except OSError:
+            continue
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return "?"
