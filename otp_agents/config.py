@@ -125,8 +125,18 @@ def _lookup(data: Any, sub: str) -> Any:
     return data
 
 
+_CHOICES = {
+    "strategy": [s.value for s in Strategy],
+    "restart": [r.value for r in RestartType],
+    "auto_shutdown": [a.value for a in AutoShutdown],
+    "backend": ["asyncio", "trio"],
+}
+
+
 def _friendly(problem: str, leaf: str, value: Any) -> str:
-    if leaf == "shutdown":
+    if leaf in _CHOICES and problem.startswith("Invalid enum value"):
+        problem = "expected one of " + ", ".join(_CHOICES[leaf])
+    elif leaf == "shutdown":
         problem = 'expected seconds > 0, "brutal_kill" or "infinity"'
     elif leaf == "id" and "regex" in problem:
         problem = "expected an id of 1-63 letters, digits, '_', '.' or '-' (no '/')"

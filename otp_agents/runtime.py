@@ -110,12 +110,12 @@ async def running(
             host.after_reap = lambda: _sweep_orphans(host, spec.id)
             tg.start_soon(_reap_on_sigchld, host, spec.id)
         root = Supervisor(spec, spec.id, host)
+        start_error: StartError | None = None
         try:
             await root.start()
         except StartError as exc:
             start_error = exc  # raised below, outside the task group, as itself
         else:
-            start_error = None
             try:
                 yield Tree(root, host)
             finally:

@@ -104,7 +104,11 @@ command = ["sh", "-c", "exit 3"]
 """,
     )
     proc = subprocess.run(
-        [*CLI, "run", str(tree), "--backend", backend], cwd=ROOT, capture_output=True, timeout=WAIT, check=False
+        [*CLI, "run", str(tree), "--backend", backend],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=WAIT,
+        check=False,
     )
     assert proc.returncode == 1
     last = proc.stderr.decode().strip().splitlines()[-1]
@@ -133,7 +137,8 @@ shutdown = "later"
     )
     assert proc.returncode == 2
     assert proc.stderr.decode().strip() == (
-        f'otp-agents: {tree}: children[1].shutdown: expected seconds > 0, "brutal_kill" or "infinity", got \'later\''
+        f"otp-agents: {tree}: children[1].shutdown: "
+        """expected seconds > 0, "brutal_kill" or "infinity", got 'later'"""
     )
     assert not events_file.exists()
 
@@ -147,12 +152,20 @@ def test_start_failure_exit_code(tmp_path: Path) -> None:
 
 def test_check_prints_the_tree_without_starting_it(tmp_path: Path) -> None:
     tree = write_tree(tmp_path, TREE + '\n[[children]]\nid = "ghost"\ncommand = ["no-such-program-xyz"]\n')
-    proc = subprocess.run([*CLI, "check", str(tree)], cwd=ROOT, capture_output=True, timeout=WAIT, check=False)
+    proc = subprocess.run(
+        [*CLI, "check", str(tree)], cwd=ROOT, capture_output=True, timeout=WAIT, check=False
+    )
     assert proc.returncode == 0
     out = proc.stdout.decode().splitlines()
     assert out[0] == f"{tree}: ok"
     assert out[1].startswith("root  supervisor one_for_one intensity=1 period=5s")
-    assert [line.split()[0] for line in out[2:]] == ["root/a", "root/w", "root/sub", "root/sub/x", "root/ghost"]
+    assert [line.split()[0] for line in out[2:]] == [
+        "root/a",
+        "root/w",
+        "root/sub",
+        "root/sub/x",
+        "root/ghost",
+    ]
     assert "warning: root/ghost: program 'no-such-program-xyz' not found" in proc.stderr.decode()
 
 

@@ -82,7 +82,7 @@ async def test_bad_frames_cost_one_child_not_the_supervisor(target: str, kind: s
 
 async def test_crash_after_ready_is_restarted() -> None:
     config = {"intensity": 10, "children": [worker("w", "workers.chaos:crash_after", args=["0.2"])]}
-    async with tree_of(config) as (tree, rec):
+    async with tree_of(config) as (_tree, rec):
         first = rec.of(Kind.CHILD_STARTED, "root/w")[0].pid
         exited = await rec.wait_kind(Kind.CHILD_EXITED, "root/w")
         assert exited.code == 1 and exited.reason == "crash"

@@ -52,7 +52,9 @@ async def test_start_child_appends_args_and_caps_at_max_children() -> None:
     assert not any(alive(p) for p in pids if p)
 
 
-@pytest.mark.parametrize(("restart", "restarted"), [("temporary", False), ("transient", True), ("permanent", True)])
+@pytest.mark.parametrize(
+    ("restart", "restarted"), [("temporary", False), ("transient", True), ("permanent", True)]
+)
 async def test_dynamic_child_restart_types(restart: str, restarted: bool) -> None:
     async with tree_of(pool(restart)) as (tree, rec):
         sup = tree.supervisor("root/pool")
