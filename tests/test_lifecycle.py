@@ -9,7 +9,7 @@ import pytest
 from otp_agents.events import Kind
 from otp_agents.process import StartError
 
-from .helpers import alive, cmd, settle, signal_child, tree_of, worker
+from .helpers import alive, armed, cmd, settle, signal_child, tree_of, worker
 
 pytestmark = pytest.mark.anyio
 
@@ -51,7 +51,8 @@ async def test_child_ignoring_sigterm_gets_sigkill_after_its_timeout_and_order_h
         ]
     }
     async with tree_of(config) as (tree, rec):
-        await signal_child(tree, "root/stubborn", 0)  # wait until its trap is installed
+        for path in ("root/first", "root/stubborn", "root/last"):
+            await armed(tree.pid(path))  # wait until their traps are installed
         stubborn = tree.pid("root/stubborn")
     terms = rec.of(Kind.CHILD_TERMINATED)
     assert [e.path for e in terms] == ["root/last", "root/stubborn", "root/first"]
