@@ -1,0 +1,42 @@
+# Two entry points for a fresh machine:
+#   make run   - set up, then run the default tree (supervisors/default.toml) until Ctrl-C
+#   make test  - set up (including Erlang/OTP for the differential test), lint, type-check, test
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TREE ?= supervisors/default.toml
+
+.PHONY: setup system-deps run check test lint bench
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[test,bench]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Erlang/OTP (Debian's erlang-base) runs the reference supervisor in the differential test.
+system-deps:
+	@command -v escript >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq erlang-base >/dev/null; \
+	  else \
+	    echo "escript not found: install Erlang/OTP (sudo apt-get install erlang-base) for the differential test"; \
+	  fi; }
+
+run: setup
+	$(VENV)/bin/otp-agents run $(TREE)
+
+check: setup
+	$(VENV)/bin/otp-agents check $(TREE)
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+test: setup system-deps lint
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) bench/restart_latency.py

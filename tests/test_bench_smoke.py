@@ -1,0 +1,58 @@
+"""The restart-latency benchmark runs end to end (``--quick``) and writes complete JSON.
+
+A smoke test only: it checks that every manager produced results, never how fast anything was.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .helpers import ROOT
+
+BENCH = ROOT / "bench" / "restart_latency.py"
+MANAGERS = ["otp-agents/asyncio", "otp-agents/trio", "supervisord"]
+
+pytest.importorskip("supervisor", reason="supervisord (the 'bench' extra) is not installed")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_quick_benchmark_writes_results_for_every_manager(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--output", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| manager |" in proc.stdout  # the Markdown table
+    results = json.loads(out.read_text())
+
+    latency = results["restart_latency"]
+    assert sorted(latency) == sorted(MANAGERS)
+    for name in MANAGERS:
+        r = latency[name]
+        assert r["n"] >= 1
+        assert len(r["samples_ms"]) == r["n"]
+        assert r["median_ms"] > 0, name
+        assert r["min_ms"] <= r["median_ms"] <= r["p90_ms"] <= r["max_ms"], name
+
+    for name in MANAGERS[:-1]:
+        assert results["ratio_supervisord_over_otp"][name] > 0
+
+    idle = results["idle_cpu"]
+    assert sorted(idle) == sorted(MANAGERS)
+    for name in MANAGERS:
+        assert idle[name]["children"] == 10, name
+        assert idle[name]["window_s"] > 0
+        assert idle[name]["cpu_percent"] >= 0
+
+    assert results["floor"]["popen_plain"]["median_ms"] > 0
+    assert results["machine"]["nproc"] >= 1
