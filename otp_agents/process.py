@@ -65,6 +65,10 @@ class StartError(Exception):
     """A child could not be started. ``str()`` says why, in one line."""
 
 
+class StartAborted(StartError):
+    """A start was abandoned because the whole tree is stopping."""
+
+
 @dataclass
 class Host:
     """What a process handle needs from the runtime around it."""
@@ -74,6 +78,7 @@ class Host:
     tracked: dict[int, str] = field(default_factory=dict)  # pid -> path, for pids with a watcher
     after_reap: Callable[[], None] = lambda: None  # e.g. sweep adopted orphans
     guard: Guard | None = None  # kills our process groups if this process dies
+    stopping: bool = False  # the whole tree is being stopped: start nothing new
 
 
 @dataclass

@@ -10,16 +10,17 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
 import anyio
+import anyio.abc
 
 from . import linux
 from .events import EventBus, Kind, log_event, write_jsonl
 from .guard import Guard
-from .process import Host, StartError
+from .process import Host, StartAborted, StartError
 from .spec import SupervisorSpec
 from .supervisor import ChildNotFound, Slot, Supervisor
 
@@ -82,6 +83,7 @@ async def running(
     subreaper: bool = False,
     bus: EventBus | None = None,
     guard: Guard | None = None,
+    on_host: Callable[[Host], None] | None = None,
 ) -> AsyncIterator[Tree]:
     """Start the tree; yield it; stop it (reverse start order) when the block exits.
 
@@ -92,6 +94,8 @@ async def running(
     bus = bus or EventBus()
     async with anyio.create_task_group() as tg:
         host = Host(tg=tg, bus=bus, guard=guard)
+        if on_host is not None:
+            on_host(host)
         writer_done = anyio.Event()
         if events_file is not None:
             sub = bus.subscribe()
@@ -140,37 +144,69 @@ class Outcome:
 
 
 async def run(spec: SupervisorSpec, *, events_file: str | None = None, guard: Guard | None = None) -> Outcome:
-    """Run until the root ends or a stop signal arrives; the CLI's main loop."""
+    """Run until the root ends or a stop signal arrives; the CLI's main loop.
+
+    Signals are taken from the start: a stop requested while the tree is still starting stops
+    it as soon as the child being started is up (each start is bounded by its start_timeout).
+    """
     bus = EventBus()
     bus.listen(log_event)
-    try:
-        async with running(spec, events_file=events_file, subreaper=True, bus=bus, guard=guard) as tree:
-            root = tree.root
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async with anyio.create_task_group() as tg:
+    ctl = _SignalControl()
+    outcome: Outcome | None = None
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ctl.serve, signals, tg)
+            try:
+                async with running(
+                    spec, events_file=events_file, subreaper=True, bus=bus, guard=guard, on_host=ctl.attach
+                ) as tree:
+                    ctl.root = tree.root
+                    if ctl.count:
+                        tg.start_soon(tree.root.stop)
+                    await tree.root.finished.wait()
+                    ex = tree.root.exit
+                assert ex is not None
+                if ex.requested:
+                    outcome = Outcome(EXIT_OK, f"{spec.id}: stopped")
+                else:
+                    outcome = Outcome(EXIT_GAVE_UP, f"{spec.id}: root supervisor gave up: {ex.describe()}")
+            except StartAborted:
+                outcome = Outcome(EXIT_OK, f"{spec.id}: stopped while starting")
+            except StartError as exc:
+                outcome = Outcome(EXIT_START_FAILED, f"{spec.id}: could not start: {exc}")
+            tg.cancel_scope.cancel()
+    if outcome is None:  # the second signal cut the start short
+        outcome = Outcome(EXIT_OK, f"{spec.id}: killed while starting")
+    return outcome
 
-                    async def on_signals() -> None:
-                        count = 0
-                        async for sig in signals:
-                            count += 1
-                            name = linux.signal_name(sig)
-                            if count == 1:
-                                log.info("%s received: stopping the tree in reverse start order", name)
-                                tg.start_soon(root.stop)
-                            else:
-                                log.warning("%s received again: killing every child now", name)
-                                tg.start_soon(root.kill)
 
-                    tg.start_soon(on_signals)
-                    await root.finished.wait()
+class _SignalControl:
+    """First SIGTERM/SIGINT: orderly stop. Second: SIGKILL everything now."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.host: Host | None = None
+        self.root: Supervisor | None = None
+
+    def attach(self, host: Host) -> None:
+        self.host = host
+
+    async def serve(self, signals: AsyncIterator[int], tg: anyio.abc.TaskGroup) -> None:
+        async for sig in signals:
+            self.count += 1
+            name = linux.signal_name(sig)
+            if self.count == 1:
+                log.info("%s received: stopping the tree in reverse start order", name)
+                if self.host is not None:
+                    self.host.stopping = True
+                if self.root is not None:
+                    tg.start_soon(self.root.stop)
+            else:
+                log.warning("%s received again: killing every child now", name)
+                if self.root is not None:
+                    tg.start_soon(self.root.kill)
+                else:  # still starting: abandon it; PDEATHSIG and the guard end the children
                     tg.cancel_scope.cancel()
-            ex = root.exit
-    except StartError as exc:
-        return Outcome(EXIT_START_FAILED, f"{spec.id}: could not start: {exc}")
-    assert ex is not None
-    if ex.requested:
-        return Outcome(EXIT_OK, f"{spec.id}: stopped")
-    return Outcome(EXIT_GAVE_UP, f"{spec.id}: root supervisor gave up: {ex.describe()}")
 
 
 # -- orphans -----------------------------------------------------------------------------------

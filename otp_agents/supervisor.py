@@ -26,7 +26,7 @@ import msgspec
 
 from . import rules
 from .events import Kind
-from .process import ChildProcess, Host, StartError, spawn
+from .process import ChildProcess, Host, StartAborted, StartError, spawn
 from .rules import Decision, GiveUp, GiveUpReason, Nothing, Restart, Status
 from .spec import (
     Backoff,
@@ -210,7 +210,15 @@ class Supervisor:
         self.host.bus.emit(Kind.SUPERVISOR_STARTED, self.path, detail=self.spec.strategy.value)
         for slot in list(self.slots.values()):
             try:
+                if self.host.stopping:
+                    raise StartAborted("the tree is stopping")
                 await self._start_slot(slot)
+            except StartAborted:
+                await self._terminate_all()
+                self.exit = SupervisorExit("shutdown", requested=True)
+                self.finished.set()
+                self.host.bus.emit(Kind.SUPERVISOR_STOPPED, self.path, reason="shutdown", requested=True)
+                raise
             except StartError as exc:
                 await self._terminate_all()
                 self.exit = SupervisorExit("start_failed", requested=False, child=slot.path, cause=str(exc))
@@ -465,7 +473,8 @@ class Supervisor:
                 self.host.bus.emit(Kind.CHILD_STARTED, slot.path, pid=proc.pid)
                 # If it already died, its watcher has queued a ChildDown for this very instance.
         except StartError as exc:
-            self.host.bus.emit(Kind.START_FAILED, slot.path, detail=str(exc))
+            if not isinstance(exc, StartAborted):
+                self.host.bus.emit(Kind.START_FAILED, slot.path, detail=str(exc))
             raise
         slot.started_at = time.monotonic()
         rules.child_started(self.state, slot.id)

@@ -83,6 +83,8 @@ def test_run_then_sigterm_stops_in_reverse_order(tmp_path: Path, backend: str) -
     _, err = proc.communicate(timeout=WAIT)
     assert proc.returncode == 0, err.decode()
     assert b"root: stopped" in err
+    # the protocol worker left cleanly: no traceback, no "no running event loop" on the way out
+    assert b"Traceback" not in err and b"no running event loop" not in err
     terminated = [e["path"] for e in read_events(events_file) if e["kind"] == "child_terminated"]
     assert terminated == ["root/sub/x", "root/w", "root/a"]
     assert not any(alive(pid) for pid in pids.values())
@@ -218,3 +220,36 @@ def _cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode()
     except OSError:
         return "?"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigterm_while_starting_stops_cleanly(tmp_path: Path, backend: str) -> None:
+    tree = write_tree(
+        tmp_path,
+        f"""
+[[children]]
+id = "a"
+command = ["{FAULTY[0]}"]
+[[children]]
+id = "slow"
+module = "workers.chaos:slow_start"
+args = ["1.5"]
+[[children]]
+id = "never"
+command = ["{FAULTY[0]}"]
+""",
+    )
+    events_file = tmp_path / "events.jsonl"
+    proc = subprocess.Popen(
+        [*CLI, "run", str(tree), "--backend", backend, "--events", str(events_file)],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+    )
+    events = wait_events(events_file, lambda ev: "root/a" in started(ev), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=WAIT)
+    assert proc.returncode == 0, err.decode()
+    assert b"root: stopped while starting" in err
+    events = read_events(events_file)
+    assert "root/never" not in started(events)
+    assert not any(alive(pid) for pid in started(events).values())
