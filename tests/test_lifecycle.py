@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 
+import anyio
 import pytest
 
 from otp_agents.events import Kind
@@ -209,3 +210,15 @@ async def test_backoff_delays_grow_and_are_reported() -> None:
             await rec.wait_kind(Kind.CHILD_STARTED, "root/b", mark)
     delays = [e.delay for e in rec.of(Kind.RESTART_DELAYED)]
     assert delays == [0.05, 0.1, 0.15, 0.15]
+
+
+async def test_backoff_resets_after_a_stable_run() -> None:
+    backoff = {"initial": 0.05, "factor": 2.0, "max": 1.0, "jitter": 0.0, "reset_after": 0.3}
+    config = {"intensity": 10, "children": [cmd("b", backoff=backoff)]}
+    async with tree_of(config) as (tree, rec):
+        for pause in (0.0, 0.0, 0.5):
+            await anyio.sleep(pause)  # a run longer than reset_after before the last crash
+            mark = rec.mark()
+            await signal_child(tree, "root/b", signal.SIGKILL)
+            await rec.wait_kind(Kind.CHILD_STARTED, "root/b", mark)
+    assert [e.delay for e in rec.of(Kind.RESTART_DELAYED)] == [0.05, 0.1, 0.05]

@@ -7,7 +7,7 @@ import pytest
 from otp_agents.events import Kind
 from otp_agents.process import StartError
 
-from .helpers import alive, cmd, settle, tree_of, worker
+from .helpers import ROOT, alive, cmd, settle, tree_of, worker
 
 pytestmark = pytest.mark.anyio
 
@@ -88,3 +88,42 @@ async def test_crash_after_ready_is_restarted() -> None:
         assert exited.code == 1 and exited.reason == "crash"
         restarted = await rec.wait_for(lambda e: e.kind is Kind.CHILD_STARTED and e.pid != first)
         assert restarted.path == "root/w"
+
+
+async def test_script_worker_with_args() -> None:
+    config = {
+        "children": [
+            {
+                "id": "s",
+                "script": "workers/script_worker.py",
+                "args": ["x", "y"],
+                "cwd": str(ROOT),
+                "shutdown": 3,
+            }
+        ]
+    }
+    async with tree_of(config) as (_tree, rec):
+        logged = await rec.wait_kind(Kind.WORKER_LOG, "root/s")
+        assert logged.detail == "args=x,y"
+
+
+@pytest.mark.parametrize(("clear", "expected_code"), [(False, 0), (True, 9)])
+async def test_environment_is_explicit(
+    clear: bool, expected_code: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTP_AGENTS_TEST_INHERITED", "yes")
+    check = '[ "$FOO" = bar ] && [ "$OTP_AGENTS_TEST_INHERITED" = yes ] && exit 0 || exit 9'
+    config = {
+        "children": [
+            {
+                "id": "e",
+                "command": ["sh", "-c", check],
+                "env": {"FOO": "bar"},
+                "clear_env": clear,
+                "restart": "temporary",
+            }
+        ]
+    }
+    async with tree_of(config) as (_tree, rec):
+        exited = await rec.wait_kind(Kind.CHILD_EXITED, "root/e")
+        assert exited.code == expected_code
