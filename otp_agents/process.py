@@ -372,13 +372,20 @@ async def _handshake(proc: ChildProcess, channel: Channel, spec: WorkerSpec) -> 
             problem = f"worker speaks protocol versions {hello.versions}, we speak {list(SUPPORTED_VERSIONS)}"
             return
         await channel.send(Welcome(version=common[-1], path=proc.path))
-        ready = await channel.receive()
-        if isinstance(ready, Bye):  # main() ended before ready(): wait for the exit status
-            with anyio.move_on_after(2.0):
-                await proc.exited.wait()
-            problem = "exited before it was ready"
-        elif not isinstance(ready, Ready):
-            problem = f"expected ready, got {type(ready).__name__.lower()}"
+        while True:
+            msg = await channel.receive()
+            if isinstance(msg, Ready):
+                return
+            if isinstance(msg, Bye):  # main() ended before ready(): wait for the exit status
+                with anyio.move_on_after(2.0):
+                    await proc.exited.wait()
+                problem = "exited before it was ready"
+                return
+            if isinstance(msg, Log | Error):  # allowed any time after Welcome
+                proc._handle(msg, proc._host.bus)
+                continue
+            problem = f"expected ready, got {type(msg).__name__.lower()}"
+            return
 
     async with anyio.create_task_group() as tg:
 

@@ -46,13 +46,17 @@ def decode_body(body: bytes | bytearray | memoryview) -> Message:
         raise FrameError("malformed", _describe(body, str(exc))) from None
     except msgspec.DecodeError as exc:
         raise FrameError("malformed", f"not MessagePack: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise FrameError("malformed", f"a string is not UTF-8 (byte {exc.start})") from None
+    except RecursionError:
+        raise FrameError("malformed", "nested too deeply") from None
 
 
 def _describe(body: bytes | bytearray | memoryview, problem: str) -> str:
     """Name the frame type when the body at least carries a readable tag."""
     try:
         raw = msgspec.msgpack.decode(body)
-    except msgspec.DecodeError:
+    except Exception:  # only used to enrich a message: never let it raise
         return problem
     tag = raw.get("type") if isinstance(raw, dict) else None
     return f"{problem} (frame type {tag!r})" if isinstance(tag, str) else problem

@@ -42,6 +42,8 @@ log = logging.getLogger("otp_agents.worker")
 
 # Part of the supervisor's shutdown timeout the worker keeps for its own orderly exit.
 DEADLINE_MARGIN = 0.2
+# How long after a stop signal the worker waits for the Shutdown frame that carries the deadline.
+SIGNAL_FRAME_SKEW = 0.5
 EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_NO_SUPERVISOR = 70
@@ -57,6 +59,7 @@ class Worker:
         self._stop = anyio.Event()
         self._ready_sent = False
         self.shutdown_timeout: float | None = None
+        self._timeout_known = anyio.Event()
         self.stop_reason: str | None = None
 
     @property
@@ -82,8 +85,12 @@ class Worker:
     def request_stop(self, reason: str, timeout: float | None = None) -> None:
         if not self._stop.is_set():
             self.stop_reason = reason
-            self.shutdown_timeout = timeout
             self._stop.set()
+        # The Shutdown frame and the stop signal may arrive in either order: the frame's
+        # deadline counts whichever came first.
+        if timeout and self.shutdown_timeout is None:
+            self.shutdown_timeout = timeout
+            self._timeout_known.set()
 
 
 Main = Callable[[Worker], Awaitable[None]]
@@ -168,6 +175,8 @@ async def _serve_signals(worker: Worker) -> None:
 
 async def _enforce_deadline(worker: Worker, main_scope: anyio.CancelScope) -> None:
     await worker.wait_stopping()
+    with anyio.move_on_after(SIGNAL_FRAME_SKEW):
+        await worker._timeout_known.wait()
     timeout = worker.shutdown_timeout
     if not timeout:
         return

@@ -55,6 +55,8 @@ async def test_not_ready_within_start_timeout_is_a_start_failure() -> None:
         ("workers.chaos:oversized", "oversized"),
         ("workers.chaos:unknown_tag", "malformed"),
         ("workers.chaos:truncated", "truncated"),
+        ("workers.chaos:bad_utf8", "malformed"),
+        ("workers.chaos:deep_nesting", "malformed"),
     ],
 )
 async def test_bad_frames_cost_one_child_not_the_supervisor(target: str, kind: str) -> None:
@@ -127,3 +129,9 @@ async def test_environment_is_explicit(
     async with tree_of(config) as (_tree, rec):
         exited = await rec.wait_kind(Kind.CHILD_EXITED, "root/e")
         assert exited.code == expected_code
+
+
+async def test_log_before_ready_is_allowed() -> None:
+    async with tree_of({"children": [worker("w", "workers.chaos:chatty_start")]}) as (tree, rec):
+        assert tree.pid("root/w") is not None
+        assert [e.detail for e in rec.of(Kind.WORKER_LOG, "root/w")] == ["loading"]

@@ -79,3 +79,26 @@ async def truncated(worker: Worker) -> None:
     _raw(struct.pack(">I", 100) + b"\x81")
     sys.stderr.flush()
     os._exit(4)
+
+
+async def bad_utf8(worker: Worker) -> None:
+    """Ready, then an error frame whose text is not UTF-8."""
+    await worker.ready()
+    body = b"\x82\xa4type\xa5error\xa7message\xa2\xff\xfe"
+    _raw(struct.pack(">I", len(body)) + body)
+    await worker.wait_stopping()
+
+
+async def deep_nesting(worker: Worker) -> None:
+    """Ready, then a small frame of 10,000 nested arrays."""
+    await worker.ready()
+    body = b"\x91" * 10_000 + b"\x00"
+    _raw(struct.pack(">I", len(body)) + body)
+    await worker.wait_stopping()
+
+
+async def chatty_start(worker: Worker) -> None:
+    """Logs while setting up, before Ready (allowed by the protocol)."""
+    await worker.log("loading")
+    await worker.ready()
+    await worker.wait_stopping()
