@@ -233,7 +233,8 @@ async def _reap_on_sigchld(host: Host, root: str) -> None:
 async def _kill_adopted(host: Host, root: str) -> None:
     """At the very end: adopted descendants that escaped their process group die too."""
     for _ in range(3):
-        strays = [pid for pid in linux.child_pids() if pid not in host.tracked]
+        keeper = host.guard.pid if host.guard is not None else None
+        strays = [pid for pid in linux.child_pids() if pid not in host.tracked and pid != keeper]
         if not strays:
             return
         for pid in strays:

@@ -222,3 +222,13 @@ async def test_backoff_resets_after_a_stable_run() -> None:
             await signal_child(tree, "root/b", signal.SIGKILL)
             await rec.wait_kind(Kind.CHILD_STARTED, "root/b", mark)
     assert [e.delay for e in rec.of(Kind.RESTART_DELAYED)] == [0.05, 0.1, 0.05]
+
+
+async def test_spawn_without_setpriv_uses_the_preexec_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    from otp_agents import process
+
+    monkeypatch.setattr(process, "_SETPRIV", None)
+    async with tree_of({"children": [cmd("a"), worker("w", "workers.chaos:steady")]}) as (tree, rec):
+        await signal_child(tree, "root/a", 0)
+        assert tree.pid("root/w") is not None
+    assert [e.path for e in rec.of(Kind.CHILD_TERMINATED)] == ["root/w", "root/a"]
