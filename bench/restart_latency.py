@@ -463,18 +463,28 @@ def measure_idle(managers: list[Manager], window: float, settle: float) -> dict[
 def measure_floor(runs: int) -> dict[str, dict[str, Any]]:
     """``Popen(["sleep", "3600"])`` from this process until it is visible as ``sleep 3600``.
 
-    ``popen_otp_options`` adds what otp-agents passes to Popen for a command child (its own
-    process group, a ``preexec_fn`` setting PR_SET_PDEATHSIG, stdin from /dev/null).
+    ``popen_otp_options`` is what otp-agents does for a command child: its own process group,
+    stdin from /dev/null, and ``setpriv --pdeathsig KILL`` exec'd in front of the program.
+    ``popen_preexec`` is otp-agents' fallback when setpriv is missing: a ``preexec_fn`` that sets
+    PR_SET_PDEATHSIG (which makes CPython fork() instead of vfork()).
     """
     variants: dict[str, Callable[[], subprocess.Popen[bytes]]] = {
         "popen_plain": lambda: subprocess.Popen(SLEEP_ARGV),
     }
+    setpriv = shutil.which("setpriv")
+    if setpriv is not None:
+        variants["popen_otp_options"] = lambda: subprocess.Popen(
+            [setpriv, "--pdeathsig", "KILL", "--", *SLEEP_ARGV],
+            stdin=subprocess.DEVNULL,
+            close_fds=True,
+            process_group=0,
+        )
     try:
         from otp_agents.linux import die_with_parent_hook
     except ImportError:  # pragma: no cover - otp-agents not importable here
         pass
     else:
-        variants["popen_otp_options"] = lambda: subprocess.Popen(
+        variants["popen_preexec"] = lambda: subprocess.Popen(
             SLEEP_ARGV,
             stdin=subprocess.DEVNULL,
             close_fds=True,
