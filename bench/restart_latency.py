@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from otp_agents.linux import child_pids, die_with_parent_hook, stat_fields
+
 SLEEP_ARGV = ["sleep", "3600"]
 SLEEP_CMDLINE = b"sleep\x003600\x00"
 POLL_INTERVAL = 0.0002  # seconds between /proc polls while waiting for the replacement
@@ -64,18 +66,7 @@ SUPERVISORD = "supervisord"
 
 def children_of(pid: int) -> list[int]:
     """Direct children of ``pid`` (of all its threads), from /proc."""
-    out: list[int] = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
-                out.extend(int(p) for p in f.read().split())
-        except OSError:
-            continue
-    return out
+    return child_pids(pid)
 
 
 def cmdline(pid: int) -> bytes:
@@ -95,12 +86,7 @@ def start_time(pid: int) -> int | None:
 
 def _stat_fields(pid: int) -> list[bytes] | None:
     """Fields of /proc/PID/stat after the ``(comm)``, i.e. starting at field 3 (state)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    return raw[raw.rfind(b")") + 2 :].split()
+    return stat_fields(pid)
 
 
 def sleep_children(manager: int) -> list[int]:
@@ -479,18 +465,13 @@ def measure_floor(runs: int) -> dict[str, dict[str, Any]]:
             close_fds=True,
             process_group=0,
         )
-    try:
-        from otp_agents.linux import die_with_parent_hook
-    except ImportError:  # pragma: no cover - otp-agents not importable here
-        pass
-    else:
-        variants["popen_preexec"] = lambda: subprocess.Popen(
-            SLEEP_ARGV,
-            stdin=subprocess.DEVNULL,
-            close_fds=True,
-            process_group=0,
-            preexec_fn=die_with_parent_hook(),
-        )
+    variants["popen_preexec"] = lambda: subprocess.Popen(
+        SLEEP_ARGV,
+        stdin=subprocess.DEVNULL,
+        close_fds=True,
+        process_group=0,
+        preexec_fn=die_with_parent_hook(),
+    )
     out: dict[str, dict[str, Any]] = {}
     for name, make in variants.items():
         times: list[float] = []

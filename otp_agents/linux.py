@@ -108,22 +108,30 @@ def reap_orphans(tracked: Container[int], limit: int = 1024) -> list[tuple[int, 
     return reaped
 
 
-def zombie_pgid(pid: int) -> int | None:
-    """Process group of a (possibly zombie) process: still readable until it is reaped."""
+def stat_fields(pid: int) -> list[bytes] | None:
+    """Fields of /proc/PID/stat after the parenthesised command name (state, ppid, pgrp, ...).
+
+    Still readable for a zombie, until it is reaped. None if the process is gone.
+    """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
-    # Fields after the parenthesised command name: state ppid pgrp ...
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    return int(fields[2]) if len(fields) > 2 else None
+    return stat[stat.rfind(b")") + 2 :].split()
 
 
-def child_pids() -> list[int]:
-    """Direct children of this process (including adopted orphans), from /proc."""
+def zombie_pgid(pid: int) -> int | None:
+    """Process group of a (possibly zombie) process."""
+    fields = stat_fields(pid)
+    return int(fields[2]) if fields is not None and len(fields) > 2 else None
+
+
+def child_pids(pid: int | None = None) -> list[int]:
+    """Direct children of a process (default: this one, adopted orphans included), from /proc."""
+    pid = os.getpid() if pid is None else pid
     pids: list[int] = []
-    task_dir = f"/proc/{os.getpid()}/task"
+    task_dir = f"/proc/{pid}/task"
     try:
         tids = os.listdir(task_dir)
     except OSError:

@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 
+from otp_agents import linux
 from otp_agents.config import from_dict
 from otp_agents.events import Event, EventBus, Kind
 from otp_agents.runtime import Tree, running
@@ -95,24 +96,13 @@ async def tree_of(config: dict[str, Any]) -> AsyncIterator[tuple[Tree, Recorder]
 
 def alive(pid: int) -> bool:
     """True if pid exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] != b"Z"
-
-
-def kill(pid: int, sig: int) -> None:
-    os.kill(pid, sig)
+    fields = linux.stat_fields(pid)
+    return fields is not None and fields[0] != b"Z"
 
 
 def _waits_on_child(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
-            return bool(f.read().strip())
-    except OSError:
-        return True  # already gone: the caller's own wait will tell
+    # A process that is already gone counts as armed: the caller's own wait will tell.
+    return bool(linux.child_pids(pid)) or not alive(pid)
 
 
 async def armed(pid: int | None) -> int:
@@ -129,3 +119,14 @@ async def signal_child(tree: Tree, path: str, sig: int) -> int:
     pid = await armed(tree.pid(path))
     os.kill(pid, sig)
     return pid
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below pid, from /proc."""
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        kids = linux.child_pids(todo.pop())
+        out.update(kids)
+        todo.extend(kids)
+    return out

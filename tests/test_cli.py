@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from .helpers import FAULTY, ROOT, WAIT, alive
+from .helpers import FAULTY, ROOT, WAIT, alive, descendants
 
 CLI = [sys.executable, "-m", "otp_agents.cli"]
 BACKENDS = ["asyncio", "trio"]
@@ -68,15 +68,17 @@ def started(events: list[dict[str, Any]]) -> dict[str, int]:
     return {e["path"]: e["pid"] for e in events if e["kind"] == "child_started"}
 
 
+def start_cli(tree: Path, backend: str, events_file: Path, stderr: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*CLI, "run", str(tree), "--backend", backend, "--events", str(events_file)], cwd=ROOT, stderr=stderr
+    )
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_run_then_sigterm_stops_in_reverse_order(tmp_path: Path, backend: str) -> None:
     tree = write_tree(tmp_path, TREE)
     events_file = tmp_path / "events.jsonl"
-    proc = subprocess.Popen(
-        [*CLI, "run", str(tree), "--backend", backend, "--events", str(events_file)],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-    )
+    proc = start_cli(tree, backend, events_file, subprocess.PIPE)
     events = wait_events(events_file, lambda ev: len(started(ev)) == 3, proc)
     pids = started(events)
     proc.send_signal(signal.SIGTERM)
@@ -181,13 +183,9 @@ def test_default_tree_checks() -> None:
 def test_supervisor_killed_with_sigkill_leaves_no_process_behind(tmp_path: Path, backend: str) -> None:
     tree = write_tree(tmp_path, TREE)
     events_file = tmp_path / "events.jsonl"
-    proc = subprocess.Popen(
-        [*CLI, "run", str(tree), "--backend", backend, "--events", str(events_file)],
-        cwd=ROOT,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_cli(tree, backend, events_file, subprocess.DEVNULL)
     pids = started(wait_events(events_file, lambda ev: len(started(ev)) == 3, proc))
-    family = _descendants(proc.pid)
+    family = descendants(proc.pid)
     assert set(pids.values()) <= family
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=WAIT)
@@ -196,22 +194,6 @@ def test_supervisor_killed_with_sigkill_leaves_no_process_behind(tmp_path: Path,
         time.sleep(0.02)
     survivors = {p: _cmdline(p) for p in family if alive(p)}
     assert survivors == {}
-
-
-def _descendants(pid: int) -> set[int]:
-    out: set[int] = set()
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    kids = [int(k) for k in f.read().split()]
-                out.update(kids)
-                todo.extend(kids)
-        except OSError:
-            continue
-    return out
 
 
 def _cmdline(pid: int) -> str:
@@ -240,11 +222,7 @@ command = ["{FAULTY[0]}"]
 """,
     )
     events_file = tmp_path / "events.jsonl"
-    proc = subprocess.Popen(
-        [*CLI, "run", str(tree), "--backend", backend, "--events", str(events_file)],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-    )
+    proc = start_cli(tree, backend, events_file, subprocess.PIPE)
     events = wait_events(events_file, lambda ev: "root/a" in started(ev), proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=WAIT)
