@@ -132,20 +132,30 @@ class ChildProcess:
     # -- exit detection ------------------------------------------------------------------------
 
     async def _watch(self) -> None:
+        # The leader has exited but is not reaped yet, so its pid (and the group id) cannot have
+        # been reused: killing what is left of the group is safe. On cancellation (runtime
+        # teardown) the same holds while we still own the unreaped pid.
         try:
             await anyio.wait_readable(self._pidfd)
-        finally:
-            # Normal path: the leader has exited but is not reaped yet, so its pid (and the
-            # group id) cannot have been reused: killing the group is safe. On cancellation
-            # (runtime teardown) the same holds while we still own the unreaped pid.
+        except BaseException:
             self._signal_group(signal.SIGKILL)
-            status = self._reap()
+            self._reap()
+            self._untrack()
+            raise
+        self._signal_group(signal.SIGKILL)
+        status = self._reap()
+        self._host.after_reap()  # orphans of this group are still attributed to this child
+        self._untrack()
         self.exit = Exit(status=status, requested=self._requested, fault=self._fault)
         self.exited.set()
         if self.channel is not None:
             await self.channel.aclose()
         self._on_exit(self)
-        self._host.after_reap()
+
+    def _untrack(self) -> None:
+        self._host.tracked.pop(self.pid, None)
+        if self._host.guard is not None:
+            self._host.guard.remove(self.pid)
 
     def _reap(self) -> ExitStatus:
         try:
@@ -155,9 +165,6 @@ class ChildProcess:
             status = ExitStatus(code=None, signal=None)
         finally:
             os.close(self._pidfd)
-            self._host.tracked.pop(self.pid, None)
-            if self._host.guard is not None:
-                self._host.guard.remove(self.pid)
         # Tell subprocess the process is gone, so Popen.__del__ never waits on a recycled pid.
         self._popen.returncode = status.code if status.code is not None else -(status.signal or 0)
         return status

@@ -231,3 +231,43 @@ command = ["{FAULTY[0]}"]
     events = read_events(events_file)
     assert "root/never" not in started(events)
     assert not any(alive(pid) for pid in started(events).values())
+
+
+ESCAPE = (
+    "import os, subprocess, sys; "
+    "subprocess.Popen(['sleep', sys.argv[1]], start_new_session=True); "  # setsid() before exec
+    "os._exit(0)"
+)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_escaped_grandchildren_are_reaped_and_stopped(tmp_path: Path, backend: str) -> None:
+    # Each child starts a grandchild in a new session (out of the child's process group) and
+    # exits. The supervisor, a child subreaper, adopts them: it reaps the one that ends and
+    # kills the one still running when the tree stops.
+    tree = write_tree(
+        tmp_path,
+        f"""
+[[children]]
+id = "short"
+command = ["{sys.executable}", "-c", "{ESCAPE}", "0.3"]
+restart = "transient"
+[[children]]
+id = "long"
+command = ["{sys.executable}", "-c", "{ESCAPE}", "120"]
+restart = "transient"
+""",
+    )
+    events_file = tmp_path / "events.jsonl"
+    proc = start_cli(tree, backend, events_file, subprocess.PIPE)
+    try:
+        events = wait_events(events_file, lambda ev: any(e["kind"] == "orphan_reaped" for e in ev), proc)
+        reaped = [e for e in events if e["kind"] == "orphan_reaped"]
+        assert (reaped[0]["path"], reaped[0]["code"]) == ("root", 0)
+        adopted = [p for p in descendants(proc.pid) if _cmdline(p) == "sleep 120 "]
+        assert len(adopted) == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=WAIT)
+    assert proc.returncode == 0, err.decode()
+    assert not alive(adopted[0])
