@@ -42,12 +42,20 @@ def main() -> None:
 @click.option("--backend", type=click.Choice(["asyncio", "trio"]), default="asyncio", show_default=True)
 @click.option("--events", "events_file", type=click.Path(dir_okay=False), help="Append events as JSON lines.")
 @click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    envvar="OTP_AGENTS_STATE_DIR",
+    default="state",
+    show_default=True,
+    help="Where stack dumps (dumps/) are kept.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
     show_default=True,
 )
-def run_cmd(tree: str | None, backend: str, events_file: str | None, log_level: str) -> None:
+def run_cmd(tree: str | None, backend: str, events_file: str | None, state_dir: str, log_level: str) -> None:
     """Run TREE (default: $OTP_AGENTS_TREE or supervisors/default.toml) until stopped.
 
     SIGTERM or Ctrl-C stops the tree in reverse start order; a second one kills it.
@@ -61,7 +69,9 @@ def run_cmd(tree: str | None, backend: str, events_file: str | None, log_level: 
     )
     keeper = guard.start()  # before the event loop: forking is only safe without threads
     try:
-        outcome = anyio.run(lambda: run(spec, events_file=events_file, guard=keeper), backend=backend)
+        outcome = anyio.run(
+            lambda: run(spec, events_file=events_file, guard=keeper, state_dir=state_dir), backend=backend
+        )
     finally:
         keeper.close()
     click.echo(f"otp-agents: {outcome.message}", err=True)

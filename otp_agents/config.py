@@ -10,6 +10,7 @@ and what was expected. OTP's own rules are applied here, before anything starts.
 
 from __future__ import annotations
 
+import itertools
 import re
 import signal
 import tomllib
@@ -20,18 +21,21 @@ from typing import Any
 import msgspec
 
 from .spec import (
+    HEALTH_DEFAULTS,
     AutoShutdown,
     ChildSpec,
     CommandSpec,
+    HealthSettings,
     RestartType,
     Strategy,
     SupervisorSpec,
     WorkerSpec,
+    resolve_health,
 )
 
 _MODULE_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _SUPERVISOR_KEYS = {"children", "strategy"}
-_RESERVED = ("kind",)
+_RESERVED = ("kind", "settings")
 _ROOT_ONLY_FORBIDDEN = ("restart", "significant", "shutdown", "backoff")
 
 
@@ -80,7 +84,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SupervisorSpec
     for key in (*_ROOT_ONLY_FORBIDDEN, *_RESERVED):
         if key in data:
             raise ConfigError(source, key, "not allowed on the root supervisor (it has no parent)")
-    spec = _supervisor(data, source, "")
+    spec = _supervisor(data, source, "", HEALTH_DEFAULTS)
     return spec
 
 
@@ -148,7 +152,9 @@ def _friendly(problem: str, leaf: str, value: Any) -> str:
     return problem
 
 
-def _child(data: object, source: str, keypath: str, parent_auto: AutoShutdown) -> ChildSpec:
+def _child(
+    data: object, source: str, keypath: str, parent_auto: AutoShutdown, inherited: HealthSettings
+) -> ChildSpec:
     if not isinstance(data, dict):
         raise ConfigError(source, keypath, f"expected a table describing a child, got {_kind(data)}")
     for key in _RESERVED:
@@ -173,17 +179,17 @@ def _child(data: object, source: str, keypath: str, parent_auto: AutoShutdown) -
         )
     spec: ChildSpec
     if kinds[0].startswith("supervisor"):
-        spec = _supervisor(data, source, keypath)
+        spec = _supervisor(data, source, keypath, inherited)
     elif "command" in data:
         command: CommandSpec = _convert({**data, "kind": "command"}, CommandSpec, source, keypath)
         if not command.command[0]:
             raise ConfigError(source, _join(keypath, "command[0]"), "the program name is empty")
         _check_process(command, source, keypath)
-        spec = command
+        spec = _with_settings(command, inherited, source, keypath)
     else:
         worker: WorkerSpec = _convert({**data, "kind": "worker"}, WorkerSpec, source, keypath)
         _check_worker(worker, source, keypath)
-        spec = worker
+        spec = _with_settings(worker, inherited, source, keypath)
 
     if spec.significant and spec.restart is RestartType.PERMANENT:
         raise ConfigError(
@@ -221,7 +227,48 @@ def _check_worker(spec: WorkerSpec, source: str, keypath: str) -> None:
     _check_process(spec, source, keypath)
 
 
-def _supervisor(data: dict[str, Any], source: str, keypath: str) -> SupervisorSpec:
+def _with_settings(
+    spec: CommandSpec | WorkerSpec, inherited: HealthSettings, source: str, keypath: str
+) -> CommandSpec | WorkerSpec:
+    settings = resolve_health(inherited, spec.health)
+    _check_health(settings, source, _join(keypath, "health"))
+    return msgspec.structs.replace(spec, settings=settings)
+
+
+def _check_health(h: HealthSettings, source: str, keypath: str) -> None:
+    """Combinations that cannot work, checked on the resolved (inherited + own) settings."""
+    if h.ping_timeout < h.ping_interval:
+        raise ConfigError(
+            source,
+            _join(keypath, "ping_timeout"),
+            f"must be at least ping_interval ({h.ping_interval:g}s), got {h.ping_timeout:g}s",
+        )
+    levels = [
+        (name, value)
+        for name, value in (
+            ("memory_warn_mb", h.memory_warn_mb),
+            ("memory_soft_mb", h.memory_soft_mb),
+            ("memory_limit_mb", h.memory_limit_mb),
+        )
+        if value is not None
+    ]
+    for (low_name, low), (high_name, high) in itertools.pairwise(levels):
+        if low >= high:
+            raise ConfigError(
+                source, _join(keypath, high_name), f"must be above {low_name} ({low:g}), got {high:g}"
+            )
+    if h.dump_signal is not None:
+        name = h.dump_signal.upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        if not hasattr(signal.Signals, name) or name in ("SIGKILL", "SIGSTOP"):
+            raise ConfigError(
+                source,
+                _join(keypath, "dump_signal"),
+                f"expected a catchable signal name, got {h.dump_signal!r}",
+            )
+
+
+def _supervisor(data: dict[str, Any], source: str, keypath: str, inherited: HealthSettings) -> SupervisorSpec:
     raw_children = data.get("children", [])
     if not isinstance(raw_children, list):
         raise ConfigError(
@@ -230,11 +277,12 @@ def _supervisor(data: dict[str, Any], source: str, keypath: str) -> SupervisorSp
     own = {k: v for k, v in data.items() if k != "children"}
     own["kind"] = "supervisor"
     head: SupervisorSpec = _convert(own, SupervisorSpec, source, keypath)
+    inherited = resolve_health(inherited, head.health)
     children: list[ChildSpec] = []
     seen: dict[str, int] = {}
     for i, raw in enumerate(raw_children):
         ckey = f"{_join(keypath, 'children')}[{i}]"
-        child = _child(raw, source, ckey, head.auto_shutdown)
+        child = _child(raw, source, ckey, head.auto_shutdown, inherited)
         if child.id in seen:
             raise ConfigError(
                 source, f"{ckey}.id", f"duplicate child id {child.id!r} (also children[{seen[child.id]}])"

@@ -37,6 +37,17 @@ class Kind(enum.StrEnum):
     PROTOCOL_ERROR = "protocol_error"
     ORPHAN_REAPED = "orphan_reaped"
     WORKER_LOG = "worker_log"
+    # health monitors
+    SLOW_PING = "slow_ping"
+    HANG = "hang"
+    MEMORY_WARN = "memory_warn"
+    MEMORY_OK = "memory_ok"
+    MEMORY_SOFT = "memory_soft"
+    MEMORY_LIMIT = "memory_limit"
+    LIFETIME = "lifetime"
+    DUMP_TAKEN = "dump_taken"
+    HEALTH_KILL = "health_kill"
+    RECYCLED = "recycled"
 
 
 class Event(msgspec.Struct, omit_defaults=True, frozen=True):
@@ -52,6 +63,9 @@ class Event(msgspec.Struct, omit_defaults=True, frozen=True):
     detail: str | None = None
     child: str | None = None  # the child a supervisor-level event is about
     delay: float | None = None
+    value: float | None = None  # the measurement that triggered a health event (ms, MB, s)
+    threshold: float | None = None  # the configured limit it was compared with
+    file: str | None = None  # a file the event refers to (a stack dump)
 
 
 _json = msgspec.json.Encoder()
@@ -146,6 +160,13 @@ async def write_jsonl(sub: Subscription, path: str) -> None:
 
 
 _LEVELS = {
+    Kind.HANG: logging.ERROR,
+    Kind.MEMORY_LIMIT: logging.ERROR,
+    Kind.HEALTH_KILL: logging.ERROR,
+    Kind.DUMP_TAKEN: logging.WARNING,
+    Kind.SLOW_PING: logging.WARNING,
+    Kind.MEMORY_WARN: logging.WARNING,
+    Kind.MEMORY_SOFT: logging.WARNING,
     Kind.START_FAILED: logging.ERROR,
     Kind.INTENSITY_EXCEEDED: logging.ERROR,
     Kind.ESCALATED: logging.ERROR,
@@ -163,7 +184,7 @@ def log_event(event: Event) -> None:
     if not log.isEnabledFor(level):
         return
     parts = [f"{event.path}: {event.kind.value.replace('_', ' ')}"]
-    for name in ("pid", "code", "signal", "reason", "child", "delay", "detail"):
+    for name in ("pid", "code", "signal", "reason", "child", "delay", "value", "threshold", "file", "detail"):
         value = getattr(event, name)
         if value is not None:
             parts.append(f"{name}={value}")

@@ -10,6 +10,8 @@ Session, in order::
     supervisor -> worker      Welcome(version, path)          or Reject(reason)
     worker     -> supervisor  Ready()                           the child now counts as started
     ...        <->            Ping / Pong, Log, Error           any time after Welcome
+    supervisor -> worker      DumpRequest(id) -> Dump(id, text) stacks of threads and tasks
+    supervisor -> worker      Drain(reason)                     finish current work, then exit 0
     supervisor -> worker      Shutdown(timeout, reason)         finish, then exit 0
     worker     -> supervisor  Bye(reason)                       optional, just before exit
 """
@@ -23,6 +25,7 @@ import msgspec
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 MAX_FRAME = 1 << 20  # default maximum frame body, bytes
+MAX_DUMP_TEXT = 768 * 1024  # a stack dump is cut to this many characters to fit in a frame
 
 _Text = Annotated[str, msgspec.Meta(max_length=65536)]
 
@@ -65,6 +68,19 @@ class Shutdown(_Msg, tag="shutdown"):
     reason: str = "shutdown"
 
 
+class Drain(_Msg, tag="drain"):
+    reason: str = "drain"  # e.g. "memory", "lifetime"
+
+
+class DumpRequest(_Msg, tag="dump_request"):
+    id: int
+
+
+class Dump(_Msg, tag="dump"):
+    id: int
+    text: Annotated[str, msgspec.Meta(max_length=MAX_DUMP_TEXT)]
+
+
 class Bye(_Msg, tag="bye"):
     reason: str = "normal"
 
@@ -78,5 +94,21 @@ class Error(_Msg, tag="error"):
     message: _Text
 
 
-Message = Hello | Welcome | Reject | Ready | Ping | Pong | Shutdown | Bye | Log | Error
-ALL_MESSAGES: tuple[type[_Msg], ...] = (Hello, Welcome, Reject, Ready, Ping, Pong, Shutdown, Bye, Log, Error)
+Message = (
+    Hello | Welcome | Reject | Ready | Ping | Pong | Shutdown | Drain | DumpRequest | Dump | Bye | Log | Error
+)
+ALL_MESSAGES: tuple[type[_Msg], ...] = (
+    Hello,
+    Welcome,
+    Reject,
+    Ready,
+    Ping,
+    Pong,
+    Shutdown,
+    Drain,
+    DumpRequest,
+    Dump,
+    Bye,
+    Log,
+    Error,
+)

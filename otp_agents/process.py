@@ -28,22 +28,28 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 import anyio.abc
 
-from . import linux
+from . import health, linux
 from .channel import Channel, ChannelClosed
+from .dump import Dumper, remove_signal_file
 from .events import EventBus, Kind
 from .guard import Guard
 from .linux import ExitStatus
+from .memory import MemoryWatch
 from .messages import (
     SUPPORTED_VERSIONS,
     Bye,
+    Dump,
+    DumpRequest,
     Error,
     Hello,
     Log,
     Message,
+    Pong,
     Ready,
     Reject,
     Shutdown,
@@ -60,6 +66,10 @@ KILL_WAIT = 10.0
 ENV_FD = "OTP_AGENTS_FD"
 ENV_PATH = "OTP_AGENTS_PATH"
 ENV_BACKEND = "OTP_AGENTS_BACKEND"
+ENV_DUMP_FILE = "OTP_AGENTS_DUMP_FILE"
+# Protocol workers register this signal with faulthandler; its default action is to be ignored,
+# so sending it to a process that never registered it does no harm.
+DUMP_SIGNAL = signal.SIGURG
 
 
 class StartError(Exception):
@@ -76,10 +86,17 @@ class Host:
 
     tg: anyio.abc.TaskGroup
     bus: EventBus
+    state_dir: Path
     tracked: dict[int, str] = field(default_factory=dict)  # pid -> path, for pids with a watcher
     after_reap: Callable[[], None] = lambda: None  # e.g. sweep adopted orphans
     guard: Guard | None = None  # kills our process groups if this process dies
     stopping: bool = False  # the whole tree is being stopped: start nothing new
+    dumper: Dumper = field(init=False)
+    memory: MemoryWatch = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.dumper = Dumper(self.state_dir, self.bus, self.tracked)
+        self.memory = MemoryWatch(self.bus)
 
 
 @dataclass
@@ -125,6 +142,18 @@ class ChildProcess:
         self._on_exit = on_exit
         self._requested = False
         self._fault: str | None = None
+        # health state, read by monitors and status
+        self.ready = False
+        self.last_pong = time.monotonic()
+        self.rtt: float | None = None
+        self.loop_lag_ms: float | None = None
+        self.slow_ping_at = -1e9
+        self.recycle: str | None = None  # asked to drain: its exit is a recycle, not a crash
+        self.health_kill: str | None = None
+        self.signal_file: str | None = None  # where faulthandler writes on dump_signal
+        self.dump_signal: int | None = None
+        self._dump_seq = 0
+        self._dumps: dict[int, tuple[anyio.Event, list[str]]] = {}
         host.tracked[self.pid] = path
         if host.guard is not None:
             host.guard.add(self.pid)
@@ -146,6 +175,7 @@ class ChildProcess:
         status = self._reap()
         self._host.after_reap()  # orphans of this group are still attributed to this child
         self._untrack()
+        remove_signal_file(self.signal_file)
         self.exit = Exit(status=status, requested=self._requested, fault=self._fault)
         self.exited.set()
         if self.channel is not None:
@@ -183,6 +213,28 @@ class ChildProcess:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(self.pid, sig)
 
+    def polite_signal(self) -> None:
+        """The child spec's ``stop_signal`` to the whole group (a plain command's drain)."""
+        self._signal_group(linux.parse_signal(self.spec.stop_signal))
+
+    async def request_dump(self, limit: float) -> str | None:
+        """Ask the worker for its stacks over the channel; None if no answer within ``limit``."""
+        if self.channel is None or self.exit is not None:
+            return None
+        self._dump_seq += 1
+        ident = self._dump_seq
+        done, box = anyio.Event(), list[str]()
+        self._dumps[ident] = (done, box)
+        try:
+            with anyio.move_on_after(limit):
+                await self.channel.send(DumpRequest(id=ident))
+                await done.wait()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        finally:
+            self._dumps.pop(ident, None)
+        return box[0] if box else None
+
     def fault(self, reason: str) -> None:
         """Kill the child because it misbehaved; its exit will be a crash with this reason."""
         if self.exit is None and self._fault is None:
@@ -212,6 +264,8 @@ class ChildProcess:
             await self.exited.wait()
             return False
         log.warning("%s: did not stop within %ss, sending SIGKILL", self.path, shutdown)
+        if self.exit is None:
+            await self._host.dumper.take(self, "shutdown_timeout")
         self.kill()
         await self._wait_killed()
         return True
@@ -250,7 +304,14 @@ class ChildProcess:
             return
 
     def _handle(self, msg: Message, bus: EventBus) -> None:
-        if isinstance(msg, Log):
+        if isinstance(msg, Pong):
+            health.on_pong(self, msg, self._host)
+        elif isinstance(msg, Dump):
+            waiter = self._dumps.get(msg.id)
+            if waiter is not None:
+                waiter[1].append(msg.text)
+                waiter[0].set()
+        elif isinstance(msg, Log):
             bus.emit(Kind.WORKER_LOG, self.path, pid=self.pid, detail=msg.message, code=msg.level)
         elif isinstance(msg, Error):
             bus.emit(Kind.WORKER_LOG, self.path, pid=self.pid, detail=msg.message, reason="error")
@@ -265,7 +326,6 @@ class ChildProcess:
                 detail=msg.__class__.__name__,
             )
             self.fault(f"protocol error: unexpected {type(msg).__name__} after start")
-        # Pong and future monitor frames are handled by the health monitors.
 
 
 # -- spawning ------------------------------------------------------------------------------------
@@ -341,9 +401,22 @@ async def spawn(
     """
     env = _environment(spec)
     argv = _argv(spec)
+    signal_file: str | None = None
+    dump_signal: int | None = None
+    if isinstance(spec, WorkerSpec) or spec.settings.dump_signal is not None:
+        signal_file = host.dumper.signal_file(path)
+        env[ENV_DUMP_FILE] = signal_file
+        dump_signal = (
+            DUMP_SIGNAL
+            if isinstance(spec, WorkerSpec)
+            else linux.parse_signal(spec.settings.dump_signal or "")
+        )
     if isinstance(spec, CommandSpec):
         popen = _popen(argv, spec, env, ())
-        return _track(path, spec, popen, host, on_exit)
+        proc = _track(path, spec, popen, host, on_exit)
+        proc.signal_file, proc.dump_signal = signal_file, dump_signal
+        proc.ready = True
+        return proc
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -357,6 +430,7 @@ async def spawn(
     finally:
         theirs.close()
     proc = _track(path, spec, popen, host, on_exit)
+    proc.signal_file, proc.dump_signal = signal_file, dump_signal
     try:
         channel = await Channel.from_socket(ours)
     except BaseException:
@@ -371,6 +445,8 @@ async def spawn(
         with anyio.CancelScope(shield=True):
             await proc._wait_killed()
         raise
+    proc.ready = True
+    proc.last_pong = time.monotonic()
     host.tg.start_soon(proc._read, channel, name=f"reader {path}")
     return proc
 

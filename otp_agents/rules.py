@@ -163,6 +163,22 @@ def child_terminated(state: SupState, child_id: str) -> bool:
     return _forget(state, rec)
 
 
+def child_recycled(state: SupState, child_id: str) -> bool:
+    """A child ended after the supervisor asked it to drain (memory soft limit, lifetime).
+
+    Not a crash and not counted against intensity: the child starts again unless its restart
+    type says it never restarts (temporary, which leaves the list). Returns True to restart.
+    """
+    rec = state.find(child_id)
+    if rec is None:
+        return False
+    rec.status = Status.STOPPED
+    if rec.restart is RestartType.TEMPORARY:
+        state.children.remove(rec)
+        return False
+    return True
+
+
 def shutdown_order(state: SupState) -> list[str]:
     """Children to terminate when the supervisor stops: running ones, reverse start order."""
     return [rec.id for rec in reversed(state.children) if rec.status is Status.RUNNING]

@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 import anyio.abc
@@ -84,16 +86,20 @@ async def running(
     bus: EventBus | None = None,
     guard: Guard | None = None,
     on_host: Callable[[Host], None] | None = None,
+    state_dir: str | Path | None = None,
 ) -> AsyncIterator[Tree]:
     """Start the tree; yield it; stop it (reverse start order) when the block exits.
 
     Raises :class:`~otp_agents.process.StartError` if the root cannot start (nothing is left
     running then). ``subreaper`` makes this process adopt and reap orphaned grandchildren; only
-    the CLI turns it on, since it takes over reaping for the whole process.
+    the CLI turns it on, since it takes over reaping for the whole process. ``state_dir`` holds
+    stack dumps (``dumps/``); by default a new temporary directory, which is kept.
     """
     bus = bus or EventBus()
     async with anyio.create_task_group() as tg:
-        host = Host(tg=tg, bus=bus, guard=guard)
+        state = Path(state_dir) if state_dir is not None else Path(tempfile.mkdtemp(prefix="otp-agents-"))
+        host = Host(tg=tg, bus=bus, guard=guard, state_dir=state)
+        tg.start_soon(host.memory.run, name="memory sampler")
         if on_host is not None:
             on_host(host)
         writer_done = anyio.Event()
@@ -143,7 +149,13 @@ class Outcome:
     message: str
 
 
-async def run(spec: SupervisorSpec, *, events_file: str | None = None, guard: Guard | None = None) -> Outcome:
+async def run(
+    spec: SupervisorSpec,
+    *,
+    events_file: str | None = None,
+    guard: Guard | None = None,
+    state_dir: str | Path | None = None,
+) -> Outcome:
     """Run until the root ends or a stop signal arrives; the CLI's main loop.
 
     Signals are taken from the start: a stop requested while the tree is still starting stops
@@ -158,7 +170,13 @@ async def run(spec: SupervisorSpec, *, events_file: str | None = None, guard: Gu
             tg.start_soon(ctl.serve, signals, tg)
             try:
                 async with running(
-                    spec, events_file=events_file, subreaper=True, bus=bus, guard=guard, on_host=ctl.attach
+                    spec,
+                    events_file=events_file,
+                    subreaper=True,
+                    bus=bus,
+                    guard=guard,
+                    on_host=ctl.attach,
+                    state_dir=state_dir,
                 ) as tree:
                     ctl.root = tree.root
                     if ctl.count:

@@ -63,11 +63,75 @@ class Backoff(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     reset_after: Seconds = 60.0
 
 
+MemoryMetric = Literal["pss", "uss", "rss"]
+Megabytes = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class Health(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
+    """Health-monitor settings. Every field is optional: on a supervisor they are defaults for
+    every process below it, on a child they override what it inherits (see :data:`HEALTH_DEFAULTS`).
+
+    Heartbeats apply to protocol workers; memory, lifetime and dumps to every process child.
+    """
+
+    ping_interval: Seconds | None = None
+    ping_timeout: Seconds | None = None
+    high_ping_threshold: Seconds | None = None
+    memory_interval: Seconds | None = None
+    memory_metric: MemoryMetric | None = None
+    memory_warn_mb: Megabytes | None = None
+    memory_soft_mb: Megabytes | None = None
+    memory_limit_mb: Megabytes | None = None
+    memory_grace: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    dump_timeout: Seconds | None = None
+    # Plain commands only: the signal that makes the program write its stacks (opt-in).
+    dump_signal: str | None = None
+    max_lifetime: Seconds | None = None
+    lifetime_jitter: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+
+
+class HealthSettings(msgspec.Struct, frozen=True):
+    """Fully resolved health settings of one process child (no None except the opt-ins)."""
+
+    ping_interval: float = 2.5
+    ping_timeout: float = 10.0
+    high_ping_threshold: float = 0.5
+    memory_interval: float = 1.0
+    memory_metric: MemoryMetric = "pss"
+    memory_warn_mb: float | None = None
+    memory_soft_mb: float | None = None
+    memory_limit_mb: float | None = None
+    memory_grace: int = 3
+    dump_timeout: float = 1.0
+    dump_signal: str | None = None
+    max_lifetime: float | None = None
+    lifetime_jitter: float = 0.1
+
+    @property
+    def watches_memory(self) -> bool:
+        return any(v is not None for v in (self.memory_warn_mb, self.memory_soft_mb, self.memory_limit_mb))
+
+
+HEALTH_DEFAULTS = HealthSettings()
+
+
+def resolve_health(base: HealthSettings, override: Health | None) -> HealthSettings:
+    """``base`` with every field that ``override`` sets replaced."""
+    if override is None:
+        return base
+    changes = {
+        f: getattr(override, f) for f in override.__struct_fields__ if getattr(override, f) is not None
+    }
+    return msgspec.structs.replace(base, **changes) if changes else base
+
+
 class _ChildBase(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     id: ChildId
     restart: RestartType = RestartType.PERMANENT
     significant: bool = False
     backoff: Backoff | None = None
+    # As written in the tree file; config.py resolves inheritance into ``settings``.
+    health: Health | None = None
 
 
 class _ProcessBase(_ChildBase, kw_only=True, frozen=True):
@@ -79,6 +143,8 @@ class _ProcessBase(_ChildBase, kw_only=True, frozen=True):
     shutdown: Shutdown = 5.0
     # Signal sent first when the supervisor stops the child (SIGKILL follows after ``shutdown``).
     stop_signal: str = "SIGTERM"
+    # Resolved by config.py from the supervisors' and the child's ``health`` tables.
+    settings: HealthSettings = HEALTH_DEFAULTS
 
 
 class CommandSpec(_ProcessBase, kw_only=True, frozen=True, tag_field="kind", tag="command"):

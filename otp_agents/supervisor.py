@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import anyio
 import msgspec
 
-from . import rules
+from . import health, rules
 from .events import Kind
 from .process import ChildProcess, Host, StartAborted, StartError, spawn
 from .rules import Decision, GiveUp, GiveUpReason, Nothing, Restart, Status
@@ -372,6 +372,9 @@ class Supervisor:
         slot.instance = None
         ex = self._exit_of(instance)
         self._emit_exit(slot, instance, ex)
+        if isinstance(instance, ChildProcess) and instance.recycle is not None and ex.normal:
+            await self._recycled(slot, instance.recycle)
+            return
         decision = rules.child_exited(self.state, slot_id, ex.normal, time.monotonic())
         self._drop_removed()
         await self._apply(decision, cause=(slot.path, ex.describe()), crashed=slot)
@@ -443,6 +446,14 @@ class Supervisor:
                 return
             slot.restarts += 1
 
+    async def _recycled(self, slot: Slot, why: str) -> None:
+        """The child drained and ended as asked: start it again (no intensity, no siblings)."""
+        again = rules.child_recycled(self.state, slot.id)
+        self.host.bus.emit(Kind.RECYCLED, slot.path, reason=why, detail="restart" if again else "removed")
+        self._drop_removed()
+        if again:
+            await self._start_ids(slot.id, (slot.id,))
+
     async def _timer(self, delay: float, msg: Msg) -> None:
         await anyio.sleep(delay)
         self._post(msg)
@@ -471,6 +482,7 @@ class Supervisor:
                 proc = await spawn(slot.path, spec, self.host, self._child_proc_down(slot.id))
                 slot.instance = proc
                 self.host.bus.emit(Kind.CHILD_STARTED, slot.path, pid=proc.pid)
+                self.host.tg.start_soon(health.watch, proc, self.host, name=f"health {slot.path}")
                 # If it already died, its watcher has queued a ChildDown for this very instance.
         except StartError as exc:
             if not isinstance(exc, StartAborted):

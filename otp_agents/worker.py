@@ -23,6 +23,7 @@ leaves through its normal, orderly exit path. Everything is closed inside the ev
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
@@ -30,12 +31,28 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 
+from . import stacks
 from .channel import Channel, ChannelClosed
-from .messages import SUPPORTED_VERSIONS, Bye, Hello, Log, Ping, Pong, Reject, Shutdown, Welcome
-from .process import ENV_BACKEND, ENV_FD, ENV_PATH
+from .messages import (
+    MAX_DUMP_TEXT,
+    SUPPORTED_VERSIONS,
+    Bye,
+    Drain,
+    Dump,
+    DumpRequest,
+    Hello,
+    Log,
+    Ping,
+    Pong,
+    Reject,
+    Shutdown,
+    Welcome,
+)
+from .process import DUMP_SIGNAL, ENV_BACKEND, ENV_DUMP_FILE, ENV_FD, ENV_PATH
 from .wire import FrameError
 
 log = logging.getLogger("otp_agents.worker")
@@ -58,6 +75,7 @@ class Worker:
         self._channel = channel
         self._stop = anyio.Event()
         self._ready_sent = False
+        self.draining = False  # the supervisor asked us to finish current work and exit
         self.shutdown_timeout: float | None = None
         self._timeout_known = anyio.Event()
         self.stop_reason: str | None = None
@@ -102,6 +120,7 @@ def run(main: Main, args: list[str] | None = None) -> None:
     if ENV_FD not in os.environ:
         sys.stderr.write("otp-agents worker: no supervisor channel (OTP_AGENTS_FD is not set)\n")
         sys.exit(EXIT_NO_SUPERVISOR)
+    _register_signal_dump()
     code = anyio.run(_serve, main, list(sys.argv[1:] if args is None else args), backend=backend)
     sys.exit(code)
 
@@ -131,8 +150,10 @@ async def _serve(main: Main, args: list[str]) -> int:
 
 async def _supervised(main: Main, worker: Worker, channel: Channel) -> int:
     code = EXIT_OK
+    lag = _LoopLag()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_serve_channel, worker, channel)
+        tg.start_soon(_serve_channel, worker, channel, lag)
+        tg.start_soon(lag.run)
         tg.start_soon(_serve_signals, worker)
         main_scope = anyio.CancelScope()
         tg.start_soon(_enforce_deadline, worker, main_scope)
@@ -152,19 +173,65 @@ async def _supervised(main: Main, worker: Worker, channel: Channel) -> int:
     return code
 
 
-async def _serve_channel(worker: Worker, channel: Channel) -> None:
-    """Answer pings and take shutdown requests, from this event loop."""
+async def _serve_channel(worker: Worker, channel: Channel, lag: _LoopLag) -> None:
+    """Answer pings and dump requests, take drain and shutdown requests: all from this loop,
+    so a blocked loop shows up as missing pongs."""
     try:
         while True:
             msg = await channel.receive()
             if isinstance(msg, Ping):
-                await channel.send(Pong(seq=msg.seq, sent_ns=msg.sent_ns))
+                await channel.send(Pong(seq=msg.seq, sent_ns=msg.sent_ns, loop_lag_ms=lag.take()))
+            elif isinstance(msg, DumpRequest):
+                text = stacks.render()[:MAX_DUMP_TEXT]
+                await channel.send(Dump(id=msg.id, text=text))
+            elif isinstance(msg, Drain):
+                worker.draining = True
+                worker.request_stop(f"drain: {msg.reason}")
             elif isinstance(msg, Shutdown):
                 worker.request_stop(msg.reason, msg.timeout or None)
     except (ChannelClosed, FrameError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
         # The supervisor is gone (or spoke garbage): finish up. PR_SET_PDEATHSIG covers the case
         # where this loop cannot run at all.
         worker.request_stop("supervisor lost", 1.0)
+
+
+class _LoopLag:
+    """How late the event loop wakes up: the largest overshoot of a short sleep since the last
+    pong, in milliseconds."""
+
+    INTERVAL = 0.25
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+
+    def take(self) -> float:
+        worst, self.worst = self.worst, 0.0
+        return round(worst, 3)
+
+    async def run(self) -> None:
+        while True:
+            start = time.monotonic()
+            await anyio.sleep(self.INTERVAL)
+            late = (time.monotonic() - start - self.INTERVAL) * 1000
+            self.worst = max(self.worst, late)
+
+
+def _register_signal_dump() -> None:
+    """Let the supervisor get our stacks even when this loop is stuck or C code holds the GIL:
+    faulthandler writes them from a C-level signal handler into the file the supervisor named."""
+    path = os.environ.get(ENV_DUMP_FILE)
+    if not path:
+        return
+    try:
+        out = open(path, "ab", buffering=0)  # noqa: SIM115 - must stay open for the process' life
+    except OSError as exc:
+        sys.stderr.write(f"otp-agents worker: cannot open dump file {path}: {exc}\n")
+        return
+    faulthandler.register(DUMP_SIGNAL, file=out, all_threads=True, chain=False)
+    _keep_open.append(out)
+
+
+_keep_open: list[Any] = []
 
 
 async def _serve_signals(worker: Worker) -> None:
