@@ -51,9 +51,31 @@ def _asyncio_tasks() -> str:
     out = []
     for task in asyncio.all_tasks():
         out.append(f"Task {task.get_name()} (most recent call last):")
-        frames = task.get_stack()
+        frames = _await_chain(task.get_coro())
         out.append(_format_frames(frames) or "  <no Python frames: not started or done>")
     return "\n".join(out)
+
+
+def _await_chain(coro: Any) -> list[FrameType]:
+    """The frames of a suspended coroutine and of everything it awaits, outermost first."""
+    frames: list[FrameType] = []
+    seen = 0
+    while coro is not None and seen < 256:
+        seen += 1
+        frame = (
+            getattr(coro, "cr_frame", None)
+            or getattr(coro, "gi_frame", None)
+            or getattr(coro, "ag_frame", None)
+        )
+        if frame is None:
+            break
+        frames.append(frame)
+        coro = (
+            getattr(coro, "cr_await", None)
+            or getattr(coro, "gi_yieldfrom", None)
+            or getattr(coro, "ag_await", None)
+        )
+    return frames
 
 
 def _trio_tasks() -> str:
@@ -63,14 +85,7 @@ def _trio_tasks() -> str:
 
     def walk(task: Any, depth: int) -> None:
         out.append(f"{'  ' * depth}Task {task.name} (most recent call last):")
-        frames: list[FrameType] = []
-        coro = task.coro
-        while coro is not None:
-            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
-            if frame is None:
-                break
-            frames.append(frame)
-            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        frames = _await_chain(task.coro)
         out.append(_format_frames(frames, indent="  " * (depth + 1)) or f"{'  ' * (depth + 1)}<no frames>")
         for nursery in task.child_nurseries:
             for child in nursery.child_tasks:

@@ -102,3 +102,72 @@ async def chatty_start(worker: Worker) -> None:
     await worker.log("loading")
     await worker.ready()
     await worker.wait_stopping()
+
+
+# -- health pathologies ---------------------------------------------------------------------------
+
+
+def busy_in_blocking_call() -> None:
+    time.sleep(3600)  # the whole event loop stops here
+
+
+async def blocks_loop(worker: Worker) -> None:
+    """Ready, then blocks its event loop in a plain blocking call (no await)."""
+    await worker.ready()
+    await anyio.sleep(0.3)
+    busy_in_blocking_call()
+
+
+def crunch_numbers() -> int:
+    return sum(range(10**14))  # one long C call that holds the GIL
+
+
+async def gil_hog(worker: Worker) -> None:
+    """Ready, then a C call that holds the GIL for a very long time."""
+    await worker.ready()
+    await anyio.sleep(0.3)
+    crunch_numbers()
+
+
+_hoard: list[bytes] = []
+
+
+async def leaker(worker: Worker) -> None:
+    """Ready, then grows by the first arg's MB (default 20) every 0.1 s, up to the second arg's
+    MB (default 2000). Honours a drain request unless the third arg is "ignore"."""
+    step = int(float(worker.args[0]) if worker.args else 20) * 1024 * 1024
+    cap = float(worker.args[1]) if len(worker.args) > 1 else 2000.0
+    ignore = len(worker.args) > 2 and worker.args[2] == "ignore"
+    await worker.ready()
+    while ignore or not worker.stopping:
+        if len(_hoard) * step < cap * 1024 * 1024:
+            _hoard.append(os.urandom(1) * step)  # touched pages: real resident memory
+        with anyio.move_on_after(0.1):
+            await (anyio.sleep(3600) if ignore else worker.wait_stopping())
+
+
+GRANDCHILD_LEAK = """
+import sys, time
+step = int(float(sys.argv[1])) * 1024 * 1024
+hoard = []
+while len(hoard) < 200:
+    hoard.append(b"x" * step)
+    time.sleep(0.1)
+time.sleep(3600)
+"""
+
+
+async def grandchild_leaker(worker: Worker) -> None:
+    """Stays small itself; its own child process grows by the first arg's MB every 0.1 s."""
+    step = worker.args[0] if worker.args else "20"
+    async with await anyio.open_process([sys.executable, "-c", GRANDCHILD_LEAK, step]) as child:
+        await worker.ready()
+        await worker.wait_stopping()
+        child.terminate()
+
+
+async def drains_slowly(worker: Worker) -> None:
+    """Ready; on a stop or drain request finishes "current work" (the first arg's seconds)."""
+    await worker.ready()
+    await worker.wait_stopping()
+    await anyio.sleep(float(worker.args[0]) if worker.args else 0.2)
