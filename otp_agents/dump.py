@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +40,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("otp_agents")
 
-_PYSPY = shutil.which("py-spy")
+
+def _find_pyspy() -> str | None:
+    """py-spy on PATH, or installed beside this interpreter (a virtualenv not on PATH)."""
+    found = shutil.which("py-spy")
+    if found is None:
+        beside = Path(sys.executable).parent / "py-spy"
+        found = str(beside) if beside.is_file() and os.access(beside, os.X_OK) else None
+    return found
+
+
+_PYSPY = _find_pyspy()
 _POLL = 0.01
 
 

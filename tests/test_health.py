@@ -7,8 +7,10 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
+from otp_agents import dump
 from otp_agents.events import Event, Kind
 
 from .helpers import ROOT, Recorder, settle, tree_of, worker
@@ -92,8 +94,14 @@ async def test_stopped_worker_is_a_hang_and_sigkill_still_works() -> None:
         await rec.wait_kind(Kind.HANG, "root/w")
         await restarted(rec, "root/w")
     assert "state T" in (rec.of(Kind.HANG, "root/w")[0].detail or "")
-    _, text = dump_text(rec, "root/w")
+    taken, text = dump_text(rec, "root/w")
     assert "process state: T (stopped)" in text
+    # a stopped process runs no handler: neither the channel nor the signal route can answer;
+    # py-spy reads its memory from outside when it is installed
+    if dump._PYSPY is not None:
+        assert taken.detail == "py-spy" and "Thread" in text
+    else:
+        assert taken.detail == "none"
     assert rec.of(Kind.CHILD_EXITED, "root/w")[0].signal == "SIGKILL"
 
 
@@ -267,3 +275,31 @@ async def test_health_settings_are_inherited_from_the_supervisor() -> None:
     async with tree_of(config) as (_tree, rec):
         hang = await rec.wait_kind(Kind.HANG, "root/sub/w")
         assert hang.threshold == 1.0
+
+
+PLAIN_PY = """
+import faulthandler, os, signal, sys, time
+if len(sys.argv) > 1 and sys.argv[1] == "opt-in":
+    out = open(os.environ["OTP_AGENTS_DUMP_FILE"], "ab")
+    faulthandler.register(signal.SIGUSR1, file=out, all_threads=True)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def plain_command_busy():
+    time.sleep(3600)
+plain_command_busy()
+"""
+
+
+@pytest.mark.parametrize("mode", ["opt-in", "py-spy"])
+async def test_plain_command_dump_routes(mode: str) -> None:
+    if mode == "py-spy" and dump._PYSPY is None:
+        pytest.skip("py-spy is not installed")
+    health = {"dump_timeout": 1.0, **({"dump_signal": "SIGUSR1"} if mode == "opt-in" else {})}
+    import sys
+
+    child = {"id": "p", "command": [sys.executable, "-c", PLAIN_PY, mode], "shutdown": 0.5, "health": health}
+    async with tree_of({"children": [child]}) as (_tree, rec):
+        await anyio.sleep(0.5)  # let it install its handlers
+    taken, text = dump_text(rec, "root/p")
+    assert taken.reason == "shutdown_timeout"
+    assert taken.detail == ("signal" if mode == "opt-in" else "py-spy")
+    assert "plain_command_busy" in text
