@@ -14,7 +14,7 @@ import click
 from . import guard
 from .config import ConfigError, load_file
 from .runtime import EXIT_CONFIG, run
-from .spec import ChildSpec, CommandSpec, SupervisorSpec, WorkerSpec
+from .spec import HEALTH_DEFAULTS, ChildSpec, CommandSpec, SupervisorSpec, WorkerSpec
 
 DEFAULT_TREE = "supervisors/default.toml"
 
@@ -120,6 +120,18 @@ def _common(child: ChildSpec) -> str:
         text += " significant"
     if child.backoff is not None:
         text += f" backoff={child.backoff.initial:g}..{child.backoff.max:g}s"
+    if isinstance(child, CommandSpec | WorkerSpec):
+        changed = {
+            name: getattr(child.settings, name)
+            for name in child.settings.__struct_fields__
+            if getattr(child.settings, name) != getattr(HEALTH_DEFAULTS, name)
+        }
+        if changed:
+            text += (
+                " health("
+                + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in changed.items())
+                + ")"
+            )
     return text
 
 
