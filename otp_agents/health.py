@@ -58,10 +58,11 @@ async def _heartbeat(proc: ChildProcess, host: Host) -> None:
     s = proc.spec.settings
     channel = proc.channel
     assert channel is not None
-    await anyio.sleep(random.uniform(0, s.ping_interval))  # spread a fleet's pings
+    next_ping = time.monotonic() + random.uniform(0, s.ping_interval)  # spread a fleet's pings
     seq = 0
     while proc.exit is None:
-        silent = time.monotonic() - proc.last_pong
+        now = time.monotonic()
+        silent = now - proc.last_pong
         if silent >= s.ping_timeout:
             host.bus.emit(
                 Kind.HANG,
@@ -73,13 +74,17 @@ async def _heartbeat(proc: ChildProcess, host: Host) -> None:
             )
             await kill_for(proc, host, "hang")
             return
-        seq += 1
-        try:
-            with anyio.move_on_after(s.ping_interval):
-                await channel.send(Ping(seq=seq, sent_ns=time.monotonic_ns()))
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            return  # the process is going away; its exit says how
-        await anyio.sleep(s.ping_interval)
+        if now >= next_ping:
+            seq += 1
+            next_ping = max(next_ping + s.ping_interval, now)
+            try:
+                with anyio.move_on_after(s.ping_interval):
+                    await channel.send(Ping(seq=seq, sent_ns=time.monotonic_ns()))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                return  # the process is going away; its exit says how
+        # Wake for the next ping, or exactly when the silence would reach ping_timeout.
+        wake = min(next_ping, proc.last_pong + s.ping_timeout)
+        await anyio.sleep(max(0.0, wake - time.monotonic()))
 
 
 def on_pong(proc: ChildProcess, pong: Pong, host: Host) -> None:
