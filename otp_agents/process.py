@@ -214,7 +214,10 @@ class ChildProcess:
             os.kill(self.pid, sig)
 
     def polite_signal(self) -> None:
-        """The child spec's ``stop_signal`` to the whole group (a plain command's drain)."""
+        """The child spec's ``stop_signal`` to the whole group (a plain command's drain).
+
+        The supervisor asked for this exit, so however the command ends it is not a crash."""
+        self._requested = True
         self._signal_group(linux.parse_signal(self.spec.stop_signal))
 
     async def request_dump(self, limit: float) -> str | None:

@@ -303,3 +303,17 @@ async def test_plain_command_dump_routes(mode: str) -> None:
     assert taken.reason == "shutdown_timeout"
     assert taken.detail == ("signal" if mode == "opt-in" else "py-spy")
     assert "plain_command_busy" in text
+
+
+async def test_plain_command_over_the_soft_limit_is_stopped_and_recycled() -> None:
+    import sys
+
+    grow = "import time\nhoard = []\nwhile True:\n    hoard.append(b'x' * 20_000_000)\n    time.sleep(0.1)\n"
+    health = {**MEM, "memory_soft_mb": 100}
+    child = {"id": "c", "command": [sys.executable, "-c", grow], "health": health}
+    async with tree_of({"intensity": 0, "children": [child]}) as (tree, rec):
+        await rec.wait_kind(Kind.RECYCLED, "root/c")
+        await restarted(rec, "root/c")
+        assert not tree.root.finished.is_set()
+    exited = rec.of(Kind.CHILD_EXITED, "root/c")[0]
+    assert exited.signal == "SIGTERM" and exited.reason == "normal"  # asked for: not a crash
