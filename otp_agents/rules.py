@@ -48,6 +48,10 @@ class ChildRec:
     restart: RestartType
     significant: bool = False
     status: Status = Status.STOPPED
+    # An operator stopped it (terminate): no automation starts it again, not even a sibling's
+    # one_for_all/rest_for_one restart, until an operator starts it. (OTP would restart it with
+    # its siblings; operators of process fleets expect their stop to stick.)
+    held: bool = False
 
 
 @dataclass
@@ -210,7 +214,9 @@ def _restart(state: SupState, rec: ChildRec, now: float) -> Decision:
         affected = state.children
     others = [c for c in affected if c is not rec]
     terminate = tuple(c.id for c in reversed(others) if c.status is Status.RUNNING)
-    start = tuple(c.id for c in affected if c is rec or c.restart is not RestartType.TEMPORARY)
+    start = tuple(
+        c.id for c in affected if c is rec or (c.restart is not RestartType.TEMPORARY and not c.held)
+    )
     return Restart(rec.id, terminate=terminate, start=start)
 
 

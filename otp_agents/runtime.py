@@ -20,6 +20,7 @@ import anyio
 import anyio.abc
 
 from . import linux
+from .control import ControlServer, socket_path
 from .events import EventBus, Kind, log_event, write_jsonl
 from .guard import Guard
 from .process import Host, StartAborted, StartError
@@ -181,6 +182,13 @@ async def run(
                     ctl.root = tree.root
                     if ctl.count:
                         tg.start_soon(tree.root.stop)
+                    root = tree.root
+
+                    def stop_requested() -> None:
+                        tg.start_soon(root.stop)
+
+                    control = ControlServer(tree, socket_path(tree.host.state_dir), stop_requested)
+                    tg.start_soon(control.serve, name="control socket")
                     await tree.root.finished.wait()
                     ex = tree.root.exit
                 assert ex is not None

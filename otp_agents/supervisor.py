@@ -160,7 +160,7 @@ class ChildInfo:
     id: str
     path: str
     kind: str  # worker | command | supervisor
-    status: str  # running | stopped | restarting
+    status: str  # running | stopped | restarting | held (stopped by an operator)
     pid: int | None
     restarts: int
     started_at: float | None
@@ -280,6 +280,10 @@ class Supervisor:
         """Start a stopped child again (OTP's restart_child)."""
         await self._call(lambda: self._restart_child(child_id))
 
+    async def operator_restart(self, child_id: str) -> None:
+        """Stop a child and start it again (``otp-agents restart``)."""
+        await self._call(lambda: self._operator_restart(child_id))
+
     def which_children(self) -> list[ChildInfo]:
         """Answered from current state, without waiting for the mailbox."""
         out = []
@@ -292,7 +296,7 @@ class Supervisor:
                     id=rec.id,
                     path=slot.path,
                     kind=str(kind),
-                    status=rec.status.value,
+                    status="held" if rec.held and rec.status is not Status.RUNNING else rec.status.value,
                     pid=inst.pid if isinstance(inst, ChildProcess) else None,
                     restarts=slot.restarts,
                     started_at=slot.started_at if inst is not None else None,
@@ -565,9 +569,13 @@ class Supervisor:
         return slot.path
 
     async def _terminate_child(self, child_id: str) -> None:
-        if child_id not in self.slots:
+        rec = self.state.find(child_id)
+        if rec is None:
             raise ChildNotFound(f"{self.path}/{child_id}")
+        rec.held = True  # the operator's stop sticks (see rules.ChildRec.held)
         await self._terminate_slot(child_id)
+        if rec.status is Status.RESTARTING:
+            rec.status = Status.STOPPED
 
     async def _restart_child(self, child_id: str) -> None:
         rec = self.state.find(child_id)
@@ -577,6 +585,21 @@ class Supervisor:
             raise Refused(f"{self.path}/{child_id} is running")
         if rec.status is Status.RESTARTING:
             raise Refused(f"{self.path}/{child_id} is restarting")
+        rec.held = False
+        await self._start_slot(self.slots[child_id])
+
+    async def _operator_restart(self, child_id: str) -> None:
+        """Stop the child and start it again now, as the operator asked: not a crash, no
+        intensity, siblings untouched."""
+        rec = self.state.find(child_id)
+        if rec is None:
+            raise ChildNotFound(f"{self.path}/{child_id}")
+        await self._terminate_slot(child_id)
+        rec = self.state.find(child_id)
+        if rec is None:  # a temporary child leaves when stopped
+            raise Refused(f"{self.path}/{child_id} is temporary: stopped, not restarted")
+        rec.held = False
+        rec.status = Status.STOPPED
         await self._start_slot(self.slots[child_id])
 
     # -- helpers -------------------------------------------------------------------------------

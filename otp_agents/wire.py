@@ -8,6 +8,7 @@ channel (``channel.py``) and the worker library both use it.
 from __future__ import annotations
 
 import struct
+from typing import Any, Generic, TypeVar, overload
 
 import msgspec
 
@@ -30,7 +31,7 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
 
 
-def encode(msg: Message) -> bytes:
+def encode(msg: msgspec.Struct) -> bytes:
     """One complete frame (header + body)."""
     buf = bytearray(HEADER_SIZE)
     _encoder.encode_into(msg, buf, HEADER_SIZE)
@@ -38,10 +39,12 @@ def encode(msg: Message) -> bytes:
     return bytes(buf)
 
 
-def decode_body(body: bytes | bytearray | memoryview) -> Message:
+def decode_body(
+    body: bytes | bytearray | memoryview, decoder: msgspec.msgpack.Decoder[Any] = _decoder
+) -> Any:
     """Decode one frame body, mapping every failure to a ``malformed`` :class:`FrameError`."""
     try:
-        return _decoder.decode(body)
+        return decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise FrameError("malformed", _describe(body, str(exc))) from None
     except msgspec.DecodeError as exc:
@@ -62,21 +65,37 @@ def _describe(body: bytes | bytearray | memoryview, problem: str) -> str:
     return f"{problem} (frame type {tag!r})" if isinstance(tag, str) else problem
 
 
-class FrameDecoder:
-    """Incremental decoder. Feed it bytes in any chunking; it returns whole messages."""
+M = TypeVar("M")
 
-    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+
+class FrameDecoder(Generic[M]):
+    """Incremental decoder. Feed it bytes in any chunking; it returns whole messages.
+
+    By default it decodes the worker protocol's :data:`Message`; the control socket passes its
+    own ``decoder`` for its own message types (same framing).
+    """
+
+    @overload
+    def __init__(self: FrameDecoder[Message], max_frame: int = MAX_FRAME) -> None: ...
+
+    @overload
+    def __init__(self, max_frame: int = MAX_FRAME, *, decoder: msgspec.msgpack.Decoder[M]) -> None: ...
+
+    def __init__(
+        self, max_frame: int = MAX_FRAME, *, decoder: msgspec.msgpack.Decoder[Any] | None = None
+    ) -> None:
         self.max_frame = max_frame
+        self._decoder = decoder if decoder is not None else _decoder
         self._buf = bytearray()
         self._error: FrameError | None = None
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[M]:
         """Messages completed by ``data``. A bad frame raises :class:`FrameError`; if good
         frames preceded it in the same chunk they are returned first and the error is raised
         by the next call (so a Ready followed by garbage still counts as Ready)."""
         self.check()
         self._buf += data
-        out: list[Message] = []
+        out: list[M] = []
         buf = self._buf
         pos = 0
         try:
@@ -89,7 +108,7 @@ class FrameDecoder:
                 end = pos + HEADER_SIZE + size
                 if len(buf) < end:
                     break
-                out.append(decode_body(buf[pos + HEADER_SIZE : end]))
+                out.append(decode_body(buf[pos + HEADER_SIZE : end], self._decoder))
                 pos = end
         except FrameError as exc:
             self._error = exc

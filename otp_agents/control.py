@@ -1,0 +1,266 @@
+"""The control socket: a Unix socket in the state dir through which the CLI drives a running tree.
+
+Only the operations defined here exist; nothing executes arbitrary commands. The socket is
+created with mode 0600 and every connection's peer credentials (``SO_PEERCRED``) are checked:
+the same uid as the supervisor, or root. Requests and replies use the worker protocol's framing
+(4-byte length + MessagePack), with their own two message types.
+
+Read-only requests (``status``) are answered from the tree's current state and never wait for a
+supervisor's mailbox, so they are answered during restart storms. Requests that change the tree
+go through the target supervisor's mailbox like any other message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+import msgspec
+
+from . import wire
+from .events import Event
+from .memory import MB, rss_bytes, tree_pids
+from .process import ChildProcess, StartError
+from .supervisor import ChildNotFound, Refused, Supervisor
+
+if TYPE_CHECKING:
+    from .runtime import Tree
+
+log = logging.getLogger("otp_agents")
+
+SOCKET_NAME = "control.sock"
+OPS = ("status", "restart", "terminate", "start", "start-child", "dump", "stop", "events")
+
+
+class Request(msgspec.Struct, tag_field="type", tag="request", forbid_unknown_fields=True):
+    op: str
+    path: str = ""
+    args: list[str] = []
+    kinds: list[str] = []  # events: only these kinds (empty: all)
+
+
+class Reply(msgspec.Struct, tag_field="type", tag="reply", omit_defaults=True):
+    ok: bool
+    code: str = "ok"  # ok | not_found | refused | error | denied
+    message: str = ""
+    data: Any = None
+    more: bool = False  # events: further replies follow
+
+
+ControlMessage = Request | Reply
+_decoder: msgspec.msgpack.Decoder[ControlMessage] = msgspec.msgpack.Decoder(ControlMessage)
+MAX_CONTROL_FRAME = 4 << 20
+
+
+def socket_path(state_dir: str | Path) -> Path:
+    return Path(state_dir) / SOCKET_NAME
+
+
+def peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+class ControlServer:
+    def __init__(self, tree: Tree, path: Path, on_stop: Callable[[], None]) -> None:
+        self.tree = tree
+        self.path = path
+        self.on_stop = on_stop
+        self.uid = os.getuid()
+
+    async def serve(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # a stale socket from a previous run
+        old = os.umask(0o177)
+        try:
+            listener = await anyio.create_unix_listener(self.path)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        try:
+            async with listener:
+                await listener.serve(self._connection)
+        finally:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+    async def _connection(self, stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+            uid = peer_uid(raw)
+            if uid not in (self.uid, 0):
+                await stream.send(
+                    wire.encode(
+                        Reply(ok=False, code="denied", message=f"uid {uid} may not control this tree")
+                    )
+                )
+                return
+            decoder = wire.FrameDecoder(MAX_CONTROL_FRAME, decoder=_decoder)
+            try:
+                while True:
+                    data = await stream.receive()
+                    for msg in decoder.feed(data):
+                        if not isinstance(msg, Request):
+                            raise wire.FrameError("malformed", "expected a request")
+                        await self._handle(msg, stream)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return
+            except wire.FrameError as exc:
+                with contextlib.suppress(Exception):
+                    await stream.send(
+                        wire.encode(Reply(ok=False, code="error", message=f"bad request: {exc}"))
+                    )
+
+    async def _handle(self, req: Request, stream: anyio.abc.SocketStream) -> None:
+        if req.op == "events":
+            await self._events(req, stream)
+            return
+        try:
+            reply = await self._dispatch(req)
+        except ChildNotFound as exc:
+            reply = Reply(ok=False, code="not_found", message=f"no such child: {exc}")
+        except (Refused, StartError) as exc:
+            reply = Reply(ok=False, code="refused", message=str(exc))
+        await stream.send(wire.encode(reply))
+
+    async def _dispatch(self, req: Request) -> Reply:
+        tree = self.tree
+        if req.op == "status":
+            return Reply(ok=True, data=status(tree))
+        if req.op == "stop":
+            self.on_stop()
+            return Reply(ok=True, message=f"{tree.root.path}: stopping in reverse start order")
+        if req.op == "start-child":
+            child = await tree.supervisor(req.path).start_child(req.args)
+            return Reply(ok=True, message=f"started {child}", data={"path": child})
+        if req.op in ("restart", "terminate", "start", "dump"):
+            parent, _, child_id = req.path.rpartition("/")
+            sup = tree.supervisor(parent) if parent else None
+            if sup is None or child_id not in sup.slots:
+                raise ChildNotFound(req.path)
+            if req.op == "restart":
+                await sup.operator_restart(child_id)
+                return Reply(ok=True, message=f"restarted {req.path}")
+            if req.op == "terminate":
+                await sup.terminate_child(child_id)
+                return Reply(ok=True, message=f"terminated {req.path}; it stays down until `start`")
+            if req.op == "start":
+                await sup.restart_child(child_id)
+                return Reply(ok=True, message=f"started {req.path}")
+            inst = sup.slots[child_id].instance
+            if not isinstance(inst, ChildProcess):
+                raise Refused(f"{req.path} is not a running process")
+            dump = await tree.host.dumper.take(inst, "operator")
+            if dump is None:
+                raise Refused(f"{req.path}: the dump could not be written")
+            return Reply(ok=True, message=str(dump), data={"file": str(dump), "text": dump.read_text()})
+        return Reply(
+            ok=False, code="refused", message=f"unknown operation {req.op!r} (known: {', '.join(OPS)})"
+        )
+
+    async def _events(self, req: Request, stream: anyio.abc.SocketStream) -> None:
+        sub = self.tree.bus.subscribe(maxlen=10_000)
+        kinds = set(req.kinds)
+        prefix = req.path
+        try:
+            while True:
+                batch = await sub.batch()
+                if not batch:
+                    break
+                rows = [
+                    msgspec.to_builtins(e)
+                    for e in batch
+                    if (not kinds or e.kind.value in kinds) and _under(e, prefix)
+                ]
+                if rows:
+                    await stream.send(wire.encode(Reply(ok=True, data=rows, more=True)))
+        finally:
+            sub.close()
+
+
+def _under(event: Event, prefix: str) -> bool:
+    return not prefix or event.path == prefix or event.path.startswith(prefix + "/")
+
+
+def status(tree: Tree) -> dict[str, Any]:
+    """The whole tree as plain data (what ``otp-agents status`` shows)."""
+    now = time.monotonic()
+
+    def sup_row(sup: Supervisor) -> dict[str, Any]:
+        children = []
+        for info in sup.which_children():
+            slot = sup.slots[info.id]
+            row: dict[str, Any] = {
+                "id": info.id,
+                "path": info.path,
+                "kind": info.kind,
+                "status": info.status,
+                "pid": info.pid,
+                "uptime": round(now - info.started_at, 3) if info.started_at else None,
+                "restarts": info.restarts,
+            }
+            inst = slot.instance
+            if isinstance(inst, ChildProcess):
+                watched = tree.host.memory.last_mb(inst)
+                mb = watched if watched is not None else sum(rss_bytes(p) for p in tree_pids(inst.pid)) / MB
+                row["memory_mb"] = round(mb, 1)
+                row["rtt_ms"] = round(inst.rtt * 1000, 3) if inst.rtt is not None else None
+            if isinstance(inst, Supervisor):
+                row["children"] = sup_row(inst)["children"]
+                row["strategy"] = inst.spec.strategy.value
+            children.append(row)
+        return {"path": sup.path, "strategy": sup.spec.strategy.value, "children": children}
+
+    root = sup_row(tree.root)
+    root["pid"] = os.getpid()
+    root["uptime"] = round(now - tree.root.started_at, 3)
+    return root
+
+
+# -- client ------------------------------------------------------------------------------------
+
+
+class NotRunning(Exception):
+    """No supervisor answers on the control socket."""
+
+
+def request(path: Path, req: Request, timeout: float = 30.0) -> list[Reply]:
+    """Blocking client (the CLI): send one request, collect the reply (or replies, for events)."""
+    replies: list[Reply] = []
+    for reply in stream_requests(path, req, timeout):
+        replies.append(reply)
+    return replies
+
+
+def stream_requests(path: Path, req: Request, timeout: float | None = 30.0) -> Any:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        sock.close()
+        raise NotRunning(f"no supervisor is running with control socket {path} ({exc.strerror})") from None
+    decoder = wire.FrameDecoder(MAX_CONTROL_FRAME, decoder=_decoder)
+    try:
+        sock.sendall(wire.encode(req))
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return
+            for msg in decoder.feed(data):
+                if isinstance(msg, Reply):
+                    yield msg
+                    if not msg.more:
+                        return
+    finally:
+        sock.close()

@@ -1,0 +1,243 @@
+"""The operator plane: the real CLI against a running tree, over the control socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .helpers import FAULTY, ROOT, WAIT, alive
+
+CLI = [sys.executable, "-m", "otp_agents.cli"]
+
+TREE = f"""
+intensity = 50
+period = 10
+
+[[children]]
+id = "w"
+module = "workers.chaos:steady"
+
+[[children]]
+id = "group"
+strategy = "one_for_all"
+intensity = 100
+period = 10
+  [[children.children]]
+  id = "a"
+  command = ["{FAULTY[0]}"]
+  [[children.children]]
+  id = "b"
+  command = ["{FAULTY[0]}"]
+  [[children.children]]
+  id = "c"
+  command = ["{FAULTY[0]}"]
+
+[[children]]
+id = "pool"
+strategy = "simple_one_for_one"
+  [[children.children]]
+  id = "leaf"
+  command = ["{FAULTY[0]}"]
+  restart = "temporary"
+"""
+
+
+def cli(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args, "--state-dir", str(state)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+
+
+def status(state: Path) -> dict[str, Any]:
+    out = cli(state, "status", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)["data"]
+    assert isinstance(data, dict)
+    return data
+
+
+def flat(node: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    for c in node["children"]:
+        rows[c["path"]] = c
+        if "children" in c:
+            rows.update(flat(c))
+    return rows
+
+
+def wait_until(fn: Any) -> Any:
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def running_tree(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    tree = tmp_path / "tree.toml"
+    tree.write_text(TREE)
+    state = tmp_path / "state"
+    proc = subprocess.Popen(
+        [*CLI, "run", str(tree), "--backend", request.param, "--state-dir", str(state)],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_until(lambda: (state / "control.sock").exists() and cli(state, "status").returncode == 0)
+        yield state
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=WAIT)
+
+
+def test_status_shows_the_tree(running_tree: Path) -> None:
+    rows = flat(status(running_tree))
+    assert list(rows) == ["root/w", "root/group", "root/group/a", "root/group/b", "root/group/c", "root/pool"]
+    assert rows["root/w"]["status"] == "running" and rows["root/w"]["kind"] == "worker"
+    assert rows["root/w"]["memory_mb"] > 0 and rows["root/group/a"]["pid"] > 0
+    text = cli(running_tree, "status")
+    assert text.returncode == 0 and "root/group/b" in text.stdout and "running" in text.stdout
+
+
+def test_terminate_survives_a_crash_storm_of_its_siblings_until_started(running_tree: Path) -> None:
+    out = cli(running_tree, "terminate", "root/group/b")
+    assert out.returncode == 0, out.stderr
+    assert flat(status(running_tree))["root/group/b"]["status"] == "held"
+    for _ in range(5):  # one_for_all: each crash restarts the whole group, except the held child
+        rows = flat(status(running_tree))
+        pid = rows["root/group/a"]["pid"]
+        wait_until(lambda p=pid: Path(f"/proc/{p}/task/{p}/children").read_text().strip())
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda p=pid: flat(status(running_tree))["root/group/a"]["pid"] not in (None, p))
+    rows = flat(status(running_tree))
+    assert rows["root/group/b"]["status"] == "held" and rows["root/group/b"]["pid"] is None
+    assert cli(running_tree, "start", "root/group/b").returncode == 0
+    assert flat(status(running_tree))["root/group/b"]["status"] == "running"
+
+
+def test_restart_start_child_dump_and_errors(running_tree: Path) -> None:
+    before = flat(status(running_tree))
+    assert cli(running_tree, "restart", "root/w").returncode == 0
+    after = flat(status(running_tree))
+    assert after["root/w"]["pid"] != before["root/w"]["pid"]
+    assert after["root/group/a"]["pid"] == before["root/group/a"]["pid"]  # siblings untouched
+    assert after["root/w"]["restarts"] == before["root/w"]["restarts"]  # not a crash restart
+
+    started = cli(running_tree, "start-child", "root/pool", "--json")
+    assert started.returncode == 0 and json.loads(started.stdout)["data"]["path"] == "root/pool/leaf-1"
+    assert flat(status(running_tree))["root/pool/leaf-1"]["status"] == "running"
+
+    dump = cli(running_tree, "dump", "root/w")
+    assert dump.returncode == 0 and "route: channel" in dump.stdout and "steady" in dump.stdout
+    assert alive(flat(status(running_tree))["root/w"]["pid"])  # a dump does not kill
+
+    missing = cli(running_tree, "restart", "root/nope")
+    assert missing.returncode == 4 and missing.stderr.strip() == "otp-agents: no such child: root/nope"
+    refused = cli(running_tree, "start", "root/w")
+    assert refused.returncode == 5 and "is running" in refused.stderr
+    refused = cli(running_tree, "start-child", "root/group")
+    assert refused.returncode == 5 and "not a simple_one_for_one" in refused.stderr
+
+
+def test_stop_then_not_running(running_tree: Path) -> None:
+    pids = [r["pid"] for r in flat(status(running_tree)).values() if r.get("pid")]
+    out = cli(running_tree, "stop")
+    assert out.returncode == 0 and "stopping" in out.stdout
+    wait_until(lambda: not (running_tree / "control.sock").exists())
+    gone = cli(running_tree, "status")
+    assert gone.returncode == 6 and "no supervisor is running" in gone.stderr
+    assert not any(alive(p) for p in pids)
+
+
+def test_events_follow(running_tree: Path) -> None:
+    follower = subprocess.Popen(
+        [*CLI, "events", "--kind", "child_started", "--path", "root/group", "--state-dir", str(running_tree)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(0.5)
+        assert cli(running_tree, "restart", "root/group/c").returncode == 0
+        assert follower.stdout is not None
+        line = follower.stdout.readline()
+        event = json.loads(line)
+        assert (event["kind"], event["path"]) == ("child_started", "root/group/c")
+    finally:
+        follower.terminate()
+        follower.communicate(timeout=WAIT)
+
+
+PERL_CLIENT = r"""
+use strict; use Socket; use IO::Handle; $SIG{PIPE} = "IGNORE";
+socket(my $s, PF_UNIX, SOCK_STREAM, 0) or die "socket: $!";
+connect($s, sockaddr_un($ARGV[0])) or die "connect: $!\n";
+$s->autoflush(1);
+print $s pack("H*", $ARGV[1]);
+my $buf = ""; sysread($s, $buf, 65536);
+print unpack("H*", $buf);
+"""
+
+
+@pytest.mark.skipif(
+    os.getuid() != 0 or shutil.which("useradd") is None or shutil.which("perl") is None,
+    reason="needs root, useradd and perl",
+)
+def test_other_uid_is_refused(running_tree: Path) -> None:
+    from otp_agents import control, wire
+
+    name = "otpagentstest"
+    subprocess.run(["useradd", "--no-create-home", name], capture_output=True, check=False)
+    try:
+        uid = pwd.getpwnam(name).pw_uid
+        sock = running_tree / "control.sock"
+        assert (sock.stat().st_mode & 0o777) == 0o600
+        request = wire.encode(control.Request(op="status")).hex()
+
+        def as_other() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                ["perl", "-e", PERL_CLIENT, str(sock), request],
+                user=uid,
+                capture_output=True,
+                text=True,
+                timeout=WAIT,
+                check=False,
+            )
+
+        # As created, the socket is not reachable by another uid at all.
+        first = as_other()
+        assert first.returncode != 0 and "connect: Permission denied" in first.stderr
+        # Even with every permission opened up, the peer-credential check refuses that uid.
+        for part in [sock, *sock.parents]:
+            if str(part) in ("/", "/tmp"):
+                break
+            os.chmod(part, 0o777 if part == sock else 0o711)
+        second = as_other()
+        assert second.returncode == 0, second.stderr
+        decoder = wire.FrameDecoder(control.MAX_CONTROL_FRAME, decoder=control._decoder)
+        (reply,) = decoder.feed(bytes.fromhex(second.stdout))
+        assert isinstance(reply, control.Reply)
+        assert (reply.ok, reply.code, reply.data) == (False, "denied", None)
+        assert f"uid {uid}" in reply.message
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, check=False)
