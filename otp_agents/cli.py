@@ -58,18 +58,29 @@ def main() -> None:
     default="info",
     show_default=True,
 )
-def run_cmd(tree: str | None, backend: str, events_file: str | None, state_dir: str, log_level: str) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="stderr log lines: human-readable, or one JSON object per line.",
+)
+def run_cmd(
+    tree: str | None, backend: str, events_file: str | None, state_dir: str, log_level: str, log_format: str
+) -> None:
     """Run TREE (default: $OTP_AGENTS_TREE or supervisors/default.toml) until stopped.
 
     SIGTERM or Ctrl-C stops the tree in reverse start order; a second one kills it.
     Exit codes: 0 stopped, 1 the root supervisor gave up, 2 bad tree file, 3 start failed.
     """
     spec = _load(tree)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, log_level.upper()),
-        format="%(asctime)s %(levelname)-7s %(message)s",
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _JsonFormatter()
+        if log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)-7s %(message)s")
     )
+    logging.basicConfig(level=getattr(logging, log_level.upper()), handlers=[handler])
     keeper = guard.start()  # before the event loop: forking is only safe without threads
     try:
         outcome = anyio.run(
@@ -79,6 +90,22 @@ def run_cmd(tree: str | None, backend: str, events_file: str | None, state_dir: 
         keeper.close()
     click.echo(f"otp-agents: {outcome.message}", err=True)
     sys.exit(outcome.code)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        row: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        event = getattr(record, "otp_event", None)
+        if event is not None:
+            row["event"] = msgspec.to_builtins(event)
+        if record.exc_info:
+            row["exception"] = self.formatException(record.exc_info)
+        return json.dumps(row)
 
 
 @main.command("check")

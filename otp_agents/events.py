@@ -190,4 +190,4 @@ def log_event(event: Event) -> None:
             parts.append(f"{name}={value}")
     if event.killed:
         parts.append("(needed SIGKILL)")
-    log.log(level, " ".join(parts))
+    log.log(level, " ".join(parts), extra={"otp_event": event})

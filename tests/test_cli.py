@@ -271,3 +271,22 @@ restart = "transient"
         _, err = proc.communicate(timeout=WAIT)
     assert proc.returncode == 0, err.decode()
     assert not alive(adopted[0])
+
+
+def test_json_log_format(tmp_path: Path) -> None:
+    tree = write_tree(
+        tmp_path, '[[children]]\nid = "a"\ncommand = ["sh", "-c", "exit 3"]\nrestart = "transient"\n'
+    )
+    proc = subprocess.run(
+        [*CLI, "run", str(tree), "--log-format", "json", "--state-dir", str(tmp_path / "st")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert proc.returncode == 1
+    rows = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    exited = [r for r in rows if r.get("event", {}).get("kind") == "child_exited"]
+    assert exited and exited[0]["event"]["path"] == "root/a" and exited[0]["event"]["code"] == 3
+    assert exited[0]["level"] == "warning" and "root/a" in exited[0]["message"]
