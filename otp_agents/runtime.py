@@ -23,6 +23,7 @@ from . import linux
 from .control import ControlServer, socket_path
 from .events import EventBus, Kind, log_event, write_jsonl
 from .guard import Guard
+from .notify import Notifier
 from .process import Host, StartAborted, StartError
 from .spec import SupervisorSpec
 from .supervisor import ChildNotFound, Slot, Supervisor
@@ -164,7 +165,8 @@ async def run(
     """
     bus = EventBus()
     bus.listen(log_event)
-    ctl = _SignalControl()
+    notifier = Notifier()
+    ctl = _SignalControl(notifier)
     outcome: Outcome | None = None
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with anyio.create_task_group() as tg:
@@ -185,10 +187,13 @@ async def run(
                     root = tree.root
 
                     def stop_requested() -> None:
+                        notifier.stopping("stop requested over the control socket")
                         tg.start_soon(root.stop)
 
                     control = ControlServer(tree, socket_path(tree.host.state_dir), stop_requested)
                     tg.start_soon(control.serve, name="control socket")
+                    tg.start_soon(notifier.watchdog, name="sd_notify watchdog")
+                    notifier.ready(f"{spec.id}: running")
                     await tree.root.finished.wait()
                     ex = tree.root.exit
                 assert ex is not None
@@ -203,16 +208,19 @@ async def run(
             tg.cancel_scope.cancel()
     if outcome is None:  # the second signal cut the start short
         outcome = Outcome(EXIT_OK, f"{spec.id}: killed while starting")
+    notifier.status(outcome.message)
+    notifier.close()
     return outcome
 
 
 class _SignalControl:
     """First SIGTERM/SIGINT: orderly stop. Second: SIGKILL everything now."""
 
-    def __init__(self) -> None:
+    def __init__(self, notifier: Notifier) -> None:
         self.count = 0
         self.host: Host | None = None
         self.root: Supervisor | None = None
+        self.notifier = notifier
 
     def attach(self, host: Host) -> None:
         self.host = host
@@ -223,6 +231,7 @@ class _SignalControl:
             name = linux.signal_name(sig)
             if self.count == 1:
                 log.info("%s received: stopping the tree in reverse start order", name)
+                self.notifier.stopping(f"{name} received: stopping")
                 if self.host is not None:
                     self.host.stopping = True
                 if self.root is not None:

@@ -290,3 +290,42 @@ def test_json_log_format(tmp_path: Path) -> None:
     exited = [r for r in rows if r.get("event", {}).get("kind") == "child_exited"]
     assert exited and exited[0]["event"]["path"] == "root/a" and exited[0]["event"]["code"] == 3
     assert exited[0]["level"] == "warning" and "root/a" in exited[0]["message"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sd_notify_ready_watchdog_stopping(tmp_path: Path, backend: str) -> None:
+    import socket
+
+    address = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(address)
+    listener.settimeout(WAIT)
+    tree = write_tree(tmp_path, TREE)
+    env = {**os.environ, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"}
+    proc = subprocess.Popen(
+        [*CLI, "run", str(tree), "--backend", backend, "--state-dir", str(tmp_path / "st")],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
+    seen: list[str] = []
+    try:
+        while not any(m.startswith("READY=1") for m in seen):
+            seen.append(listener.recv(4096).decode())
+        ready = next(m for m in seen if m.startswith("READY=1"))
+        assert f"MAINPID={proc.pid}" in ready and "STATUS=root: running" in ready
+        watchdogs = 0
+        while watchdogs < 2:
+            message = listener.recv(4096).decode()
+            watchdogs += message == "WATCHDOG=1"
+        proc.send_signal(signal.SIGTERM)
+        while True:
+            message = listener.recv(4096).decode()
+            if message.startswith("STOPPING=1"):
+                break
+        assert proc.wait(timeout=WAIT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        listener.close()
