@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -329,3 +330,65 @@ def test_sd_notify_ready_watchdog_stopping(tmp_path: Path, backend: str) -> None
             proc.kill()
             proc.wait()
         listener.close()
+
+
+@pytest.mark.skipif(os.getuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")
+def test_pid_1_in_a_fresh_pid_namespace_reaps_orphans_and_stops_cleanly(tmp_path: Path) -> None:
+    tree = write_tree(
+        tmp_path,
+        f"""
+[[children]]
+id = "orphaner"
+command = ["{sys.executable}", "-c", "{ESCAPE}", "0.3"]
+restart = "transient"
+[[children]]
+id = "steady"
+command = ["{FAULTY[0]}"]
+""",
+    )
+    events_file = tmp_path / "events.jsonl"
+    proc = subprocess.Popen(
+        [
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--kill-child",
+            *CLI,
+            "run",
+            str(tree),
+            "--events",
+            str(events_file),
+            "--state-dir",
+            str(tmp_path / "st"),
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_events(events_file, lambda ev: any(e["kind"] == "orphan_reaped" for e in ev), proc)
+        init = linux_child(proc.pid)
+        with open(f"/proc/{init}/status") as f:
+            nspid = next(line for line in f if line.startswith("NSpid:")).split()
+        assert nspid[-1] == "1"  # otp-agents is PID 1 in its namespace
+        os.kill(init, signal.SIGTERM)
+        _, err = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    kinds = [e["kind"] for e in read_events(events_file)]
+    assert kinds[-1] == "supervisor_stopped" and "orphan_reaped" in kinds
+
+
+def linux_child(pid: int) -> int:
+    from otp_agents import linux
+
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        kids = linux.child_pids(pid)
+        if kids:
+            return kids[0]
+        time.sleep(0.02)
+    raise AssertionError(f"{pid} has no child")
