@@ -15,14 +15,19 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 
 setup: $(VENV)/.installed
 
-# Erlang/OTP (Debian's erlang-base) runs the reference supervisor in the differential test.
+# Erlang/OTP (Debian's erlang-base) runs the reference supervisor in the differential test;
+# Debian's prometheus scrapes the metrics endpoint in the metrics test.
 system-deps:
-	@command -v escript >/dev/null 2>&1 || { \
+	@missing=""; \
+	command -v escript >/dev/null 2>&1 || missing="$$missing erlang-base"; \
+	command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq erlang-base >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else \
-	    echo "escript not found: install Erlang/OTP (sudo apt-get install erlang-base) for the differential test"; \
-	  fi; }
+	    echo "not installed:$$missing (sudo apt-get install$$missing); the tests that need them are skipped"; \
+	  fi; \
+	fi
 
 run: setup
 	$(VENV)/bin/otp-agents run $(TREE)

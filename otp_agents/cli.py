@@ -59,6 +59,13 @@ def main() -> None:
     show_default=True,
 )
 @click.option(
+    "--metrics",
+    "metrics_at",
+    metavar="HOST:PORT",
+    envvar="OTP_AGENTS_METRICS",
+    help="Serve Prometheus /metrics and /healthz, /readyz there (e.g. 127.0.0.1:9464).",
+)
+@click.option(
     "--log-format",
     type=click.Choice(["text", "json"]),
     default="text",
@@ -66,7 +73,13 @@ def main() -> None:
     help="stderr log lines: human-readable, or one JSON object per line.",
 )
 def run_cmd(
-    tree: str | None, backend: str, events_file: str | None, state_dir: str, log_level: str, log_format: str
+    tree: str | None,
+    backend: str,
+    events_file: str | None,
+    state_dir: str,
+    log_level: str,
+    log_format: str,
+    metrics_at: str | None,
 ) -> None:
     """Run TREE (default: $OTP_AGENTS_TREE or supervisors/default.toml) until stopped.
 
@@ -74,6 +87,7 @@ def run_cmd(
     Exit codes: 0 stopped, 1 the root supervisor gave up, 2 bad tree file, 3 start failed.
     """
     spec = _load(tree)
+    metrics_address = _address(metrics_at) if metrics_at else None
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         _JsonFormatter()
@@ -84,12 +98,27 @@ def run_cmd(
     keeper = guard.start()  # before the event loop: forking is only safe without threads
     try:
         outcome = anyio.run(
-            lambda: run(spec, events_file=events_file, guard=keeper, state_dir=state_dir), backend=backend
+            lambda: run(
+                spec,
+                events_file=events_file,
+                guard=keeper,
+                state_dir=state_dir,
+                metrics_address=metrics_address,
+            ),
+            backend=backend,
         )
     finally:
         keeper.close()
     click.echo(f"otp-agents: {outcome.message}", err=True)
     sys.exit(outcome.code)
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        click.echo(f"otp-agents: --metrics: expected HOST:PORT, got {text!r}", err=True)
+        sys.exit(EXIT_CONFIG)
+    return host.strip("[]"), int(port)
 
 
 class _JsonFormatter(logging.Formatter):

@@ -95,6 +95,8 @@ def on_pong(proc: ChildProcess, pong: Pong, host: Host) -> None:
         return  # not a timestamp of ours
     proc.last_pong = now_ns / 1e9
     proc.rtt = rtt
+    if host.on_rtt is not None:
+        host.on_rtt(proc.path, rtt)
     proc.loop_lag_ms = pong.loop_lag_ms
     s = proc.spec.settings
     if rtt > s.high_ping_threshold and proc.last_pong - proc.slow_ping_at >= SLOW_PING_EVERY:

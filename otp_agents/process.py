@@ -91,6 +91,7 @@ class Host:
     after_reap: Callable[[], None] = lambda: None  # e.g. sweep adopted orphans
     guard: Guard | None = None  # kills our process groups if this process dies
     stopping: bool = False  # the whole tree is being stopped: start nothing new
+    on_rtt: Callable[[str, float], None] | None = None  # heartbeat round trips, for metrics
     dumper: Dumper = field(init=False)
     memory: MemoryWatch = field(init=False)
 

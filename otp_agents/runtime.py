@@ -23,6 +23,8 @@ from . import linux
 from .control import ControlServer, socket_path
 from .events import EventBus, Kind, log_event, write_jsonl
 from .guard import Guard
+from .metrics import Metrics
+from .metrics import serve as serve_metrics
 from .notify import Notifier
 from .process import Host, StartAborted, StartError
 from .spec import SupervisorSpec
@@ -157,6 +159,7 @@ async def run(
     events_file: str | None = None,
     guard: Guard | None = None,
     state_dir: str | Path | None = None,
+    metrics_address: tuple[str, int] | None = None,
 ) -> Outcome:
     """Run until the root ends or a stop signal arrives; the CLI's main loop.
 
@@ -167,10 +170,15 @@ async def run(
     bus.listen(log_event)
     notifier = Notifier()
     ctl = _SignalControl(notifier)
+    metrics = Metrics() if metrics_address is not None else None
+    ready, stopping = anyio.Event(), anyio.Event()
+    ctl.stopping = stopping
     outcome: Outcome | None = None
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with anyio.create_task_group() as tg:
             tg.start_soon(ctl.serve, signals, tg)
+            if metrics is not None and metrics_address is not None:
+                tg.start_soon(serve_metrics, metrics, *metrics_address, ready, stopping)
             try:
                 async with running(
                     spec,
@@ -188,11 +196,15 @@ async def run(
 
                     def stop_requested() -> None:
                         notifier.stopping("stop requested over the control socket")
+                        stopping.set()
                         tg.start_soon(root.stop)
 
                     control = ControlServer(tree, socket_path(tree.host.state_dir), stop_requested)
                     tg.start_soon(control.serve, name="control socket")
                     tg.start_soon(notifier.watchdog, name="sd_notify watchdog")
+                    if metrics is not None:
+                        metrics.attach(tree)
+                    ready.set()
                     notifier.ready(f"{spec.id}: running")
                     await tree.root.finished.wait()
                     ex = tree.root.exit
@@ -221,6 +233,7 @@ class _SignalControl:
         self.host: Host | None = None
         self.root: Supervisor | None = None
         self.notifier = notifier
+        self.stopping: anyio.Event | None = None
 
     def attach(self, host: Host) -> None:
         self.host = host
@@ -232,6 +245,8 @@ class _SignalControl:
             if self.count == 1:
                 log.info("%s received: stopping the tree in reverse start order", name)
                 self.notifier.stopping(f"{name} received: stopping")
+                if self.stopping is not None:
+                    self.stopping.set()
                 if self.host is not None:
                     self.host.stopping = True
                 if self.root is not None:

@@ -477,6 +477,7 @@ class Supervisor:
 
     async def _start_slot(self, slot: Slot) -> None:
         spec = slot.spec
+        began = time.monotonic()
         try:
             if isinstance(spec, SupervisorSpec):
                 sup = Supervisor(spec, slot.path, self.host, self._child_sup_down(slot.id))
@@ -485,7 +486,9 @@ class Supervisor:
             else:
                 proc = await spawn(slot.path, spec, self.host, self._child_proc_down(slot.id))
                 slot.instance = proc
-                self.host.bus.emit(Kind.CHILD_STARTED, slot.path, pid=proc.pid)
+                self.host.bus.emit(
+                    Kind.CHILD_STARTED, slot.path, pid=proc.pid, value=round(time.monotonic() - began, 6)
+                )
                 self.host.tg.start_soon(health.watch, proc, self.host, name=f"health {slot.path}")
                 # If it already died, its watcher has queued a ChildDown for this very instance.
         except StartError as exc:
@@ -594,6 +597,7 @@ class Supervisor:
         rec = self.state.find(child_id)
         if rec is None:
             raise ChildNotFound(f"{self.path}/{child_id}")
+        self.host.bus.emit(Kind.RESTARTING, f"{self.path}/{child_id}", detail="operator")
         await self._terminate_slot(child_id)
         rec = self.state.find(child_id)
         if rec is None:  # a temporary child leaves when stopped
