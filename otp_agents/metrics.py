@@ -133,7 +133,7 @@ class Metrics:
             reason = "operator" if event.detail == "operator" else self._last_reason.get(event.path, "crash")
             self.restarts.labels(self.label(event.path), reason).inc()
         elif kind is Kind.RECYCLED and event.detail == "restart":
-            self.restarts.labels(self.label(event.path), event.reason or "recycle").inc()
+            self.restarts.labels(self.label(event.path), f"{event.reason or 'drain'}_recycle").inc()
         elif kind is Kind.DUMP_TAKEN:
             self.dumps.labels(self.label(event.path), event.reason or "unknown").inc()
         elif kind is Kind.INTENSITY_EXCEEDED:
