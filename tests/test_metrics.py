@@ -161,3 +161,28 @@ def test_real_prometheus_scrapes_the_restart_counter(supervisor: tuple[int, Path
     finally:
         prom.send_signal(signal.SIGTERM)
         prom.wait(timeout=WAIT)
+
+
+@pytest.mark.anyio
+async def test_restart_reasons_in_process(anyio_backend: str) -> None:
+    from otp_agents.events import Kind
+    from otp_agents.metrics import Metrics
+
+    from .helpers import cmd, signal_child, tree_of
+
+    config = {"intensity": 10, "children": [cmd("a"), {"id": "sub", "intensity": 0, "children": [cmd("x")]}]}
+    async with tree_of(config) as (tree, rec):
+        metrics = Metrics()
+        metrics.attach(tree)
+        mark = rec.mark()
+        await signal_child(tree, "root/a", signal.SIGKILL)
+        await rec.wait_kind(Kind.CHILD_STARTED, "root/a", mark)
+        await tree.root.operator_restart("a")
+        mark = rec.mark()
+        await signal_child(tree, "root/sub/x", signal.SIGKILL)  # sub gives up: escalation to root
+        await rec.wait_kind(Kind.SUPERVISOR_STARTED, "root/sub", mark)
+        text = metrics.exposition().decode()
+    assert 'otp_agents_restarts_total{path="root/a",reason="crash"} 1.0' in text
+    assert 'otp_agents_restarts_total{path="root/a",reason="operator"} 1.0' in text
+    assert 'otp_agents_restarts_total{path="root/sub",reason="escalation"} 1.0' in text
+    assert 'otp_agents_intensity_exhausted_total{supervisor="root/sub"} 1.0' in text
