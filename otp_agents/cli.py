@@ -104,6 +104,7 @@ def run_cmd(
                 guard=keeper,
                 state_dir=state_dir,
                 metrics_address=metrics_address,
+                tree_file=os.path.abspath(_tree_path(tree)),
             ),
             backend=backend,
         )
@@ -359,6 +360,17 @@ def start_child_cmd(supervisor: str, args: tuple[str, ...], state_dir: str, as_j
 def stop_cmd(state_dir: str, as_json: bool) -> None:
     """Stop the whole tree gracefully (reverse start order, each child within its shutdown)."""
     _finish(_ask(state_dir, "stop"), as_json)
+
+
+@main.command("reload")
+@state_dir_option
+@json_option
+def reload_cmd(state_dir: str, as_json: bool) -> None:
+    """Re-read the tree file and apply the difference; print it (+ added, - removed, ~ changed).
+
+    Unchanged children keep running. An invalid file is refused and nothing changes.
+    """
+    _finish(_ask(state_dir, "reload"), as_json)
 
 
 @main.command("events")

@@ -27,6 +27,7 @@ import anyio.abc
 import msgspec
 
 from . import wire
+from .config import ConfigError, load_file
 from .events import Event
 from .memory import MB, rss_bytes, tree_pids
 from .process import ChildProcess, StartError
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("otp_agents")
 
 SOCKET_NAME = "control.sock"
-OPS = ("status", "restart", "terminate", "start", "start-child", "dump", "stop", "events")
+OPS = ("status", "restart", "terminate", "start", "start-child", "dump", "stop", "events", "reload")
 
 
 class Request(msgspec.Struct, tag_field="type", tag="request", forbid_unknown_fields=True):
@@ -72,8 +73,11 @@ def peer_uid(sock: socket.socket) -> int:
 
 
 class ControlServer:
-    def __init__(self, tree: Tree, path: Path, on_stop: Callable[[], None]) -> None:
+    def __init__(
+        self, tree: Tree, path: Path, on_stop: Callable[[], None], tree_file: str | None = None
+    ) -> None:
         self.tree = tree
+        self.tree_file = tree_file
         self.path = path
         self.on_stop = on_stop
         self.uid = os.getuid()
@@ -140,6 +144,19 @@ class ControlServer:
         if req.op == "stop":
             self.on_stop()
             return Reply(ok=True, message=f"{tree.root.path}: stopping in reverse start order")
+        if req.op == "reload":
+            if self.tree_file is None:
+                raise Refused("this tree was not started from a file: nothing to reload")
+            try:
+                new = load_file(self.tree_file)
+            except ConfigError as exc:
+                raise Refused(f"reload refused, nothing changed: {exc}") from None
+            if new.id != tree.root.spec.id:
+                raise Refused(
+                    f"reload refused, nothing changed: the root id changed ({tree.root.spec.id} -> {new.id})"
+                )
+            changes = await tree.root.apply_spec(new)
+            return Reply(ok=True, message="\n".join(changes) or "no changes", data={"changes": changes})
         if req.op == "start-child":
             child = await tree.supervisor(req.path).start_child(req.args)
             return Reply(ok=True, message=f"started {child}", data={"path": child})

@@ -160,6 +160,7 @@ async def run(
     guard: Guard | None = None,
     state_dir: str | Path | None = None,
     metrics_address: tuple[str, int] | None = None,
+    tree_file: str | None = None,
 ) -> Outcome:
     """Run until the root ends or a stop signal arrives; the CLI's main loop.
 
@@ -199,7 +200,7 @@ async def run(
                         stopping.set()
                         tg.start_soon(root.stop)
 
-                    control = ControlServer(tree, socket_path(tree.host.state_dir), stop_requested)
+                    control = ControlServer(tree, socket_path(tree.host.state_dir), stop_requested, tree_file)
                     tg.start_soon(control.serve, name="control socket")
                     tg.start_soon(notifier.watchdog, name="sd_notify watchdog")
                     if metrics is not None:

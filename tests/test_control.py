@@ -241,3 +241,47 @@ def test_other_uid_is_refused(running_tree: Path) -> None:
         assert f"uid {uid}" in reply.message
     finally:
         subprocess.run(["userdel", name], capture_output=True, check=False)
+
+
+def test_reload_applies_only_the_difference(running_tree: Path) -> None:
+    tree_file = running_tree.parent / "tree.toml"
+    before = flat(status(running_tree))
+    # invalid: refused, nothing changes
+    tree_file.write_text(TREE.replace('id = "c"', 'id = "c"\n  shutdown = -1'))
+    refused = cli(running_tree, "reload")
+    assert refused.returncode == 5
+    assert (
+        "reload refused, nothing changed" in refused.stderr
+        and "children[1].children[2].shutdown" in refused.stderr
+    )
+    assert flat(status(running_tree)).keys() == before.keys()
+    # remove group/c, change w, add group/d and root/extra; a and b unchanged
+    new = (
+        TREE.replace(f'  [[children.children]]\n  id = "c"\n  command = ["{FAULTY[0]}"]\n', "")
+        .replace('module = "workers.chaos:steady"', 'module = "workers.chaos:steady"\nshutdown = 4')
+        .replace(
+            '[[children]]\nid = "pool"',
+            f'  [[children.children]]\n  id = "d"\n  command = ["{FAULTY[0]}"]\n\n'
+            f'[[children]]\nid = "extra"\ncommand = ["{FAULTY[0]}"]\n\n[[children]]\nid = "pool"',
+        )
+    )
+    tree_file.write_text(new)
+    out = cli(running_tree, "reload")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["~ root/w", "- root/group/c", "+ root/group/d", "+ root/extra"]
+    after = flat(status(running_tree))
+    assert list(after) == [
+        "root/w",
+        "root/group",
+        "root/group/a",
+        "root/group/b",
+        "root/group/d",
+        "root/extra",
+        "root/pool",
+    ]
+    for same in ("root/group/a", "root/group/b"):
+        assert after[same]["pid"] == before[same]["pid"]
+    assert after["root/w"]["pid"] != before["root/w"]["pid"]
+    assert not alive(before["root/group/c"]["pid"])
+    assert after["root/extra"]["status"] == after["root/group/d"]["status"] == "running"
+    assert cli(running_tree, "reload").stdout.strip() == "no changes"
