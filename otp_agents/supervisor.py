@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio
+import anyio.lowlevel
 import msgspec
 
 from . import health, rules
@@ -345,6 +346,9 @@ class Supervisor:
                     await self._handle(msg)
                 finally:
                     self._busy = False
+                # Let every other task run between two messages: a storm of queued crashes must
+                # not starve the control socket, the monitors or other supervisors.
+                await anyio.lowlevel.checkpoint()
         # Anything still queued will never be handled: release waiting callers.
         while len(self._mailbox):
             left = self._mailbox._items.popleft()
