@@ -179,7 +179,7 @@ class ChildProcess:
         remove_signal_file(self.signal_file)
         self.exit = Exit(status=status, requested=self._requested, fault=self._fault)
         self.exited.set()
-        if self.channel is not None:
+        if self.channel is not None and self.ready:  # during the handshake, spawn() owns it
             await self.channel.aclose()
         self._on_exit(self)
 
@@ -252,6 +252,13 @@ class ChildProcess:
 
     async def stop(self) -> bool:
         """Run the stop ladder; returns True if SIGKILL was needed. Waits for the exit."""
+        try:
+            return await self._stop()
+        except BaseException:
+            self.kill()  # cancelled half-way (e.g. its supervisor was killed): finish the job
+            raise
+
+    async def _stop(self) -> bool:
         self._requested = True
         if self.exited.is_set():
             return False
@@ -422,7 +429,10 @@ async def spawn(
         proc.ready = True
         return proc
 
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise StartError(f"cannot create the worker channel: {exc.strerror or exc}") from None
     try:
         env[ENV_FD] = str(theirs.fileno())
         env[ENV_PATH] = path
@@ -448,8 +458,11 @@ async def spawn(
         proc.kill()
         with anyio.CancelScope(shield=True):
             await proc._wait_killed()
+            await channel.aclose()
         raise
     proc.ready = True
+    if proc.exit is not None:  # it said Ready and is already gone: the watcher left this to us
+        await channel.aclose()
     proc.last_pong = time.monotonic()
     host.tg.start_soon(proc._read, channel, name=f"reader {path}")
     return proc
@@ -462,7 +475,14 @@ def _track(
     host: Host,
     on_exit: Callable[[ChildProcess], None],
 ) -> ChildProcess:
-    pidfd = os.pidfd_open(popen.pid)
+    try:
+        pidfd = os.pidfd_open(popen.pid)
+    except OSError as exc:
+        # Without a pidfd we cannot watch it: do not leave it running untracked.
+        with contextlib.suppress(OSError):
+            os.killpg(popen.pid, signal.SIGKILL)
+        popen.wait()
+        raise StartError(f"cannot watch the new process: {exc.strerror or exc}") from None
     proc = ChildProcess(path, spec, popen, pidfd, host, on_exit)
     host.tg.start_soon(proc._watch, name=f"watch {path}")
     return proc
@@ -470,9 +490,10 @@ def _track(
 
 async def _handshake(proc: ChildProcess, channel: Channel, spec: WorkerSpec) -> None:
     problem: str | None = None
+    ready = False
 
     async def converse() -> None:
-        nonlocal problem
+        nonlocal problem, ready
         hello = await channel.receive()
         if not isinstance(hello, Hello):
             problem = f"expected hello, got {type(hello).__name__.lower()}"
@@ -488,6 +509,7 @@ async def _handshake(proc: ChildProcess, channel: Channel, spec: WorkerSpec) -> 
         while True:
             msg = await channel.receive()
             if isinstance(msg, Ready):
+                ready = True
                 return
             if isinstance(msg, Bye):  # main() ended before ready(): wait for the exit status
                 with anyio.move_on_after(2.0):
@@ -504,6 +526,9 @@ async def _handshake(proc: ChildProcess, channel: Channel, spec: WorkerSpec) -> 
 
         async def on_early_exit() -> None:
             await proc.exited.wait()
+            # What it wrote before exiting (Ready, Bye, EOF) is already in our buffer: let
+            # converse() read it; the grace only matters if a grandchild still holds its end.
+            await anyio.sleep(0.2)
             tg.cancel_scope.cancel()
 
         tg.start_soon(on_early_exit)
@@ -512,13 +537,17 @@ async def _handshake(proc: ChildProcess, channel: Channel, spec: WorkerSpec) -> 
                 await converse()
         except TimeoutError:
             problem = f"not ready within start_timeout ({spec.start_timeout}s)"
-        except ChannelClosed:
+        except (ChannelClosed, anyio.ClosedResourceError, anyio.BrokenResourceError, OSError):
+            # EOF, or the watcher closed the channel because the process is gone, or a send
+            # to a peer that already hung up: all mean the child ended before it was ready.
             with anyio.move_on_after(1.0):
                 await proc.exited.wait()
             problem = "exited before it was ready"
         except FrameError as exc:
             problem = f"protocol error during start: {exc}"
         tg.cancel_scope.cancel()
+    if ready and problem is None:
+        return  # it said Ready: it started; an exit right after is a ChildDown, not a start failure
     if proc.exit is not None and problem in (None, "exited before it was ready"):
         problem = f"exited before it was ready ({proc.exit.status.describe()})"
     if problem is not None:

@@ -67,6 +67,8 @@ class SupervisorExit:
     def describe(self) -> str:
         if self.child is None:
             return self.reason
+        if self.cause is None:
+            return f"{self.reason} after {self.child} ended"
         return f"{self.reason} after {self.child} ended ({self.cause})"
 
 
@@ -337,24 +339,32 @@ class Supervisor:
         return call.result
 
     async def _loop(self) -> None:
-        with anyio.CancelScope() as scope:
-            self._scope = scope
-            while self.exit is None:
-                msg = await self._mailbox.get()
-                self._busy = True
-                try:
-                    await self._handle(msg)
-                finally:
-                    self._busy = False
-                # Let every other task run between two messages: a storm of queued crashes must
-                # not starve the control socket, the monitors or other supervisors.
-                await anyio.lowlevel.checkpoint()
-        # Anything still queued will never be handled: release waiting callers.
-        while len(self._mailbox):
-            left = self._mailbox._items.popleft()
-            if isinstance(left, Call):
-                left.error = Refused(f"{self.path} stopped")
-                left.done.set()
+        try:
+            with anyio.CancelScope() as scope:
+                self._scope = scope
+                while self.exit is None:
+                    msg = await self._mailbox.get()
+                    self._busy = True
+                    try:
+                        await self._handle(msg)
+                    except Exception:
+                        # A bug in handling one message must not take the supervisor down.
+                        log.exception("%s: error while handling %s", self.path, type(msg).__name__)
+                    finally:
+                        self._busy = False
+                    # Let every other task run between two messages: a storm of queued crashes
+                    # must not starve the control socket, the monitors or other supervisors.
+                    await anyio.lowlevel.checkpoint()
+        finally:
+            if self.exit is None:  # cancelled from outside: make stop() and waiters return
+                self.exit = SupervisorExit("killed", requested=False)
+            self.finished.set()
+            # Anything still queued will never be handled: release waiting callers.
+            while len(self._mailbox):
+                left = self._mailbox._items.popleft()
+                if isinstance(left, Call):
+                    left.error = Refused(f"{self.path} stopped")
+                    left.done.set()
 
     def idle(self) -> bool:
         """Nothing queued and nothing in progress (tests and tools use it to wait for calm)."""
@@ -377,6 +387,9 @@ class Supervisor:
                 msg.result = await msg.fn()
             except (Refused, ChildNotFound, StartError) as exc:
                 msg.error = exc
+            except BaseException as exc:
+                msg.error = exc if isinstance(exc, Exception) else Refused(f"{self.path} stopped")
+                raise
             finally:
                 msg.done.set()
 
@@ -452,6 +465,8 @@ class Supervisor:
                 continue
             try:
                 await self._start_slot(slot)
+            except StartAborted:
+                return  # the whole tree is stopping: leave it stopped, no retry
             except StartError:
                 rules.start_failed(self.state, cid)
                 delay = self._backoff_delay(slot)
@@ -523,12 +538,14 @@ class Supervisor:
             return
         inst = slot.instance
         if inst is not None:
-            slot.instance = None
+            # Keep slot.instance while stopping, so that kill() still finds it; the mailbox is
+            # serial, so its ChildDown is only looked at after this, and is then stale.
             if isinstance(inst, ChildProcess):
                 killed = await inst.stop()
                 self._emit_terminated(slot, inst, killed)
             else:
                 await inst.stop_within(slot.spec.shutdown)
+            slot.instance = None
         rules.child_terminated(self.state, cid)
         self._drop_removed()
 

@@ -160,6 +160,8 @@ async def _supervised(main: Main, worker: Worker, channel: Channel) -> int:
         with main_scope:
             try:
                 await main(worker)
+            except SystemExit as exc:  # sys.exit(n) in main: exit with n, not as a crash
+                code = exc.code if isinstance(exc.code, int) else EXIT_OK if exc.code is None else EXIT_CRASH
             except Exception:
                 log.exception("worker %s crashed", worker.path)
                 sys.stderr.flush()
@@ -235,9 +237,18 @@ _keep_open: list[Any] = []
 
 
 async def _serve_signals(worker: Worker) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for sig in signals:
-            worker.request_stop(signal.Signals(sig).name, worker.shutdown_timeout)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # What trio restores (and re-delivers still-pending signals to) when the receiver closes.
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for sig in signals:
+                worker.request_stop(signal.Signals(sig).name, worker.shutdown_timeout)
+    finally:
+        # asyncio restores SIG_DFL here and CPython's finalisation resets Python-level handlers;
+        # the supervisor's stop signal often lands after main() returned: ignore it from now on.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 async def _enforce_deadline(worker: Worker, main_scope: anyio.CancelScope) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import sys
 import time
@@ -171,3 +172,24 @@ async def drains_slowly(worker: Worker) -> None:
     await worker.ready()
     await worker.wait_stopping()
     await anyio.sleep(float(worker.args[0]) if worker.args else 0.2)
+
+
+# -- start and exit edge cases --------------------------------------------------------------------
+
+
+async def killed_in_setup(worker: Worker) -> None:
+    """Dies hard during setup, before Ready (as if OOM-killed while loading a model)."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def done_exit0(worker: Worker) -> None:
+    """A transient job that finishes and leaves with the common idiom sys.exit(0)."""
+    await worker.ready()
+    await anyio.sleep(0.2)
+    sys.exit(0)
+
+
+async def ready_then_exit0(worker: Worker) -> None:
+    """A very short job: says Ready, finishes at once, exits 0."""
+    await worker.ready()
+    os._exit(0)
