@@ -56,3 +56,29 @@ def test_quick_benchmark_writes_results_for_every_manager(tmp_path: Path) -> Non
 
     assert results["floor"]["popen_plain"]["median_ms"] > 0
     assert results["machine"]["nproc"] >= 1
+
+
+def test_control_latency_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "control.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "control_latency.py"),
+            "--children",
+            "10",
+            "--requests",
+            "20",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())
+    assert {r["backend"] for r in results} == {"asyncio", "trio"}
+    assert all(
+        r["requests"] == 20 and r["median_ms"] > 0 and r["restarts_per_second_during"] > 0 for r in results
+    )
