@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import logging
 import os
@@ -66,6 +67,11 @@ def main() -> None:
     help="Serve Prometheus /metrics and /healthz, /readyz there (e.g. 127.0.0.1:9464).",
 )
 @click.option(
+    "--control-group",
+    metavar="GROUP",
+    help="Also let members of this group use the control socket (mode 0660).",
+)
+@click.option(
     "--log-format",
     type=click.Choice(["text", "json"]),
     default="text",
@@ -80,6 +86,7 @@ def run_cmd(
     log_level: str,
     log_format: str,
     metrics_at: str | None,
+    control_group: str | None,
 ) -> None:
     """Run TREE (default: $OTP_AGENTS_TREE or supervisors/default.toml) until stopped.
 
@@ -88,6 +95,7 @@ def run_cmd(
     """
     spec = _load(tree)
     metrics_address = _address(metrics_at) if metrics_at else None
+    group_id = _group(control_group) if control_group else None
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         _JsonFormatter()
@@ -105,6 +113,7 @@ def run_cmd(
                 state_dir=state_dir,
                 metrics_address=metrics_address,
                 tree_file=os.path.abspath(_tree_path(tree)),
+                control_group=group_id,
             ),
             backend=backend,
         )
@@ -112,6 +121,14 @@ def run_cmd(
         keeper.close()
     click.echo(f"otp-agents: {outcome.message}", err=True)
     sys.exit(outcome.code)
+
+
+def _group(name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid if not name.isdigit() else int(name)
+    except KeyError:
+        click.echo(f"otp-agents: --control-group: no such group {name!r}", err=True)
+        sys.exit(EXIT_CONFIG)
 
 
 def _address(text: str) -> tuple[str, int]:

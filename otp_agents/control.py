@@ -1,9 +1,10 @@
 """The control socket: a Unix socket in the state dir through which the CLI drives a running tree.
 
 Only the operations defined here exist; nothing executes arbitrary commands. The socket is
-created with mode 0600 and every connection's peer credentials (``SO_PEERCRED``) are checked:
-the same uid as the supervisor, or root. Requests and replies use the worker protocol's framing
-(4-byte length + MessagePack), with their own two message types.
+created with mode 0600 (0660 with an operators' group) and every connection's peer credentials
+(``SO_PEERCRED``) are checked: the same uid as the supervisor, root, or a member of that group.
+Requests and replies use the worker protocol's framing (4-byte length + MessagePack), with their
+own two message types.
 
 Read-only requests (``status``) are answered from the tree's current state and never wait for a
 supervisor's mailbox, so they are answered during restart storms. Requests that change the tree
@@ -66,18 +67,44 @@ def socket_path(state_dir: str | Path) -> Path:
     return Path(state_dir) / SOCKET_NAME
 
 
-def peer_uid(sock: socket.socket) -> int:
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end, from the kernel (SO_PEERCRED)."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
+    pid, uid, gid = struct.unpack("3i", creds)
+    return int(pid), int(uid), int(gid)
+
+
+def peer_groups(pid: int) -> set[int]:
+    """The peer's supplementary groups (from /proc; empty if it is already gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except OSError:
+        pass
+    return set()
+
+
+def allowed(uid: int, gid: int, groups: set[int], own_uid: int, group: int | None) -> bool:
+    """Same uid as the supervisor, root, or (when configured) a member of the allowed group."""
+    if uid in (own_uid, 0):
+        return True
+    return group is not None and (gid == group or group in groups)
 
 
 class ControlServer:
     def __init__(
-        self, tree: Tree, path: Path, on_stop: Callable[[], None], tree_file: str | None = None
+        self,
+        tree: Tree,
+        path: Path,
+        on_stop: Callable[[], None],
+        tree_file: str | None = None,
+        group: int | None = None,
     ) -> None:
         self.tree = tree
         self.tree_file = tree_file
+        self.group = group  # an operators' group that may use the socket too (mode 0660)
         self.path = path
         self.on_stop = on_stop
         self.uid = os.getuid()
@@ -90,7 +117,11 @@ class ControlServer:
             listener = await anyio.create_unix_listener(self.path)
         finally:
             os.umask(old)
-        os.chmod(self.path, 0o600)
+        if self.group is not None:
+            os.chown(self.path, -1, self.group)
+            os.chmod(self.path, 0o660)
+        else:
+            os.chmod(self.path, 0o600)
         try:
             async with listener:
                 await listener.serve(self._connection)
@@ -101,8 +132,9 @@ class ControlServer:
     async def _connection(self, stream: anyio.abc.SocketStream) -> None:
         async with stream:
             raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
-            uid = peer_uid(raw)
-            if uid not in (self.uid, 0):
+            pid, uid, gid = peer_credentials(raw)
+            groups = peer_groups(pid) if self.group is not None else set()
+            if not allowed(uid, gid, groups, self.uid, self.group):
                 await stream.send(
                     wire.encode(
                         Reply(ok=False, code="denied", message=f"uid {uid} may not control this tree")

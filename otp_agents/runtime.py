@@ -161,6 +161,7 @@ async def run(
     state_dir: str | Path | None = None,
     metrics_address: tuple[str, int] | None = None,
     tree_file: str | None = None,
+    control_group: int | None = None,
 ) -> Outcome:
     """Run until the root ends or a stop signal arrives; the CLI's main loop.
 
@@ -200,7 +201,9 @@ async def run(
                         stopping.set()
                         tg.start_soon(root.stop)
 
-                    control = ControlServer(tree, socket_path(tree.host.state_dir), stop_requested, tree_file)
+                    control = ControlServer(
+                        tree, socket_path(tree.host.state_dir), stop_requested, tree_file, control_group
+                    )
                     tg.start_soon(control.serve, name="control socket")
                     tg.start_soon(notifier.watchdog, name="sd_notify watchdog")
                     if metrics is not None:

@@ -285,3 +285,14 @@ def test_reload_applies_only_the_difference(running_tree: Path) -> None:
     assert not alive(before["root/group/c"]["pid"])
     assert after["root/extra"]["status"] == after["root/group/d"]["status"] == "running"
     assert cli(running_tree, "reload").stdout.strip() == "no changes"
+
+
+def test_authorisation_rules() -> None:
+    from otp_agents.control import allowed
+
+    assert allowed(1000, 1000, set(), own_uid=1000, group=None)
+    assert allowed(0, 0, set(), own_uid=1000, group=None)  # root
+    assert not allowed(1001, 1001, {50}, own_uid=1000, group=None)
+    assert allowed(1001, 50, set(), own_uid=1000, group=50)  # primary group
+    assert allowed(1001, 1001, {7, 50}, own_uid=1000, group=50)  # supplementary group
+    assert not allowed(1001, 1001, {7}, own_uid=1000, group=50)
