@@ -36,6 +36,16 @@ def _load(tree: str | None) -> SupervisorSpec:
         sys.exit(EXIT_CONFIG)
 
 
+state_dir_option = click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    envvar="OTP_AGENTS_STATE_DIR",
+    default="state",
+    show_default=True,
+    help="The tree's state dir: its control socket and its stack dumps (dumps/).",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Erlang/OTP-style supervision trees for OS processes."""
@@ -45,14 +55,7 @@ def main() -> None:
 @click.argument("tree", required=False)
 @click.option("--backend", type=click.Choice(["asyncio", "trio"]), default="asyncio", show_default=True)
 @click.option("--events", "events_file", type=click.Path(dir_okay=False), help="Append events as JSON lines.")
-@click.option(
-    "--state-dir",
-    type=click.Path(file_okay=False),
-    envvar="OTP_AGENTS_STATE_DIR",
-    default="state",
-    show_default=True,
-    help="Where stack dumps (dumps/) are kept.",
-)
+@state_dir_option
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
@@ -246,14 +249,6 @@ _CODES = {
     "error": EXIT_ERROR,
 }
 
-state_dir_option = click.option(
-    "--state-dir",
-    type=click.Path(file_okay=False),
-    envvar="OTP_AGENTS_STATE_DIR",
-    default="state",
-    show_default=True,
-    help="The running tree's state dir (its control socket is there).",
-)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")
 
 
