@@ -36,6 +36,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 MB = 1024 * 1024
 HYSTERESIS = 0.9
 MAX_TREE = 4096  # processes per child tree, a bound for pathological fork storms
+BATCH = 0.1  # seconds: samples due this close together are taken in one wake-up
 
 
 def tree_pids(pid: int) -> list[int]:
@@ -130,13 +131,16 @@ class MemoryWatch:
         while True:
             now = anyio.current_time()
             wake = math.inf
+            # Children due within the next BATCH seconds are sampled now, together: one wake-up
+            # serves many children, instead of one wake-up (and one scan) per child.
             for w in list(self._watches.values()):
-                if w.next_due <= now:
+                if w.next_due <= now + BATCH:
                     self._check(w)
                     w.next_due = now + w.proc.spec.settings.memory_interval
                 wake = min(wake, w.next_due)
             self._changed = anyio.Event()
-            with anyio.move_on_after(wake - anyio.current_time() if wake != math.inf else 3600):
+            delay = max(BATCH, wake - anyio.current_time()) if wake != math.inf else 3600
+            with anyio.move_on_after(delay):
                 await self._changed.wait()
 
     def _check(self, w: _Watch) -> None:
