@@ -16,6 +16,7 @@ a stalled worker loop shows up as a missing pong, not as a wrong number.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from typing import TYPE_CHECKING
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from .process import ChildProcess, Host
 
 SLOW_PING_EVERY = 30.0  # at most one slow_ping event per child in this many seconds
+PING_SLOT = 0.05  # seconds
 
 
 async def watch(proc: ChildProcess, host: Host) -> None:
@@ -58,7 +60,7 @@ async def _heartbeat(proc: ChildProcess, host: Host) -> None:
     s = proc.spec.settings
     channel = proc.channel
     assert channel is not None
-    next_ping = time.monotonic() + random.uniform(0, s.ping_interval)  # spread a fleet's pings
+    next_ping = _slot(time.monotonic() + random.uniform(0, s.ping_interval))  # spread a fleet's pings
     seq = 0
     while proc.exit is None:
         now = time.monotonic()
@@ -76,7 +78,7 @@ async def _heartbeat(proc: ChildProcess, host: Host) -> None:
             return
         if now >= next_ping:
             seq += 1
-            next_ping = max(next_ping + s.ping_interval, now)
+            next_ping = _slot(max(next_ping + s.ping_interval, now))
             try:
                 with anyio.move_on_after(s.ping_interval):
                     await channel.send(Ping(seq=seq, sent_ns=time.monotonic_ns()))
@@ -85,6 +87,13 @@ async def _heartbeat(proc: ChildProcess, host: Host) -> None:
         # Wake for the next ping, or exactly when the silence would reach ping_timeout.
         wake = min(next_ping, proc.last_pong + s.ping_timeout)
         await anyio.sleep(max(0.0, wake - time.monotonic()))
+
+
+def _slot(t: float) -> float:
+    """Round a ping time up to the next PING_SLOT boundary: pings of a large fleet are still
+    spread over the interval, but fall into a few shared instants, so the event loop wakes once
+    per slot for many children instead of once per child."""
+    return math.ceil(t / PING_SLOT) * PING_SLOT
 
 
 def on_pong(proc: ChildProcess, pong: Pong, host: Host) -> None:
