@@ -849,23 +849,22 @@ def measure_wake_floor(backends: list[str], seconds: float) -> dict[str, Any]:
 # -- machine and report --------------------------------------------------------------------------
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
+    ).stdout.strip()
+
+
 def code_version() -> dict[str, Any]:
-    """The commit measured, and whether the runtime or workers had uncommitted changes."""
+    """The commit measured, the tree of the code that runs (the runtime and the workers), and
+    whether that code had uncommitted changes."""
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "otp_agents", "workers"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
+        commit = _git("rev-parse", "HEAD")
+        runtime = _git("rev-parse", "HEAD:otp_agents", "HEAD:workers").replace("\n", " ")
+        dirty = _git("status", "--porcelain", "--", "otp_agents", "workers")
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": commit, "dirty": bool(dirty)}
+        return {"commit": None, "runtime_tree": None, "dirty": None}
+    return {"commit": commit, "runtime_tree": runtime, "dirty": bool(dirty)}
 
 
 def machine() -> dict[str, Any]:
@@ -1098,12 +1097,10 @@ def main(argv: list[str] | None = None) -> int:
         r = run_fleet(args.workers, backend, variant, args.window, args.settle, args.probes, fds)
         results["fleet"].append(r)
     results["code_at_end"] = code_version()
-    versions = {
-        json.dumps(r["code"], sort_keys=True)
-        for r in [results, *results["fleet"], {"code": results["code_at_end"]}]
-    }
-    if len(versions) > 1:
-        log("warning: the otp_agents code changed while the benchmark ran (see code / code_at_end)")
+    # Other commits (docs, tests) do not matter; a change to the runtime or workers does.
+    runs = [results["code"], *(r["code"] for r in results["fleet"]), results["code_at_end"]]
+    if len({(c["runtime_tree"], c["dirty"]) for c in runs}) > 1 or any(c["dirty"] for c in runs):
+        log("warning: the runtime or workers changed (or had local changes) while the benchmark ran")
     print(markdown(results))
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
