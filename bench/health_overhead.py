@@ -7,8 +7,9 @@ a. **Hang detection latency.** A ``workers.chaos:steady`` protocol worker runs u
    tree (``otp_agents.runtime.running``) with ``health = {ping_interval = I, ping_timeout = T}``.
    At a random moment the benchmark SIGSTOPs it (an exact fault time on the monotonic clock)
    and records, on the same clock, when the supervisor emitted ``hang``, ``health_kill`` and
-   the replacement's ``child_started``. The expected bound is ``T + I``: the heartbeat checks
-   the silence once per interval.
+   the replacement's ``child_started``. Each sample is checked against ``T + I``, the bound
+   for a heartbeat that checks the silence once per interval. The current heartbeat wakes at
+   exactly ``last_pong + T``, so the latency should fall between ``T - I`` and ``T``.
 b. **Cost of one memory sample.** ``otp_agents.memory.sample(pid, metric, floor)`` timed with
    ``time.perf_counter_ns`` for a Python protocol worker (``workers/raw_worker.py``) and for a
    plain ``sleep``, for each metric, below the floor (``/proc/PID/statm`` only) and above it
@@ -19,12 +20,14 @@ c. **Supervisor CPU with a fleet of protocol workers** at the default intervals 
    root (every child is sampled, nothing triggers). CPU of the supervisor process from
    ``/proc/PID/stat`` and ``schedstat`` over a fixed window once all N have started and the
    fleet has settled. A few of the N children are *probe* workers (the same protocol, written
-   to a temp dir by this script) that log when each ping arrives: the gap between consecutive
-   pings' send stamps shows how late the supervisor's heartbeat timers fire.
+   to a temp dir by this script) that log when each ping arrives: the send stamps show how late
+   the supervisor's heartbeat timers fire. By default the fleet runs four times: both monitors
+   on asyncio and on trio, then heartbeats only and memory only on asyncio (``--fleets``).
+   A floor is measured too: the CPU cost of one task that only sleeps and wakes.
 
 Usage::
 
-    .venv/bin/python bench/health_overhead.py [--quick] [--output FILE] [--workers N]
+    .venv/bin/python bench/health_overhead.py [--quick] [--output FILE] [--workers N] [--fleets ...]
 
 Every wait is bounded; only processes started here (or by the supervisor started here) are
 signalled, by pid; temp dirs are removed. No network traffic (socketpairs only).
