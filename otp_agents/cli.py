@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import logging
 import os
+import resource
 import shutil
 import sys
 from pathlib import Path
@@ -106,6 +108,7 @@ def run_cmd(
         else logging.Formatter("%(asctime)s %(levelname)-7s %(message)s")
     )
     logging.basicConfig(level=getattr(logging, log_level.upper()), handlers=[handler])
+    _raise_fd_limit()
     keeper = guard.start()  # before the event loop: forking is only safe without threads
     try:
         outcome = anyio.run(
@@ -124,6 +127,15 @@ def run_cmd(
         keeper.close()
     click.echo(f"otp-agents: {outcome.message}", err=True)
     sys.exit(outcome.code)
+
+
+def _raise_fd_limit() -> None:
+    """A protocol worker costs the supervisor about two descriptors (its channel and its pidfd):
+    raise the soft limit to the hard one, as a fleet of workers needs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _group(name: str) -> int:

@@ -77,11 +77,12 @@ class Dumper:
         state = _process_state(proc.pid)
         text, route = None, "none"
         attempts: list[str] = []
-        if proc.channel is not None and proc.ready:
+        stopped = state.startswith(("T", "t"))  # runs no handler: only py-spy can help
+        if proc.channel is not None and proc.ready and not stopped:
             text = await proc.request_dump(timeout)
             attempts.append("channel" + ("" if text else ": no answer"))
             route = "channel"
-        if text is None and proc.signal_file is not None and proc.dump_signal is not None:
+        if text is None and proc.signal_file is not None and proc.dump_signal is not None and not stopped:
             text = await _by_signal(proc, proc.signal_file, proc.dump_signal, timeout)
             attempts.append("signal" + ("" if text else ": nothing written"))
             route = "signal"

@@ -18,6 +18,7 @@ Stop ladder (``shutdown`` in the child spec):
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -398,6 +399,11 @@ def _popen(
             preexec_fn=hook,
         )
     except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise StartError(
+                f"the supervisor is out of file descriptors ({exc.strerror}); "
+                "raise its limit (about 2 per protocol worker)"
+            ) from None
         raise StartError(f"cannot execute {argv[0]!r}: {exc.strerror or exc}") from None
     except subprocess.SubprocessError as exc:
         raise StartError(f"cannot start {argv[0]!r}: {exc}") from None
