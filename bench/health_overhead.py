@@ -66,7 +66,7 @@ import msgspec
 from otp_agents import dump, memory
 from otp_agents.config import from_dict
 from otp_agents.events import Event, EventBus, Kind
-from otp_agents.linux import stat_fields
+from otp_agents.linux import cpu_ticks, per_task_counters, stat_fields
 from otp_agents.runtime import running
 from otp_agents.spec import HEALTH_DEFAULTS
 
@@ -138,36 +138,6 @@ def meminfo() -> dict[str, int]:
             parts = rest.split()
             if parts:
                 out[key] = int(parts[0]) * 1024
-    return out
-
-
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of the whole process (all threads, ended ones included), clock ticks."""
-    fields = stat_fields(pid)
-    if fields is None:
-        raise RuntimeError(f"process {pid} is gone")
-    return int(fields[11]) + int(fields[12])
-
-
-def per_task_counters(pid: int) -> dict[int, tuple[int, int]]:
-    """Per live thread: (ns on CPU from schedstat, voluntary + involuntary context switches)."""
-    out: dict[int, tuple[int, int]] = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
-                ns = int(f.read().split()[0])
-            switches = 0
-            with open(f"/proc/{pid}/task/{tid}/status", "rb") as f:
-                for line in f:
-                    if line.startswith((b"voluntary_ctxt_switches", b"nonvoluntary_ctxt_switches")):
-                        switches += int(line.split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        out[int(tid)] = (ns, switches)
     return out
 
 

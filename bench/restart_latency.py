@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from otp_agents.linux import child_pids, die_with_parent_hook, stat_fields
+from otp_agents.linux import child_pids, cpu_ticks, die_with_parent_hook, per_task_counters, stat_fields
 
 SLEEP_ARGV = ["sleep", "3600"]
 SLEEP_CMDLINE = b"sleep\x003600\x00"
@@ -64,11 +64,6 @@ SUPERVISORD = "supervisord"
 # -- /proc -------------------------------------------------------------------------------------
 
 
-def children_of(pid: int) -> list[int]:
-    """Direct children of ``pid`` (of all its threads), from /proc."""
-    return child_pids(pid)
-
-
 def cmdline(pid: int) -> bytes:
     """The raw cmdline (empty for a zombie or a vanished process)."""
     try:
@@ -80,47 +75,12 @@ def cmdline(pid: int) -> bytes:
 
 def start_time(pid: int) -> int | None:
     """Field 22 of /proc/PID/stat: identifies a process across pid reuse."""
-    stat = _stat_fields(pid)
+    stat = stat_fields(pid)
     return int(stat[19]) if stat is not None else None
 
 
-def _stat_fields(pid: int) -> list[bytes] | None:
-    """Fields of /proc/PID/stat after the ``(comm)``, i.e. starting at field 3 (state)."""
-    return stat_fields(pid)
-
-
 def sleep_children(manager: int) -> list[int]:
-    return [c for c in children_of(manager) if cmdline(c) == SLEEP_CMDLINE]
-
-
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of the whole process (all threads, dead ones included), in clock ticks."""
-    stat = _stat_fields(pid)
-    if stat is None:
-        raise RuntimeError(f"process {pid} is gone")
-    return int(stat[11]) + int(stat[12])
-
-
-def per_task_counters(pid: int) -> dict[int, tuple[int, int]]:
-    """Per live thread: (ns on CPU from schedstat, voluntary + involuntary context switches)."""
-    out: dict[int, tuple[int, int]] = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
-                ns = int(f.read().split()[0])
-            switches = 0
-            with open(f"/proc/{pid}/task/{tid}/status", "rb") as f:
-                for line in f:
-                    if line.startswith((b"voluntary_ctxt_switches", b"nonvoluntary_ctxt_switches")):
-                        switches += int(line.split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        out[int(tid)] = (ns, switches)
-    return out
+    return [c for c in child_pids(manager) if cmdline(c) == SLEEP_CMDLINE]
 
 
 # -- managers ----------------------------------------------------------------------------------
@@ -307,7 +267,7 @@ def restart_once(m: Manager) -> Sample:
     os.kill(old, signal.SIGKILL)
     deadline = t0 + RESTART_TIMEOUT
     while True:
-        for child in children_of(m.pid):
+        for child in child_pids(m.pid):
             if child != old and cmdline(child) == SLEEP_CMDLINE:
                 elapsed = time.monotonic() - t0
                 m.remember([child])

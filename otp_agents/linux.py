@@ -143,3 +143,33 @@ def child_pids(pid: int | None = None) -> list[int]:
         except OSError:
             continue
     return pids
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of a whole process (all threads, ended ones included), in clock ticks."""
+    fields = stat_fields(pid)
+    if fields is None:
+        raise ProcessLookupError(f"process {pid} is gone")
+    return int(fields[11]) + int(fields[12])
+
+
+def per_task_counters(pid: int) -> dict[int, tuple[int, int]]:
+    """Per live thread: (ns on CPU from schedstat, voluntary + involuntary context switches)."""
+    out: dict[int, tuple[int, int]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                ns = int(f.read().split()[0])
+            switches = 0
+            with open(f"/proc/{pid}/task/{tid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith((b"voluntary_ctxt_switches", b"nonvoluntary_ctxt_switches")):
+                        switches += int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        out[int(tid)] = (ns, switches)
+    return out
