@@ -117,9 +117,14 @@ class WavWriter:
 
     def _header(self, data: int) -> bytes:
         block = 2 * self.channels
-        return b"RIFF" + struct.pack("<I", 36 + data) + b"WAVEfmt " + struct.pack(
-            "<IHHIIHH", 16, 1, self.channels, self.rate, self.rate * block, block, 16
-        ) + b"data" + struct.pack("<I", data)
+        return (
+            b"RIFF"
+            + struct.pack("<I", 36 + data)
+            + b"WAVEfmt "
+            + struct.pack("<IHHIIHH", 16, 1, self.channels, self.rate, self.rate * block, block, 16)
+            + b"data"
+            + struct.pack("<I", data)
+        )
 
     def write(self, samples: np.ndarray) -> None:
         raw = np.ascontiguousarray(samples, dtype=np.int16).tobytes()
@@ -130,7 +135,7 @@ class WavWriter:
 
     def pad_to(self, seconds: float) -> None:
         """Silence up to ``seconds`` (a restarted leaf fills the time it was down)."""
-        missing = int(round((seconds - self.seconds) * self.rate))
+        missing = round((seconds - self.seconds) * self.rate)
         if missing > 0:
             self.write(np.zeros(missing * self.channels, dtype=np.int16))
 
@@ -176,7 +181,7 @@ class WavSink:
         return self._queued / self.sample_rate
 
     def advance(self, seconds: float) -> None:
-        n = int(round(seconds * self.sample_rate))
+        n = round(seconds * self.sample_rate)
         out = np.zeros(n, dtype=np.int16)
         filled = 0
         while filled < n and self._queue:

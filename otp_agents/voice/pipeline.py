@@ -100,6 +100,9 @@ class _Utterance:
     error: ProviderError | None = None
 
 
+_SttCommand = tuple[str, "_Utterance | np.ndarray"]  # ("open", utt) | ("audio", samples) | ("finish", utt)
+
+
 @dataclass
 class _Reply:
     utterance: _Utterance
@@ -159,7 +162,7 @@ class VoicePipeline:
         self._draining = False
         self.drained = False  # run() returned because of a drain, not because the input ended
         self._fallback_audio: np.ndarray | None = None
-        self._stt_send, self._stt_receive = anyio.create_memory_object_stream[object](10_000)
+        self._stt_send, self._stt_receive = anyio.create_memory_object_stream[_SttCommand](10_000)
         self._tg: anyio.abc.TaskGroup | None = None
 
     # -- public -----------------------------------------------------------------------------------
@@ -207,6 +210,8 @@ class VoicePipeline:
                     await self._finish()
             finally:
                 tg.cancel_scope.cancel()
+                self._stt_send.close()
+                self._stt_receive.close()
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
                     await source.aclose()
 
@@ -317,9 +322,9 @@ class VoicePipeline:
                 if stream is not None:
                     await stream.aclose()
                 stream, broken = self.stt.stream(), None
-            elif kind == "audio" and stream is not None and broken is None:
+            elif kind == "audio" and isinstance(item, np.ndarray) and stream is not None and broken is None:
                 try:
-                    await stream.push(item)  # type: ignore[arg-type]
+                    await stream.push(item)
                 except Exception as exc:  # the retry below re-runs the whole utterance
                     broken = exc
             elif kind == "finish" and isinstance(item, _Utterance):
@@ -423,7 +428,9 @@ class VoicePipeline:
         head, rest = await call(agent.name, first_chunk, self.settings.retry, self.stats)
         return _chain(head, rest)
 
-    async def _speak_stream(self, reply: _Reply, chunks: AsyncIterator[str], timing: dict[str, float | str]) -> str:
+    async def _speak_stream(
+        self, reply: _Reply, chunks: AsyncIterator[str], timing: dict[str, float | str]
+    ) -> str:
         """Speak complete sentences as they arrive; returns what was said."""
         said: list[str] = []
         pending = ""
@@ -449,7 +456,9 @@ class VoicePipeline:
         if "tts_s" not in timing:
             timing["tts_s"] = round(time.monotonic() - t0, 4)
         if audio is None:
-            self._emit("provider_failed", text=f"no TTS could say {sentence[:60]!r}", fields={"provider": "tts"})
+            self._emit(
+                "provider_failed", text=f"no TTS could say {sentence[:60]!r}", fields={"provider": "tts"}
+            )
             audio = self._fallback_audio
             sentence = self.settings.fallback_line
         assert audio is not None
@@ -474,10 +483,12 @@ class VoicePipeline:
     async def _synthesize(self, text: str, *, count_errors: bool = True) -> np.ndarray | None:
         stats = self.stats if count_errors else ProviderStats()
         for tts in self.tts:
+
+            async def attempt(tts: TTS = tts) -> tuple[np.ndarray, int]:
+                return await tts.synthesize(text)
+
             try:
-                samples, rate = await call(
-                    tts.name, lambda tts=tts: tts.synthesize(text), self.settings.retry, stats
-                )
+                samples, rate = await call(tts.name, attempt, self.settings.retry, stats)
             except ProviderError as exc:
                 if count_errors:
                     self._emit("provider_gave_up", text=str(exc), fields={"provider": tts.name})

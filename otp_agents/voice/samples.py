@@ -52,7 +52,10 @@ def parse_script(text: str, source: str = "<script>") -> list[str | float]:
 
 def speak_flite(text: str, voice: str) -> np.ndarray:
     done = subprocess.run(
-        ["flite", "-voice", voice, "-o", "/dev/stdout", "-t", text], capture_output=True, check=False, timeout=30
+        ["flite", "-voice", voice, "-o", "/dev/stdout", "-t", text],
+        capture_output=True,
+        check=False,
+        timeout=30,
     )
     if done.returncode != 0:
         raise ScriptError(f"flite failed on {text!r}: {done.stderr.decode(errors='replace').strip()}")

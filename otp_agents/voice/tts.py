@@ -2,7 +2,7 @@
 sentence of a reply, not after the whole reply).
 
 The offline defaults run Debian's ``flite`` or ``espeak-ng`` as a subprocess writing WAV to a
-pipe (first audio in ~10–50 ms). The pipeline takes a list of them and falls through to the next
+pipe (first audio in ~10-50 ms). The pipeline takes a list of them and falls through to the next
 when one keeps failing, so a broken voice still leaves the call with a voice.
 """
 
@@ -40,7 +40,9 @@ def parse_wav(raw: bytes, source: str) -> tuple[np.ndarray, int]:
             _, channels, rate, _, _, bits = struct.unpack_from("<HHIIHH", raw, body)
         elif tag == b"data":
             if channels != 1 or bits != 16:
-                raise ProviderError(source, "bad_audio", f"{channels} ch {bits} bit, want mono 16 bit", retryable=False)
+                raise ProviderError(
+                    source, "bad_audio", f"{channels} ch {bits} bit, want mono 16 bit", retryable=False
+                )
             data = raw[body : body + min(size, len(raw) - body)]
             data = data[: len(data) // 2 * 2]
             return np.frombuffer(data, dtype=np.int16).copy(), rate
@@ -67,9 +69,13 @@ class CommandTTS:
             with anyio.fail_after(self.timeout):
                 done = await anyio.run_process(argv, check=False)
         except FileNotFoundError:
-            raise ProviderError(self.name, "missing", f"{self.argv_prefix[0]} is not installed", retryable=False) from None
+            raise ProviderError(
+                self.name, "missing", f"{self.argv_prefix[0]} is not installed", retryable=False
+            ) from None
         except TimeoutError:
-            raise ProviderError(self.name, "timeout", f"no audio within {self.timeout}s", retryable=True) from None
+            raise ProviderError(
+                self.name, "timeout", f"no audio within {self.timeout}s", retryable=True
+            ) from None
         if done.returncode != 0:
             err = done.stderr.decode(errors="replace").strip()[:200]
             raise ProviderError(self.name, "exit", f"exit {done.returncode}: {err}", retryable=True)
