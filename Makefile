@@ -5,19 +5,32 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TREE ?= supervisors/default.toml
 
-.PHONY: setup system-deps run check test lint bench
+.PHONY: setup voice-deps system-deps run check test lint bench
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c requirements.lock -e '.[test,bench]'
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[voice,test,bench]'
 	touch $@
 
 setup: $(VENV)/.installed
 
+# flite and espeak-ng (Debian) are the voice leaves' offline voices (and speak the sample callers).
+voice-deps:
+	@missing=""; \
+	command -v flite >/dev/null 2>&1 || missing="$$missing flite"; \
+	command -v espeak-ng >/dev/null 2>&1 || missing="$$missing espeak-ng"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "not installed:$$missing (sudo apt-get install$$missing)"; exit 1; \
+	  fi; \
+	fi
+
 # Erlang/OTP (Debian's erlang-base) runs the reference supervisor in the differential test;
 # Debian's prometheus scrapes the metrics endpoint in the metrics test.
-system-deps:
+system-deps: voice-deps
 	@missing=""; \
 	command -v escript >/dev/null 2>&1 || missing="$$missing erlang-base"; \
 	command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
@@ -29,7 +42,7 @@ system-deps:
 	  fi; \
 	fi
 
-run: setup
+run: setup voice-deps
 	$(VENV)/bin/otp-agents run $(TREE)
 
 check: setup

@@ -3,6 +3,7 @@ and a listener that checks the agent's side of a call is speech (VAD + STT)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ from otp_agents.voice.tts import TTS, EspeakTTS, FliteTTS
 from otp_agents.voice.vad import SileroVAD, SpeechDetector
 
 needs_tts = pytest.mark.skipif(
-    shutil.which("flite") is None or shutil.which("espeak-ng") is None,
+    (shutil.which("flite") is None or shutil.which("espeak-ng") is None)
+    and not os.environ.get("OTP_AGENTS_REQUIRE_VOICE"),  # CI sets it: a missing voice fails there
     reason="needs Debian's flite and espeak-ng (make system-deps installs them)",
 )
 

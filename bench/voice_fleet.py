@@ -1,0 +1,204 @@
+"""Voice leaves on this machine: per-turn latency, CPU and memory per leaf, and how many
+concurrent calls the machine holds in real time.
+
+For each fleet size N it writes a tree of N voice leaves (workers/voice_agent.py, the offline
+stack: Silero VAD, pocketsphinx, flite, rule agent), each holding the same real-time call of
+four turns spoken by flite, runs it with the real CLI until every call is over, and reads:
+
+* turn latency: end of the caller's speech -> first agent audio, on the call's clock (includes
+  the 0.5 s minimum endpointing delay; ``processing`` is the rest: STT end, agent, first TTS);
+* input lateness: how far behind real time a leaf's audio input fell (a leaf that keeps up
+  stays near 0; one that does not falls further behind every second);
+* CPU: user+sys of the whole run (supervisor, leaves and their flite processes) per call-second;
+* memory: peak RSS and PSS of each leaf process, sampled every 0.5 s from /proc.
+
+A fleet size "holds in real time" when every leaf's input stayed under 100 ms late and the
+95th-percentile turn latency stayed under 1.5 s.
+
+    .venv/bin/python bench/voice_fleet.py [--leaves 1,2,4,8,12,16] [--quick] [--output FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCRIPT = """\
+Remember the number seven.
+My favorite color is green.
+What is my favorite color?
+What number did I tell you?
+"""
+QUICK_SCRIPT = "What is my favorite color?\n"
+LATE_LIMIT = 0.1
+P95_LIMIT = 1.5
+
+
+def _tree(tmp: Path, n: int, script: Path) -> Path:
+    lines = ['id = "root"', 'auto_shutdown = "any_significant"', "intensity = 0", "period = 60"]
+    lines += [
+        "[[children]]",
+        'id = "calls"',
+        'restart = "transient"',
+        "significant = true",
+        'auto_shutdown = "all_significant"',
+        "intensity = 0",
+        "period = 60",
+    ]
+    for i in range(n):
+        lines += [
+            "  [[children.children]]",
+            f'  id = "leaf-{i}"',
+            '  module = "workers.voice_agent:main"',
+            f'  args = ["--conversation", "{script}", "--out", "{tmp / "out" / f"leaf-{i}"}", '
+            '"--caller-voice", "rms"]',
+            '  restart = "transient"',
+            "  significant = true",
+            "  start_timeout = 60",
+            f'  cwd = "{ROOT}"',
+        ]
+    tree = tmp / "tree.toml"
+    tree.write_text("\n".join(lines) + "\n")
+    return tree
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def _mem_kb(pid: int) -> tuple[int, int]:
+    rss = pss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Rss:"):
+                    rss = int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss = int(line.split()[1])
+    except OSError:
+        pass
+    return rss, pss
+
+
+def run_fleet(n: int, script_text: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="otp-voice-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        script = tmp / "call.txt"
+        script.write_text(script_text)
+        # Render the caller once, so the N leaves do not all synthesize it at the same time.
+        from otp_agents.voice.samples import render_script
+
+        for i in range(n):
+            render_script(script, tmp / "out" / f"leaf-{i}", voice="rms")
+        tree = _tree(tmp, n, script)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "otp_agents.cli", "run", str(tree), "--state-dir", str(tmp / "state")],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        peaks: dict[int, tuple[int, int]] = {}
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and time.monotonic() < deadline:
+            for leaf in _children(proc.pid):
+                rss, pss = _mem_kb(leaf)
+                old = peaks.get(leaf, (0, 0))
+                peaks[leaf] = (max(old[0], rss), max(old[1], pss))
+            time.sleep(0.5)
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate()
+        wall = time.monotonic() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if proc.returncode != 0:
+            raise SystemExit(f"fleet of {n} failed ({proc.returncode}): {err.decode()[-2000:]}")
+        latencies: list[float] = []
+        processing: list[float] = []
+        late: list[float] = []
+        call_seconds = 0.0
+        for i in range(n):
+            events = [
+                json.loads(line)
+                for line in (tmp / "out" / f"leaf-{i}" / "events.jsonl").read_text().splitlines()
+                if line.strip()
+            ]
+            for e in events:
+                if e["kind"] == "turn":
+                    latencies.append(e["value"])
+                    processing.append(e["value"] - 0.5)
+                elif e["kind"] == "input_finished":
+                    late.append(e.get("late") or 0.0)
+                    call_seconds += e["t"]
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        rss = sorted(v[0] for v in peaks.values())
+        pss = sorted(v[1] for v in peaks.values())
+        q = statistics.quantiles(latencies, n=20) if len(latencies) >= 2 else latencies * 19
+        result = {
+            "leaves": n,
+            "turns": len(latencies),
+            "latency_median_s": round(statistics.median(latencies), 3),
+            "latency_p95_s": round(q[18], 3),
+            "latency_max_s": round(max(latencies), 3),
+            "processing_median_ms": round(1000 * statistics.median(processing), 1),
+            "input_late_max_ms": round(1000 * max(late), 1),
+            "cpu_s": round(cpu, 2),
+            "call_seconds": round(call_seconds, 1),
+            "cpu_per_call_second_pct": round(100 * cpu / call_seconds, 1) if call_seconds else None,
+            "wall_s": round(wall, 1),
+            "rss_median_mb": round(statistics.median(rss) / 1024, 1) if rss else None,
+            "pss_median_mb": round(statistics.median(pss) / 1024, 1) if pss else None,
+        }
+        result["real_time"] = bool(max(late) < LATE_LIMIT and result["latency_p95_s"] < P95_LIMIT)
+        return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--leaves", default="1,2,4,8,12,16")
+    parser.add_argument("--quick", action="store_true", help="one leaf, one turn (a smoke run)")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    sizes = [1] if args.quick else [int(x) for x in args.leaves.split(",")]
+    script = QUICK_SCRIPT if args.quick else SCRIPT
+    results = []
+    for n in sizes:
+        r = run_fleet(n, script)
+        results.append(r)
+        print(json.dumps(r), file=sys.stderr, flush=True)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}")
+    print(
+        "| leaves | turns | latency median | p95 | max | processing median | input late max "
+        "| CPU per call-second | RSS / PSS per leaf | real time |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['leaves']} | {r['turns']} | {r['latency_median_s']} s | {r['latency_p95_s']} s "
+            f"| {r['latency_max_s']} s | {r['processing_median_ms']} ms | {r['input_late_max_ms']} ms "
+            f"| {r['cpu_per_call_second_pct']} % | {r['rss_median_mb']} / {r['pss_median_mb']} MB "
+            f"| {'yes' if r['real_time'] else 'no'} |"
+        )
+    if args.output:
+        args.output.write_text(json.dumps({"voice_fleet": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
