@@ -148,8 +148,8 @@ def run_fleet(n: int, script_text: str) -> dict[str, Any]:
                     late.append(e.get("late") or 0.0)
                     call_seconds += e["t"]
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-        rss = sorted(v[0] for v in peaks.values())
-        pss = sorted(v[1] for v in peaks.values())
+        rss_kb = sorted(v[0] for v in peaks.values())
+        pss_kb = sorted(v[1] for v in peaks.values())
         q = statistics.quantiles(latencies, n=20) if len(latencies) >= 2 else latencies * 19
         result = {
             "leaves": n,
@@ -163,10 +163,10 @@ def run_fleet(n: int, script_text: str) -> dict[str, Any]:
             "call_seconds": round(call_seconds, 1),
             "cpu_per_call_second_pct": round(100 * cpu / call_seconds, 1) if call_seconds else None,
             "wall_s": round(wall, 1),
-            "rss_median_mb": round(statistics.median(rss) / 1024, 1) if rss else None,
-            "pss_median_mb": round(statistics.median(pss) / 1024, 1) if pss else None,
+            "rss_median_mb": round(statistics.median(rss_kb) / 1024, 1) if rss_kb else None,
+            "pss_median_mb": round(statistics.median(pss_kb) / 1024, 1) if pss_kb else None,
+            "real_time": bool(max(late) < LATE_LIMIT and q[18] < P95_LIMIT),
         }
-        result["real_time"] = bool(max(late) < LATE_LIMIT and result["latency_p95_s"] < P95_LIMIT)
         return result
 
 

@@ -44,7 +44,7 @@ state_dir_option = click.option(
     envvar="OTP_AGENTS_STATE_DIR",
     default="state",
     show_default=True,
-    help="The tree's state dir: its control socket and its stack dumps (dumps/).",
+    help="The tree's state dir: its control socket, stack dumps (dumps/) and checkpoints (checkpoints/).",
 )
 
 

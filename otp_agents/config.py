@@ -20,6 +20,7 @@ from typing import Any
 
 import msgspec
 
+from .messages import MAX_CHECKPOINT
 from .spec import (
     HEALTH_DEFAULTS,
     AutoShutdown,
@@ -142,6 +143,8 @@ def _friendly(problem: str, leaf: str, value: Any) -> str:
         problem = "expected one of " + ", ".join(_CHOICES[leaf])
     elif leaf == "shutdown":
         problem = 'expected seconds > 0, "brutal_kill" or "infinity"'
+    elif leaf == "checkpoint_max_bytes":
+        problem = f"expected a whole number of bytes from 0 to {MAX_CHECKPOINT} (0 turns checkpoints off)"
     elif leaf == "id" and "regex" in problem:
         problem = "expected an id of 1-63 letters, digits, '_', '.' or '-' (no '/')"
     problem = problem.replace("Object contains unknown field", "unknown key")

@@ -37,6 +37,11 @@ class Kind(enum.StrEnum):
     PROTOCOL_ERROR = "protocol_error"
     ORPHAN_REAPED = "orphan_reaped"
     WORKER_LOG = "worker_log"
+    WORKER_REPORT = "worker_report"  # a measurement: reason = name, value, detail = "k=v,k=v"
+    # crash-resume checkpoints (checkpoint.py)
+    CHECKPOINT = "checkpoint"  # kept (value = size in bytes; 0: cleared)
+    CHECKPOINT_DROPPED = "checkpoint_dropped"  # refused or unreadable; reason says why
+    RESUMED = "resumed"  # a (re)started child was handed its checkpoint (value = size)
     # health monitors
     SLOW_PING = "slow_ping"
     HANG = "hang"
@@ -173,6 +178,10 @@ _LEVELS = {
     Kind.PROTOCOL_ERROR: logging.ERROR,
     Kind.CHILD_EXITED: logging.WARNING,
     Kind.AUTO_SHUTDOWN: logging.WARNING,
+    Kind.CHECKPOINT_DROPPED: logging.WARNING,
+    # Frequent by design (one per checkpoint or measurement): not for the stderr log at INFO.
+    Kind.CHECKPOINT: logging.DEBUG,
+    Kind.WORKER_REPORT: logging.DEBUG,
 }
 
 

@@ -7,9 +7,10 @@ other languages can implement a worker from ``protocols/schema.json`` alone.
 Session, in order::
 
     worker     -> supervisor  Hello(versions, pid)
-    supervisor -> worker      Welcome(version, path)          or Reject(reason)
+    supervisor -> worker      Welcome(version, path, checkpoint?, checkpoint_max)   or Reject(reason)
     worker     -> supervisor  Ready()                           the child now counts as started
     ...        <->            Ping / Pong, Log, Error           any time after Welcome
+    worker     -> supervisor  Checkpoint(data), Report(name, value, labels)   any time after Welcome
     supervisor -> worker      DumpRequest(id) -> Dump(id, text) stacks of threads and tasks
     supervisor -> worker      Drain(reason)                     finish current work, then exit 0
     supervisor -> worker      Shutdown(timeout, reason)         finish, then exit 0
@@ -26,8 +27,23 @@ PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 MAX_FRAME = 1 << 20  # default maximum frame body, bytes
 MAX_DUMP_TEXT = 768 * 1024  # a stack dump is cut to this many characters to fit in a frame
+# The largest checkpoint_max_bytes a child spec may set: a Welcome carrying it still fits a frame.
+MAX_CHECKPOINT = 768 * 1024
+REPORT_NAME = r"^[a-z][a-z0-9_]{0,63}$"
+LABEL_NAME = r"^[a-z][a-z0-9_]{0,31}$"
+MAX_LABELS = 8
+MAX_LABEL_VALUE = 64
 
 _Text = Annotated[str, msgspec.Meta(max_length=65536)]
+# Report names and labels are bounded on the wire, so a worker cannot flood the event stream
+# or the metrics with arbitrary keys.
+_Labels = Annotated[
+    dict[
+        Annotated[str, msgspec.Meta(pattern=LABEL_NAME)],
+        Annotated[str, msgspec.Meta(max_length=MAX_LABEL_VALUE)],
+    ],
+    msgspec.Meta(max_length=MAX_LABELS),
+]
 
 
 class _Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=False, omit_defaults=True):
@@ -42,6 +58,8 @@ class Hello(_Msg, tag="hello"):
 class Welcome(_Msg, tag="welcome"):
     version: int
     path: str
+    checkpoint: bytes | None = None  # the child's last checkpoint, handed back on every (re)start
+    checkpoint_max: int = 0  # the largest checkpoint the supervisor keeps; 0: checkpoints are off
 
 
 class Reject(_Msg, tag="reject"):
@@ -94,8 +112,33 @@ class Error(_Msg, tag="error"):
     message: _Text
 
 
+class Checkpoint(_Msg, tag="checkpoint"):
+    # Not bounded here: one over the child's limit is dropped with an event, not a protocol fault.
+    data: bytes  # opaque to the supervisor; empty: forget the checkpoint (the work is complete)
+
+
+class Report(_Msg, tag="report"):
+    name: Annotated[str, msgspec.Meta(pattern=REPORT_NAME)]
+    value: float
+    labels: _Labels = {}
+
+
 Message = (
-    Hello | Welcome | Reject | Ready | Ping | Pong | Shutdown | Drain | DumpRequest | Dump | Bye | Log | Error
+    Hello
+    | Welcome
+    | Reject
+    | Ready
+    | Ping
+    | Pong
+    | Shutdown
+    | Drain
+    | DumpRequest
+    | Dump
+    | Bye
+    | Log
+    | Error
+    | Checkpoint
+    | Report
 )
 ALL_MESSAGES: tuple[type[_Msg], ...] = (
     Hello,
@@ -111,4 +154,6 @@ ALL_MESSAGES: tuple[type[_Msg], ...] = (
     Bye,
     Log,
     Error,
+    Checkpoint,
+    Report,
 )

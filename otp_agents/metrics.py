@@ -6,13 +6,16 @@ the tree has started and while it is not stopping (readiness). The HTTP server i
 listener on the loop itself, so scrapes read the tree's state without threads or locks.
 
 Label cardinality stays bounded: children of a ``simple_one_for_one`` supervisor are labelled by
-their template's path (``root/rooms/leaf``), not by instance (``root/rooms/leaf-4711``).
+their template's path (``root/rooms/leaf``), not by instance (``root/rooms/leaf-4711``), and
+worker reports feed metrics only for the fixed catalogue of names in :meth:`Metrics.on_report`
+(any other name is an event, nothing more).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -27,6 +30,7 @@ from prometheus_client.registry import Collector
 
 from .events import Event, Kind
 from .memory import MB, rss_bytes, tree_pids
+from .messages import Report
 from .process import ChildProcess
 from .spec import Strategy
 from .supervisor import Supervisor
@@ -38,6 +42,8 @@ log = logging.getLogger("otp_agents")
 
 _DYNAMIC = re.compile(r"-\d+$")
 _STATES = ("running", "stopped", "restarting", "held")
+_LABEL_CHARS = 32  # report label values are cut to this for metrics
+_LABEL_SETS = 100  # distinct provider/kind pairs kept apart; later ones are counted as "other"
 
 
 class Metrics:
@@ -97,6 +103,36 @@ class Metrics:
         self.health_kills = Counter(
             "otp_agents_health_kills", "Children killed for health reasons.", ["path", "reason"], registry=r
         )
+        self.checkpoints = Counter(
+            "otp_agents_checkpoints", "Checkpoints kept, by child.", ["path"], registry=r
+        )
+        self.checkpoints_dropped = Counter(
+            "otp_agents_checkpoints_dropped",
+            "Checkpoints refused (too_large, disabled) or unreadable on disk (bad_crc, ...).",
+            ["path", "reason"],
+            registry=r,
+        )
+        self.resumes = Counter(
+            "otp_agents_resumes", "Starts handed a checkpoint to resume from.", ["path"], registry=r
+        )
+        # The catalogue of worker reports (see on_report).
+        self.turn_latency = Histogram(
+            "otp_agents_voice_turn_latency_seconds",
+            "Voice agents: from the end of the user's speech to the start of the reply.",
+            ["path"],
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10),
+            registry=r,
+        )
+        self.provider_errors = Counter(
+            "otp_agents_voice_provider_errors",
+            "Voice agents: errors of their providers (STT, LLM, TTS), by provider and kind.",
+            ["path", "provider", "kind"],
+            registry=r,
+        )
+        self.turns = Counter(
+            "otp_agents_voice_turns", "Voice agents: conversation turns.", ["path"], registry=r
+        )
+        self._label_sets: set[tuple[str, str]] = set()
         ProcessCollector(registry=r)
         r.register(_TreeCollector(self))
 
@@ -113,6 +149,7 @@ class Metrics:
 
         dynamic(tree.root)
         tree.host.on_rtt = self.observe_rtt
+        tree.host.on_report = self.on_report
 
     def label(self, path: str) -> str:
         """A child's path as a bounded label: dynamic instances share their template's path."""
@@ -140,11 +177,37 @@ class Metrics:
             self.exhausted.labels(self.label(event.path)).inc()
         elif kind is Kind.HEALTH_KILL:
             self.health_kills.labels(self.label(event.path), event.reason or "unknown").inc()
+        elif kind is Kind.CHECKPOINT and event.value:  # value 0: cleared, not a checkpoint
+            self.checkpoints.labels(self.label(event.path)).inc()
+        elif kind is Kind.CHECKPOINT_DROPPED:
+            self.checkpoints_dropped.labels(self.label(event.path), event.reason or "unknown").inc()
+        elif kind is Kind.RESUMED:
+            self.resumes.labels(self.label(event.path)).inc()
         if kind in (Kind.CHILD_EXITED, Kind.SUPERVISOR_STOPPED):
             self._last_reason[event.path] = _restart_reason(event)
 
     def observe_rtt(self, path: str, rtt: float) -> None:
         self.rtt_seconds.labels(self.label(path)).observe(rtt)
+
+    def on_report(self, path: str, report: Report) -> None:
+        """A worker's measurement: known names feed their metric, others only the event."""
+        value = report.value
+        if not math.isfinite(value):
+            return
+        name = report.name
+        if name == "voice_turn_latency_seconds" and value >= 0:
+            self.turn_latency.labels(self.label(path)).observe(value)
+        elif name == "voice_turns" and value >= 0:
+            self.turns.labels(self.label(path)).inc(value)
+        elif name == "voice_provider_errors" and value >= 0:
+            provider = report.labels.get("provider", "")[:_LABEL_CHARS]
+            kind = report.labels.get("kind", "")[:_LABEL_CHARS]
+            if (provider, kind) not in self._label_sets:
+                if len(self._label_sets) >= _LABEL_SETS:  # a worker inventing labels: bounded
+                    provider, kind = "other", "other"
+                else:
+                    self._label_sets.add((provider, kind))
+            self.provider_errors.labels(self.label(path), provider, kind).inc(value)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -36,6 +36,7 @@ import anyio.abc
 
 from . import health, linux
 from .channel import Channel, ChannelClosed
+from .checkpoint import CheckpointStore
 from .dump import Dumper, remove_signal_file
 from .events import EventBus, Kind
 from .guard import Guard
@@ -44,6 +45,7 @@ from .memory import MemoryWatch
 from .messages import (
     SUPPORTED_VERSIONS,
     Bye,
+    Checkpoint,
     Dump,
     DumpRequest,
     Error,
@@ -53,6 +55,7 @@ from .messages import (
     Pong,
     Ready,
     Reject,
+    Report,
     Shutdown,
     Welcome,
 )
@@ -64,6 +67,9 @@ log = logging.getLogger("otp_agents")
 # After SIGKILL a process normally disappears within milliseconds; a process stuck in
 # uninterruptible sleep may not. We stop waiting after this long and say so.
 KILL_WAIT = 10.0
+# How long an exited worker's last frames (its final checkpoint, say) may take to be read before
+# its exit is handled. The group is dead by then, so end of stream normally comes at once.
+DRAIN_WAIT = 0.2
 ENV_FD = "OTP_AGENTS_FD"
 ENV_PATH = "OTP_AGENTS_PATH"
 ENV_BACKEND = "OTP_AGENTS_BACKEND"
@@ -93,12 +99,15 @@ class Host:
     guard: Guard | None = None  # kills our process groups if this process dies
     stopping: bool = False  # the whole tree is being stopped: start nothing new
     on_rtt: Callable[[str, float], None] | None = None  # heartbeat round trips, for metrics
+    on_report: Callable[[str, Report], None] | None = None  # worker measurements, for metrics
     dumper: Dumper = field(init=False)
     memory: MemoryWatch = field(init=False)
+    checkpoints: CheckpointStore = field(init=False)
 
     def __post_init__(self) -> None:
         self.dumper = Dumper(self.state_dir, self.bus, self.tracked)
         self.memory = MemoryWatch(self.bus)
+        self.checkpoints = CheckpointStore(self.state_dir, self.bus, self.tg)
 
 
 @dataclass
@@ -156,6 +165,7 @@ class ChildProcess:
         self.dump_signal: int | None = None
         self._dump_seq = 0
         self._dumps: dict[int, tuple[anyio.Event, list[str]]] = {}
+        self._reader_done = anyio.Event()
         host.tracked[self.pid] = path
         if host.guard is not None:
             host.guard.add(self.pid)
@@ -179,9 +189,14 @@ class ChildProcess:
         self._untrack()
         remove_signal_file(self.signal_file)
         self.exit = Exit(status=status, requested=self._requested, fault=self._fault)
-        self.exited.set()
         if self.channel is not None and self.ready:  # during the handshake, spawn() owns it
+            # What it wrote just before dying (a last checkpoint) may still be unread: let the
+            # reader take it up to end of stream, so it is handled before the exit is, and
+            # nothing of this instance arrives after its supervisor moved on.
+            with anyio.move_on_after(DRAIN_WAIT):
+                await self._reader_done.wait()
             await self.channel.aclose()
+        self.exited.set()
         self._on_exit(self)
 
     def _untrack(self) -> None:
@@ -314,6 +329,8 @@ class ChildProcess:
             self.fault(f"protocol error: {exc}")
         except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError):
             return
+        finally:
+            self._reader_done.set()
 
     def _handle(self, msg: Message, bus: EventBus) -> None:
         if isinstance(msg, Pong):
@@ -327,6 +344,16 @@ class ChildProcess:
             bus.emit(Kind.WORKER_LOG, self.path, pid=self.pid, detail=msg.message, code=msg.level)
         elif isinstance(msg, Error):
             bus.emit(Kind.WORKER_LOG, self.path, pid=self.pid, detail=msg.message, reason="error")
+        elif isinstance(msg, Checkpoint):
+            limit = self.spec.checkpoint_max_bytes if isinstance(self.spec, WorkerSpec) else 0
+            self._host.checkpoints.put(self.path, msg.data, limit, pid=self.pid)
+        elif isinstance(msg, Report):
+            labels = ",".join(f"{k}={v}" for k, v in msg.labels.items()) if msg.labels else None
+            bus.emit(
+                Kind.WORKER_REPORT, self.path, pid=self.pid, reason=msg.name, value=msg.value, detail=labels
+            )
+            if self._host.on_report is not None:
+                self._host.on_report(self.path, msg)
         elif isinstance(msg, Bye):
             pass
         elif isinstance(msg, Hello | Ready):
@@ -511,7 +538,13 @@ async def _handshake(proc: ChildProcess, channel: Channel, spec: WorkerSpec) -> 
             )
             problem = f"worker speaks protocol versions {hello.versions}, we speak {list(SUPPORTED_VERSIONS)}"
             return
-        await channel.send(Welcome(version=common[-1], path=proc.path))
+        limit = spec.checkpoint_max_bytes
+        checkpoint = await proc._host.checkpoints.get(proc.path, limit) if limit else None
+        await channel.send(
+            Welcome(version=common[-1], path=proc.path, checkpoint=checkpoint, checkpoint_max=limit)
+        )
+        if checkpoint is not None:
+            proc._host.bus.emit(Kind.RESUMED, proc.path, pid=proc.pid, value=len(checkpoint))
         while True:
             msg = await channel.receive()
             if isinstance(msg, Ready):
@@ -522,7 +555,7 @@ async def _handshake(proc: ChildProcess, channel: Channel, spec: WorkerSpec) -> 
                     await proc.exited.wait()
                 problem = "exited before it was ready"
                 return
-            if isinstance(msg, Log | Error):  # allowed any time after Welcome
+            if isinstance(msg, Log | Error | Checkpoint | Report):  # allowed any time after Welcome
                 proc._handle(msg, proc._host.bus)
                 continue
             problem = f"expected ready, got {type(msg).__name__.lower()}"

@@ -97,7 +97,8 @@ async def running(
     Raises :class:`~otp_agents.process.StartError` if the root cannot start (nothing is left
     running then). ``subreaper`` makes this process adopt and reap orphaned grandchildren; only
     the CLI turns it on, since it takes over reaping for the whole process. ``state_dir`` holds
-    stack dumps (``dumps/``); by default a new temporary directory, which is kept.
+    stack dumps (``dumps/``) and checkpoints (``checkpoints/``); by default a new temporary
+    directory, which is kept.
     """
     bus = bus or EventBus()
     async with anyio.create_task_group() as tg:
@@ -137,6 +138,8 @@ async def running(
                     if not root.finished.is_set():
                         await root.stop()
         with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(5):  # the children's last checkpoints, for the next run
+                await host.checkpoints.flush()
             if subreaper:
                 await _kill_adopted(host, spec.id)
             bus.close()
@@ -215,6 +218,8 @@ async def run(
                 assert ex is not None
                 if ex.requested:
                     outcome = Outcome(EXIT_OK, f"{spec.id}: stopped")
+                elif ex.reason == "auto_shutdown":  # OTP: exits with reason shutdown, not a failure
+                    outcome = Outcome(EXIT_OK, f"{spec.id}: done ({ex.child} ended; auto_shutdown)")
                 else:
                     outcome = Outcome(EXIT_GAVE_UP, f"{spec.id}: root supervisor gave up: {ex.describe()}")
             except StartAborted:

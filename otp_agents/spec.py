@@ -23,6 +23,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from .messages import MAX_CHECKPOINT
+
 ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$"
 
 ChildId = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
@@ -162,6 +164,9 @@ class WorkerSpec(_ProcessBase, kw_only=True, frozen=True, tag_field="kind", tag=
     python: str | None = None  # interpreter; default: the supervisor's own
     backend: Literal["asyncio", "trio"] = "asyncio"
     start_timeout: Seconds = 10.0
+    # Largest checkpoint kept for this child (bytes); 0 turns checkpoints off. The cap keeps a
+    # Welcome that carries one inside a frame.
+    checkpoint_max_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_CHECKPOINT)] = 65536
 
 
 class SupervisorSpec(_ChildBase, kw_only=True, frozen=True, tag_field="kind", tag="supervisor"):

@@ -211,6 +211,11 @@ class Supervisor:
         :class:`StartError` is raised; nothing of this supervisor is left running.
         """
         self.host.bus.emit(Kind.SUPERVISOR_STARTED, self.path, detail=self.spec.strategy.value)
+        if self._dynamic:
+            # It starts with no children: checkpoints left below it (its previous run was killed
+            # before it could delete its children) belong to nobody and must not be handed to a
+            # new child that happens to get the same id.
+            await self.host.checkpoints.clear_under(self.path)
         for slot in list(self.slots.values()):
             try:
                 if self.host.stopping:
@@ -575,7 +580,9 @@ class Supervisor:
             child=ex.child,
             detail=ex.cause,
         )
-        if not ex.requested and self._notify_parent is not None:
+        if not ex.requested and self._notify_parent is not None and ex.reason != "auto_shutdown":
+            # An auto_shutdown is a significant child's work being over, not a failure: the parent
+            # sees a normal exit of a significant child (it logs AUTO_SHUTDOWN itself if it cares).
             self.host.bus.emit(Kind.ESCALATED, self.path, reason=ex.reason, child=ex.child)
         self.finished.set()
         if self._notify_parent is not None and not ex.requested:
@@ -597,7 +604,7 @@ class Supervisor:
             await self._start_slot(slot)
         except StartError:
             self.state.children.remove(self.state.find(child_id))  # type: ignore[arg-type]
-            del self.slots[child_id]
+            self._forget_checkpoint(self.slots.pop(child_id))
             raise
         return slot.path
 
@@ -710,7 +717,12 @@ class Supervisor:
         if len(self.slots) != len(self.state.children):
             live = {rec.id for rec in self.state.children}
             for sid in [s for s in self.slots if s not in live]:
-                del self.slots[sid]
+                self._forget_checkpoint(self.slots.pop(sid))
+
+    def _forget_checkpoint(self, slot: Slot) -> None:
+        """A child deleted for good (dynamic or temporary) takes its checkpoint along."""
+        if isinstance(slot.spec, WorkerSpec):
+            self.host.checkpoints.clear(slot.path)
 
     def _all_slots(self) -> list[tuple[Supervisor, Slot]]:
         out: list[tuple[Supervisor, Slot]] = []

@@ -26,6 +26,7 @@ import contextlib
 import faulthandler
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -38,9 +39,15 @@ import anyio
 from . import stacks
 from .channel import Channel, ChannelClosed
 from .messages import (
+    LABEL_NAME,
+    MAX_CHECKPOINT,
     MAX_DUMP_TEXT,
+    MAX_LABEL_VALUE,
+    MAX_LABELS,
+    REPORT_NAME,
     SUPPORTED_VERSIONS,
     Bye,
+    Checkpoint,
     Drain,
     Dump,
     DumpRequest,
@@ -49,6 +56,7 @@ from .messages import (
     Ping,
     Pong,
     Reject,
+    Report,
     Shutdown,
     Welcome,
 )
@@ -64,14 +72,29 @@ SIGNAL_FRAME_SKEW = 0.5
 EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_NO_SUPERVISOR = 70
+_REPORT_NAME = re.compile(REPORT_NAME)
+_LABEL_NAME = re.compile(LABEL_NAME)
 
 
 class Worker:
-    """Handed to a worker's main function."""
+    """Handed to a worker's main function.
 
-    def __init__(self, channel: Channel, path: str, args: list[str]) -> None:
+    ``resumed`` is the last checkpoint this child sent before it was restarted (after a crash,
+    a kill, a recycle or a supervisor restart), or None: resume from it, then keep checkpointing.
+    """
+
+    def __init__(
+        self,
+        channel: Channel,
+        path: str,
+        args: list[str],
+        resumed: bytes | None = None,
+        checkpoint_max: int = 0,
+    ) -> None:
         self.path = path
         self.args = args
+        self.resumed = resumed
+        self.checkpoint_max = checkpoint_max  # 0: the supervisor keeps no checkpoints
         self._channel = channel
         self._stop = anyio.Event()
         self._ready_sent = False
@@ -99,6 +122,35 @@ class Worker:
     async def log(self, message: str, level: int = logging.INFO) -> None:
         """Send a log line into the supervisor's event stream."""
         await self._channel.send(Log(level=level, message=message[:65536]))
+
+    async def checkpoint(self, data: bytes) -> None:
+        """Leave ``data`` with the supervisor: the next start of this child gets it as ``resumed``.
+
+        Keep it small (at most ``checkpoint_max`` bytes) and send it when the state changes; only
+        the newest one is kept. Empty data forgets it (:meth:`clear_checkpoint`).
+        """
+        limit = self.checkpoint_max or MAX_CHECKPOINT
+        if len(data) > limit:
+            raise ValueError(f"checkpoint of {len(data)} bytes is over the limit of {limit} bytes")
+        await self._channel.send(Checkpoint(data=bytes(data)))
+
+    async def clear_checkpoint(self) -> None:
+        """The work is complete: the next start of this child begins fresh."""
+        await self._channel.send(Checkpoint(data=b""))
+
+    async def report(self, name: str, value: float, **labels: str) -> None:
+        """Send a measurement (``voice_turn_latency_seconds``, 0.42) to the supervisor's event
+        stream; known names also feed its Prometheus metrics."""
+        if not _REPORT_NAME.fullmatch(name):
+            raise ValueError(f"report name {name!r} must match {REPORT_NAME}")
+        if len(labels) > MAX_LABELS:
+            raise ValueError(f"at most {MAX_LABELS} labels, got {len(labels)}")
+        for key, text in labels.items():
+            if not _LABEL_NAME.fullmatch(key):
+                raise ValueError(f"label name {key!r} must match {LABEL_NAME}")
+            if len(text) > MAX_LABEL_VALUE:
+                raise ValueError(f"label {key} is over {MAX_LABEL_VALUE} characters")
+        await self._channel.send(Report(name=name, value=float(value), labels=labels))
 
     def request_stop(self, reason: str, timeout: float | None = None) -> None:
         if not self._stop.is_set():
@@ -138,7 +190,13 @@ async def _serve(main: Main, args: list[str]) -> int:
         if not isinstance(first, Welcome):
             sys.stderr.write(f"otp-agents worker: expected welcome, got {type(first).__name__}\n")
             return EXIT_NO_SUPERVISOR
-        worker = Worker(channel, first.path or os.environ.get(ENV_PATH, ""), args)
+        worker = Worker(
+            channel,
+            first.path or os.environ.get(ENV_PATH, ""),
+            args,
+            resumed=first.checkpoint or None,
+            checkpoint_max=first.checkpoint_max,
+        )
         return await _supervised(main, worker, channel)
     except (ChannelClosed, FrameError, OSError) as exc:
         sys.stderr.write(f"otp-agents worker: lost the supervisor channel: {exc}\n")

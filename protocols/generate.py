@@ -10,7 +10,7 @@ Outputs:
 * ``golden/<type>.bin``: one complete frame (4-byte header + body) per message type, encoded
   by ``otp_agents.wire.encode`` from the fixed example values below.
 * ``golden/index.json``: for each golden file, its type, size, hex bytes and the body decoded
-  as plain MessagePack, shown as JSON.
+  as plain MessagePack, shown as JSON (``bin`` values as base64 strings).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from otp_agents.messages import (  # noqa: E402
     MAX_FRAME,
     SUPPORTED_VERSIONS,
     Bye,
+    Checkpoint,
     Drain,
     Dump,
     DumpRequest,
@@ -45,6 +46,7 @@ from otp_agents.messages import (  # noqa: E402
     Pong,
     Ready,
     Reject,
+    Report,
     Shutdown,
     Welcome,
 )
@@ -57,7 +59,7 @@ INDEX = GOLDEN / "index.json"
 # so those two frames are exactly what the supervisor and the Python worker library send.
 EXAMPLES: tuple[Message, ...] = (
     Hello(versions=[1], pid=4242),
-    Welcome(version=1, path="root/agents/w1"),
+    Welcome(version=1, path="root/agents/w1", checkpoint=b'{"turn":3}', checkpoint_max=65536),
     Reject(reason="no common protocol version (we speak [1])"),
     Ready(),
     Ping(seq=7, sent_ns=1_234_567_890_123),
@@ -69,6 +71,8 @@ EXAMPLES: tuple[Message, ...] = (
     Bye(),
     Log(level=20, message="model loaded in 2.5 s \u2014 r\u00e9sum\u00e9 \u2713"),
     Error(message="inference failed: out of memory"),
+    Checkpoint(data=b'{"turn":4}'),
+    Report(name="voice_provider_errors", value=1.0, labels={"provider": "deepgram", "kind": "timeout"}),
 )
 
 
@@ -114,7 +118,7 @@ def expected_files() -> dict[Path, bytes]:
                 "type": tag(msg),
                 "size": len(frame),
                 "hex": frame.hex(),
-                "value": msgspec.msgpack.decode(frame[wire.HEADER_SIZE :]),
+                "value": msgspec.to_builtins(msgspec.msgpack.decode(frame[wire.HEADER_SIZE :])),
             }
         )
     files[INDEX] = (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode()

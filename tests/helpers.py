@@ -87,10 +87,12 @@ async def settle(tree: Tree) -> None:
 
 
 @asynccontextmanager
-async def tree_of(config: dict[str, Any]) -> AsyncIterator[tuple[Tree, Recorder]]:
+async def tree_of(
+    config: dict[str, Any], state_dir: Path | None = None
+) -> AsyncIterator[tuple[Tree, Recorder]]:
     bus = EventBus()
     rec = Recorder(bus)
-    async with running(from_dict(config), bus=bus) as tree:
+    async with running(from_dict(config), bus=bus, state_dir=state_dir) as tree:
         yield tree, rec
 
 

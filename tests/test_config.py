@@ -147,6 +147,23 @@ def test_refusals_name_the_place(text: str, message: str) -> None:
     assert str(refused(text)) == message
 
 
+def test_checkpoint_max_bytes() -> None:
+    spec = loads(
+        '[[children]]\nid="w"\nmodule="m:f"\n[[children]]\nid="x"\nmodule="m:f"\ncheckpoint_max_bytes=0\n'
+    )
+    default, off = spec.children
+    assert isinstance(default, WorkerSpec) and default.checkpoint_max_bytes == 65536
+    assert isinstance(off, WorkerSpec) and off.checkpoint_max_bytes == 0
+    limit = "expected a whole number of bytes from 0 to 786432 (0 turns checkpoints off)"
+    for value in ("-1", "786433", "1.5", '"64k"'):
+        err = refused(f'[[children]]\nid="w"\nmodule="m:f"\ncheckpoint_max_bytes={value}\n')
+        shown = repr(value.strip('"')) if value.startswith('"') else value
+        assert str(err) == f"tree.toml: children[0].checkpoint_max_bytes: {limit}, got {shown}"
+    # a plain command keeps no checkpoints: the key is not one of its keys
+    err = refused('[[children]]\nid="c"\ncommand=["x"]\ncheckpoint_max_bytes=10\n')
+    assert str(err) == "tree.toml: children[0]: unknown key `checkpoint_max_bytes`"
+
+
 def test_toml_syntax_error_names_the_line() -> None:
     err = refused('id = "root"\nstrategy = \n')
     assert err.line == 2
@@ -193,6 +210,7 @@ _keys = st.sampled_from(
         "kind",
         "args",
         "cwd",
+        "checkpoint_max_bytes",
         "zzz",
     ]
 )

@@ -59,15 +59,17 @@ async def test_sigkilled_leaf_resumes_its_conversation_from_the_checkpoint(tmp_p
         "id": "root",
         "intensity": 3,
         "period": 60,
-        "children": [leaf("caller", tmp_path, MEMORY_SCRIPT, health={"ping_interval": 0.25, "ping_timeout": 3})],
+        "children": [
+            leaf("caller", tmp_path, MEMORY_SCRIPT, health={"ping_interval": 0.25, "ping_timeout": 3})
+        ],
     }
-    async with tree_of(config, state_dir=tmp_path / "state") as (tree, rec):
+    async with tree_of(config, state_dir=tmp_path / "state") as (_tree, rec):
         path = "root/caller"
         started = await rec.wait_kind(Kind.CHILD_STARTED, path)
         pid = started.pid
         assert pid is not None
         with anyio.fail_after(CALL):
-            while len([e for e in rec.of(Kind.CHECKPOINT, path) if (e.value or 0) > 0]) < 2:
+            while len([e for e in rec.of(Kind.CHECKPOINT, path) if (e.value or 0) > 0]) < 2:  # noqa: ASYNC110
                 await anyio.sleep(0.05)
         killed_at = time.time()
         os.kill(pid, signal.SIGKILL)  # mid-conversation: two turns done, two to go
@@ -102,14 +104,15 @@ async def test_drain_finishes_the_turn_and_the_recycled_leaf_resumes(tmp_path: P
         "id": "root",
         "children": [leaf("caller", tmp_path, script, health={"max_lifetime": 4.5, "lifetime_jitter": 0})],
     }
-    async with tree_of(config, state_dir=tmp_path / "state") as (tree, rec):
+    async with tree_of(config, state_dir=tmp_path / "state") as (_tree, rec):
         path = "root/caller"
         recycled = await rec.wait_kind(Kind.RECYCLED, path)
         assert recycled is not None
         await rec.wait_kind(Kind.RESUMED, path)
         with anyio.fail_after(CALL):
-            while not any("You told me the number three." in line for line in transcript(tmp_path / "caller")):
-                await anyio.sleep(0.1)
+            answered = "You told me the number three."
+            while not any(answered in line for line in transcript(tmp_path / "caller")):  # noqa: ASYNC110
+                await anyio.sleep(0.1)  # the transcript is a file: nothing to wait on
         assert rec.of(Kind.CHILD_EXITED, path)[0].code == 0
     lines = transcript(tmp_path / "caller")
     # every turn the first incarnation heard was answered before it left
@@ -128,7 +131,7 @@ async def test_unreadable_checkpoint_starts_the_call_afresh(tmp_path: Path) -> N
     file.parent.mkdir(parents=True, exist_ok=True)
     file.write_bytes(encode_file(b"\x93not a voice checkpoint"))  # a sound file, foreign contents
     config = {"id": "root", "children": [leaf("caller", tmp_path, "What time is it?\n", "--virtual-clock")]}
-    async with tree_of(config, state_dir=state) as (tree, rec):
+    async with tree_of(config, state_dir=state) as (_tree, rec):
         path = "root/caller"
         await rec.wait_kind(Kind.RESUMED, path)
         exited = await rec.wait_kind(Kind.CHILD_EXITED, path)

@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import tracemalloc
+import types
 import typing
 from itertools import pairwise
 from pathlib import Path
@@ -23,8 +24,10 @@ from otp_agents import wire
 from otp_agents.channel import Channel, ChannelClosed
 from otp_agents.messages import (
     ALL_MESSAGES,
+    MAX_CHECKPOINT,
     MAX_FRAME,
     Bye,
+    Checkpoint,
     Drain,
     Dump,
     DumpRequest,
@@ -36,6 +39,7 @@ from otp_agents.messages import (
     Pong,
     Ready,
     Reject,
+    Report,
     Shutdown,
     Welcome,
 )
@@ -51,7 +55,7 @@ INDEX: list[dict[str, Any]] = json.loads((GOLDEN / "index.json").read_text(encod
 # One message of every type, with non-default values wherever a field has a default.
 SAMPLES: list[Message] = [
     Hello(versions=[1, 2, 7], pid=31337),
-    Welcome(version=1, path="root/sup/w"),
+    Welcome(version=1, path="root/sup/w", checkpoint=b"\x00\xff" * 100, checkpoint_max=MAX_CHECKPOINT),
     Reject(reason="no common protocol version"),
     Ready(),
     Ping(seq=2**63, sent_ns=2**64 - 1),
@@ -63,6 +67,8 @@ SAMPLES: list[Message] = [
     Bye(reason="crash"),
     Log(level=40, message="\u00e9\u00e8 \U0001f600 " + "x" * 1000),
     Error(message=""),
+    Checkpoint(data=b""),
+    Report(name="voice_turn_latency_seconds", value=0.25, labels={"provider": "x" * 64}),
 ]
 
 
@@ -112,7 +118,8 @@ def test_golden_frame_decodes_to_index_value_and_reencodes_identically(entry: di
     assert decoder.pending == 0
     assert tag_of(type(msg)) == entry["type"]
     assert msgspec.to_builtins(msg) == entry["value"]
-    assert msgspec.msgpack.decode(data[4:]) == entry["value"]  # what a plain MessagePack reader sees
+    # what a plain MessagePack reader sees (index.json shows bin values as base64)
+    assert msgspec.to_builtins(msgspec.msgpack.decode(data[4:])) == entry["value"]
     assert msgspec.convert(entry["value"], Message) == msg
     assert wire.encode(msg) == data
 
@@ -293,6 +300,68 @@ def test_malformed_bodies(body: bytes) -> None:
     assert info.value.kind == "malformed"
 
 
+# -- checkpoints and reports -------------------------------------------------------------------
+
+
+def test_checkpoint_and_report_golden_frames_decode() -> None:
+    [welcome] = FrameDecoder().feed((GOLDEN / "welcome.bin").read_bytes())
+    assert welcome == Welcome(
+        version=1, path="root/agents/w1", checkpoint=b'{"turn":3}', checkpoint_max=65536
+    )
+    [checkpoint] = FrameDecoder().feed((GOLDEN / "checkpoint.bin").read_bytes())
+    assert checkpoint == Checkpoint(data=b'{"turn":4}')
+    [report] = FrameDecoder().feed((GOLDEN / "report.bin").read_bytes())
+    assert report == Report(
+        name="voice_provider_errors", value=1.0, labels={"provider": "deepgram", "kind": "timeout"}
+    )
+
+
+def test_welcome_without_checkpoint_fields_and_with_nil() -> None:
+    # what a supervisor without checkpoints sends: no checkpoint, checkpoints off
+    assert FrameDecoder().feed(raw({"type": "welcome", "version": 1, "path": "p"})) == [
+        Welcome(version=1, path="p")
+    ]
+    assert FrameDecoder().feed(raw({"type": "welcome", "version": 1, "path": "p", "checkpoint": None})) == [
+        Welcome(version=1, path="p")
+    ]
+    # checkpoint data is MessagePack bin: no base64, any bytes
+    data = wire.encode(Checkpoint(data=bytes(range(256))))
+    assert b"\xc5\x01\x00" + bytes(range(256)) in data  # bin16 header, then the raw bytes
+
+
+def test_checkpoint_over_the_largest_limit_is_still_a_valid_frame() -> None:
+    # Too large for any child is the supervisor's to drop (an event), not a protocol fault.
+    big = Checkpoint(data=b"x" * (MAX_CHECKPOINT + 1))
+    assert FrameDecoder().feed(wire.encode(big)) == [big]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({"type": "checkpoint", "data": "text"}, id="checkpoint-str-not-bin"),
+        pytest.param({"type": "checkpoint"}, id="checkpoint-no-data"),
+        pytest.param({"type": "report", "name": "Latency", "value": 1.0}, id="name-uppercase"),
+        pytest.param({"type": "report", "name": "9lives", "value": 1.0}, id="name-digit-first"),
+        pytest.param({"type": "report", "name": "a" * 65, "value": 1.0}, id="name-too-long"),
+        pytest.param({"type": "report", "name": "x", "value": "1"}, id="value-str"),
+        pytest.param(
+            {"type": "report", "name": "x", "value": 1.0, "labels": {f"k{i}": "v" for i in range(9)}},
+            id="nine-labels",
+        ),
+        pytest.param({"type": "report", "name": "x", "value": 1.0, "labels": {"Bad": "v"}}, id="label-key"),
+        pytest.param(
+            {"type": "report", "name": "x", "value": 1.0, "labels": {"k": "v" * 65}}, id="label-value-long"
+        ),
+        pytest.param({"type": "report", "name": "x", "value": 1.0, "labels": {"k": 1}}, id="label-not-str"),
+    ],
+)
+def test_bad_checkpoints_and_reports_are_malformed(body: dict[str, Any]) -> None:
+    with pytest.raises(FrameError) as info:
+        FrameDecoder().feed(raw(body))
+    assert info.value.kind == "malformed"
+    assert f"frame type {body['type']!r}" in info.value.detail
+
+
 # Regression inputs: once, invalid UTF-8 and deep nesting escaped as UnicodeDecodeError and
 # RecursionError, which would have taken the supervisor down with one child's bad frame.
 _BAD_UTF8 = frame(b"\xa1\xff")  # a one-byte str that is not UTF-8
@@ -318,18 +387,31 @@ _TEXT = st.characters(codec="utf-8")
 def _strategy(tp: Any) -> st.SearchStrategy[Any]:
     """A strategy for one Struct field type (the types messages.py uses)."""
     max_length: int | None = None
+    pattern: str | None = None
     if typing.get_origin(tp) is typing.Annotated:
         tp, *metas = typing.get_args(tp)
         max_length = next((m.max_length for m in metas if isinstance(m, msgspec.Meta)), None)
+        pattern = next((m.pattern for m in metas if isinstance(m, msgspec.Meta)), None)
+    if typing.get_origin(tp) is types.UnionType:
+        return st.one_of(*(_strategy(arg) for arg in typing.get_args(tp)))
+    if tp is type(None):
+        return st.none()
     if tp is int:
         return _INT
     if tp is float:
         return st.floats(allow_nan=False)
+    if tp is bytes:
+        return st.binary(max_size=200)
+    if tp is str and pattern is not None:
+        return st.from_regex(pattern.replace("$", r"\Z"), fullmatch=True)
     if tp is str:
         return st.text(_TEXT, max_size=min(max_length or 200, 200))
     if typing.get_origin(tp) is list:
         (item,) = typing.get_args(tp)
         return st.lists(_strategy(item), max_size=5)
+    if typing.get_origin(tp) is dict:
+        key, item = typing.get_args(tp)
+        return st.dictionaries(_strategy(key), _strategy(item), max_size=min(max_length or 5, 5))
     raise TypeError(f"no strategy for field type {tp!r}")
 
 
@@ -337,7 +419,12 @@ def _message_strategy(cls: type[msgspec.Struct]) -> st.SearchStrategy[Any]:
     fields: dict[str, st.SearchStrategy[Any]] = {}
     for f in msgspec.structs.fields(cls):
         value = _strategy(f.type)
-        fields[f.name] = value if f.required else st.one_of(st.just(f.default), value)
+        if f.required:
+            fields[f.name] = value
+        elif f.default is msgspec.NODEFAULT:  # a mutable default ({}): built by its factory
+            fields[f.name] = st.one_of(st.builds(f.default_factory), value)
+        else:
+            fields[f.name] = st.one_of(st.just(f.default), value)
     return st.builds(cls, **fields)
 
 

@@ -30,8 +30,9 @@ from typing import Any
 import anyio
 import msgspec
 
-from otp_agents.voice.agent import Conversation, default_agents
+from otp_agents.voice.agent import Agent, Conversation, default_agents
 from otp_agents.voice.audio import AudioInput, AudioSink
+from otp_agents.voice.llm_agent import ChatCompletionsAgent
 from otp_agents.voice.local_io import WavInput, WavSink
 from otp_agents.voice.pipeline import PipelineEvent, PipelineSettings, VoicePipeline
 from otp_agents.voice.providers import ProviderError, ProviderStats
@@ -66,12 +67,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--caller-voice", default="slt", help="flite voice of a --conversation caller")
     p.add_argument("--voice", default="kal16", help="the agent's flite voice (espeak-ng is the backup)")
     p.add_argument("--agent", default="receptionist", help="the agent that answers first")
+    p.add_argument(
+        "--llm-url", help="an OpenAI-compatible chat-completions server: it becomes the receptionist"
+    )
+    p.add_argument("--llm-model", default="gpt-4o-mini")
+    p.add_argument("--llm-key-env", default="OPENAI_API_KEY", help="environment variable holding its API key")
     p.add_argument("--virtual-clock", action="store_true", help="replies take no conversation time")
     p.add_argument("--endpointing", type=float, default=0.5, help="min endpointing delay (s)")
     p.add_argument("--interruption", type=float, default=0.5, help="min speech that interrupts the agent (s)")
     p.add_argument("--no-interruptions", action="store_true")
     p.add_argument("--noise-suppression", action="store_true")
-    p.add_argument("--crash-after-turn", type=int, default=0, help="demo: SIGKILL ourselves after this turn, once")
+    p.add_argument(
+        "--crash-after-turn", type=int, default=0, help="demo: SIGKILL ourselves after this turn, once"
+    )
     p.add_argument("--identity", default=None, help="our participant identity in the room")
     p.add_argument("--listen-to", default=None, help="participant identity to listen to")
     p.add_argument("--allow-agents", action="store_true", help="may listen to other agents")
@@ -174,6 +182,17 @@ class Leaf:
 
     # -- the call -----------------------------------------------------------------------------------
 
+    def agents(self) -> dict[str, Agent]:
+        agents: dict[str, Agent] = dict(default_agents())
+        if self.args.llm_url:
+            agents["receptionist"] = ChatCompletionsAgent(
+                "receptionist",
+                self.args.llm_url,
+                self.args.llm_model,
+                api_key=os.environ.get(self.args.llm_key_env),
+            )
+        return agents
+
     def settings(self) -> PipelineSettings:
         a = self.args
         return PipelineSettings(
@@ -221,7 +240,7 @@ class Leaf:
             vad=vad,
             stt=stt,
             tts=[FliteTTS(self.args.voice), EspeakTTS()],
-            agents=default_agents(),
+            agents=self.agents(),
             conversation=conversation,
             sink=_Placeholder() if self.args.room else sink,
             settings=self.settings(),
@@ -272,6 +291,13 @@ class Leaf:
             try:
                 await pipeline.run(source)
                 finished = not pipeline.drained
+                late = getattr(source, "late", None)  # how far behind real time the input fell
+                self.events.write(
+                    json.dumps(
+                        {"kind": "input_finished", "t": pipeline.now, "wall": time.time(), "late": late}
+                    )
+                    + "\n"
+                )
             finally:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
                     if finished:
@@ -311,6 +337,8 @@ async def main(worker: Worker) -> None:
     try:
         await leaf.serve()
     finally:
+        leaf.send.close()
+        leaf.receive.close()
         leaf.transcript.close()
         leaf.events.close()
 
