@@ -291,13 +291,16 @@ class Leaf:
             try:
                 await pipeline.run(source)
                 finished = not pipeline.drained
-                late = getattr(source, "late", None)  # how far behind real time the input fell
-                self.events.write(
-                    json.dumps(
-                        {"kind": "input_finished", "t": pipeline.now, "wall": time.time(), "late": late}
-                    )
-                    + "\n"
-                )
+                # How far behind real time the input fell: at its worst, and at the end.
+                late, lag = getattr(source, "late", None), getattr(source, "lag", None)
+                done = {
+                    "kind": "input_finished",
+                    "t": pipeline.now,
+                    "wall": time.time(),
+                    "late": late,
+                    "lag": lag,
+                }
+                self.events.write(json.dumps(done) + "\n")
             finally:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
                     if finished:

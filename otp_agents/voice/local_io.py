@@ -64,7 +64,11 @@ class WavInput:
         self.realtime = realtime
         self.start_at = max(0.0, start_at)
         self.tail = tail
-        self.late = 0.0  # worst lateness of a frame in real-time mode (s): the leaf kept up or not
+        # Real-time mode: how late frames were taken (s). ``late`` is the worst moment; ``lag`` is
+        # the latest frame's. A leaf that keeps up has a small lag at the end of the call whatever
+        # its hiccups; one that cannot falls further behind every second.
+        self.late = 0.0
+        self.lag = 0.0
 
     async def frames(self) -> AsyncIterator[rtc.AudioFrame]:
         first = int(self.start_at * SAMPLE_RATE) // FRAME_SAMPLES * FRAME_SAMPLES
@@ -75,10 +79,11 @@ class WavInput:
             if self.realtime:
                 due = t0 + n * FRAME_SAMPLES / SAMPLE_RATE
                 ahead = due - time.monotonic()
+                self.lag = max(0.0, -ahead)
                 if ahead > 0:
                     await anyio.sleep(ahead)
                 else:
-                    self.late = max(self.late, -ahead)
+                    self.late = max(self.late, self.lag)
             chunk = self.samples[i : i + FRAME_SAMPLES]
             if len(chunk) < FRAME_SAMPLES:
                 chunk = np.concatenate((chunk, silence[: FRAME_SAMPLES - len(chunk)]))

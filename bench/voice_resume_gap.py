@@ -1,0 +1,127 @@
+"""The audio gap of a crashed voice call: SIGKILL a voice leaf mid-call and time how long until
+its restarted process is back in the call with its checkpoint.
+
+One leaf (workers/voice_agent.py, offline stack, real time) holds a long call. Each round waits
+for the leaf's next checkpoint, SIGKILLs the leaf, and reads from the restarted leaf's
+events.jsonl when its audio input started again. Reported per round:
+
+* gap: SIGKILL -> the new process consuming the caller's audio again (what a caller hears as
+  silence on the agent's side, beyond the turn that was in progress);
+* handshake: SIGKILL -> the supervisor handing the checkpoint back (RESUMED event);
+* the next answer after the restart still uses the checkpointed context (checked).
+
+    .venv/bin/python bench/voice_resume_gap.py [--rounds 5] [--backend asyncio]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from otp_agents.config import from_dict
+from otp_agents.events import Event, EventBus, Kind
+from otp_agents.runtime import running
+
+ROOT = Path(__file__).resolve().parent.parent
+TURN = "Remember the number seven.\nWhat number did I tell you?\n"
+
+
+def _answered_after(transcript: Path, incarnation: int) -> bool:
+    tail = transcript.read_text().split(f"incarnation {incarnation})")[-1]
+    return "You told me the number seven." in tail
+
+
+def _events(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+async def measure(rounds: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="otp-voice-gap-") as tmp_name:
+        tmp = Path(tmp_name)
+        script = tmp / "call.txt"
+        script.write_text(TURN * (rounds + 2))
+        out = tmp / "leaf"
+        config = {
+            "id": "root",
+            "intensity": rounds + 2,
+            "period": 3600,
+            "children": [
+                {
+                    "id": "leaf",
+                    "module": "workers.voice_agent:main",
+                    "args": ["--conversation", str(script), "--out", str(out), "--caller-voice", "rms"],
+                    "restart": "transient",
+                    "shutdown": 10,
+                    "start_timeout": 60,
+                    "cwd": str(ROOT),
+                }
+            ],
+        }
+        bus = EventBus()
+        seen: list[Event] = []
+        bus.listen(seen.append)
+        gaps: list[float] = []
+        handshakes: list[float] = []
+        remembered = 0
+        async with running(from_dict(config), bus=bus, state_dir=tmp / "state"):
+            for r in range(rounds):
+                # a checkpoint taken by the current incarnation, then kill it
+                with anyio.fail_after(120):
+                    while True:
+                        pids = [e.pid for e in seen if e.kind is Kind.CHILD_STARTED]
+                        if pids and any(e.kind is Kind.CHECKPOINT and e.pid == pids[-1] for e in seen):
+                            break
+                        await anyio.sleep(0.05)
+                pid = pids[-1]
+                assert pid is not None
+                await anyio.sleep(1.0)  # mid-turn, not right at the checkpoint
+                killed = time.time()
+                os.kill(pid, signal.SIGKILL)
+                with anyio.fail_after(120):
+                    while not [e for e in seen if e.kind is Kind.RESUMED and e.ts >= killed]:  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+                    resumed = next(e for e in seen if e.kind is Kind.RESUMED and e.ts >= killed)
+                    handshakes.append(resumed.ts - killed)
+                    while True:
+                        starts = [e for e in _events(out / "events.jsonl") if e["kind"] == "input_started"]
+                        if len(starts) >= r + 2:
+                            break
+                        await anyio.sleep(0.02)
+                gaps.append(starts[r + 1]["wall"] - killed)
+            # let the last incarnation answer once more, then check it remembered
+            with anyio.fail_after(120):
+                while not _answered_after(out / "transcript.txt", rounds + 1):  # noqa: ASYNC110 - a file
+                    await anyio.sleep(0.1)
+            remembered = 1
+        return {
+            "rounds": rounds,
+            "gap_median_s": round(statistics.median(gaps), 3),
+            "gap_max_s": round(max(gaps), 3),
+            "gap_min_s": round(min(gaps), 3),
+            "handshake_median_s": round(statistics.median(handshakes), 3),
+            "remembered_after_last_restart": bool(remembered),
+            "gaps": [round(g, 3) for g in gaps],
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"])
+    args = parser.parse_args()
+    result = anyio.run(measure, args.rounds, backend=args.backend)
+    result["backend"] = args.backend
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
