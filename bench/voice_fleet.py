@@ -47,7 +47,7 @@ LATE_LIMIT = 0.1
 P95_LIMIT = 1.5
 
 
-def _tree(tmp: Path, n: int, script: Path) -> Path:
+def _tree(tmp: Path, n: int, script: Path, begin: float, spread: float) -> Path:
     lines = ['id = "root"', 'auto_shutdown = "any_significant"', "intensity = 0", "period = 60"]
     lines += [
         "[[children]]",
@@ -64,7 +64,7 @@ def _tree(tmp: Path, n: int, script: Path) -> Path:
             f'  id = "leaf-{i}"',
             '  module = "workers.voice_agent:main"',
             f'  args = ["--conversation", "{script}", "--out", "{tmp / "out" / f"leaf-{i}"}", '
-            '"--caller-voice", "rms"]',
+            f'"--caller-voice", "rms", "--begin-at", "{begin + i * spread / n:.3f}"]',
             '  restart = "transient"',
             "  significant = true",
             "  start_timeout = 60",
@@ -75,12 +75,22 @@ def _tree(tmp: Path, n: int, script: Path) -> Path:
     return tree
 
 
-def _children(pid: int) -> list[int]:
+def _leaves(pid: int) -> list[int]:
+    """The supervisor's children that are voice leaves (not its orphan guard, a fork of itself)."""
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
+            children = [int(p) for p in f.read().split()]
     except OSError:
         return []
+    out = []
+    for child in children:
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if b"voice_agent" in f.read():
+                    out.append(child)
+        except OSError:
+            pass
+    return out
 
 
 def _mem_kb(pid: int) -> tuple[int, int]:
@@ -97,7 +107,7 @@ def _mem_kb(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def run_fleet(n: int, script_text: str) -> dict[str, Any]:
+def run_fleet(n: int, script_text: str, spread: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="otp-voice-bench-") as tmp_name:
         tmp = Path(tmp_name)
         script = tmp / "call.txt"
@@ -107,7 +117,9 @@ def run_fleet(n: int, script_text: str) -> dict[str, Any]:
 
         for i in range(n):
             render_script(script, tmp / "out" / f"leaf-{i}", voice="rms")
-        tree = _tree(tmp, n, script)
+        # Every call starts once every leaf is up (a leaf takes ~0.7 s to load its models), at
+        # phases spread evenly over ``spread`` seconds: all calls run at the same time.
+        tree = _tree(tmp, n, script, time.time() + 5.0 + 0.9 * n, spread)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.monotonic()
         proc = subprocess.Popen(
@@ -119,7 +131,7 @@ def run_fleet(n: int, script_text: str) -> dict[str, Any]:
         peaks: dict[int, tuple[int, int]] = {}
         deadline = time.monotonic() + 600
         while proc.poll() is None and time.monotonic() < deadline:
-            for leaf in _children(proc.pid):
+            for leaf in _leaves(proc.pid):
                 rss, pss = _mem_kb(leaf)
                 old = peaks.get(leaf, (0, 0))
                 peaks[leaf] = (max(old[0], rss), max(old[1], pss))
@@ -172,6 +184,7 @@ def run_fleet(n: int, script_text: str) -> dict[str, Any]:
             "call_seconds": round(call_seconds, 1),
             "cpu_per_call_second_pct": round(100 * cpu / call_seconds, 1) if call_seconds else None,
             "wall_s": round(wall, 1),
+            "spread_s": spread,
             "rss_median_mb": round(statistics.median(rss_kb) / 1024, 1) if rss_kb else None,
             "pss_median_mb": round(statistics.median(pss_kb) / 1024, 1) if pss_kb else None,
             "real_time": bool(max(lag) < LATE_LIMIT and q[18] < P95_LIMIT),
@@ -183,13 +196,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--leaves", default="1,2,4,8,12,16")
     parser.add_argument("--quick", action="store_true", help="one leaf, one turn (a smoke run)")
+    parser.add_argument(
+        "--spread",
+        type=float,
+        default=4.0,
+        help="calls start at phases spread over this many seconds (0: in step)",
+    )
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     sizes = [1] if args.quick else [int(x) for x in args.leaves.split(",")]
     script = QUICK_SCRIPT if args.quick else SCRIPT
     results = []
     for n in sizes:
-        r = run_fleet(n, script)
+        r = run_fleet(n, script, args.spread)
         results.append(r)
         print(json.dumps(r), file=sys.stderr, flush=True)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}")

@@ -258,6 +258,8 @@ class Leaf:
                 f"{len(conversation.history)} messages, agent {conversation.agent} --"
             )
         await self.worker.ready()
+        if not self.args.room:
+            await self.worker.log(f"call in {self.out}/: call.wav (caller left, agent right), transcript.txt")
         if self.args.room:
             identity = self.args.identity or f"agent-{self.worker.path.rsplit('/', 1)[-1]}"
             listen_to = self.participant or (self.resumed.participant if self.resumed else None)
@@ -275,6 +277,9 @@ class Leaf:
         else:
             assert isinstance(sink, WavSink)
             pipeline.taps.append(sink.user_frame)
+        wait = self.args.begin_at - time.time()
+        if wait > 0 and self.resumed is None:
+            await anyio.sleep(min(wait, 300.0))  # calls of a fleet test start together
         self.events.write(json.dumps({"kind": "input_started", "t": start, "wall": time.time()}) + "\n")
         finished = False
         async with anyio.create_task_group() as tg:
