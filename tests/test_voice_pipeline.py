@@ -274,3 +274,82 @@ def test_retry_policy_delays_grow_and_jitter_stays_bounded() -> None:
 def test_default_agents_hand_off_both_ways() -> None:
     agents = default_agents()
     assert set(agents) == {"receptionist", "support"}
+
+
+async def test_caller_going_on_while_the_agent_thinks_keeps_all_their_words(tmp_path: Path) -> None:
+    """Real time: the turn is committed at a pause, the caller goes on while the agent is still
+    thinking; the cut-off words open the next turn instead of being lost."""
+
+    class Thoughtful:
+        name = "receptionist"
+
+        def __init__(self) -> None:
+            self.inner = default_agents()["receptionist"]
+
+        async def reply(self, text: str, session: Session) -> AsyncIterator[str]:
+            await anyio.sleep(2.0)  # long enough for the caller to go on
+            async for chunk in self.inner.reply(text, session):
+                yield chunk
+
+        def greeting(self, session: Session) -> str | None:
+            return None
+
+    wav = caller(tmp_path, "My favorite color is\npause 0.6\ngreen.\n")
+    settings = PipelineSettings(retry=FAST_RETRY, min_endpointing_delay=0.1, min_interruption_duration=0.3)
+    call = await hold_call(
+        tmp_path, wav, settings=settings, agents={"receptionist": Thoughtful()}, realtime=True
+    )
+    assert len(call.of("interrupted")) == 1
+    users = [m.text for m in call.conversation.history if m.role == "user"]
+    assert len(users) == 1 and users[0].startswith("my favorite color is") and "green" in users[0], users
+    assert call.conversation.turns == 1
+
+
+async def test_stt_stream_failure_is_counted_and_the_turn_recognized_again(tmp_path: Path) -> None:
+    from otp_agents.voice.stt import PocketSphinxSTT
+
+    class BrokenStream:
+        def __init__(self, inner: PocketSphinxSTT) -> None:
+            self.inner = inner
+
+        async def push(self, samples: np.ndarray) -> None:
+            raise ProviderError("sphinx-stream", "connection", "stream reset", retryable=True)
+
+        async def finish(self) -> str:
+            raise AssertionError("a broken stream is never finished")
+
+        async def aclose(self) -> None:
+            self.closed = True
+
+    class FlakyStreamSTT(PocketSphinxSTT):
+        name = "sphinx-stream"
+        streams: list[BrokenStream] = []
+
+        def stream(self) -> BrokenStream:  # type: ignore[override]
+            s = BrokenStream(self)
+            self.streams.append(s)
+            return s
+
+    stt = FlakyStreamSTT()
+    stats = ProviderStats()
+    wav = caller(tmp_path, "My favorite color is green.\nWhat is my favorite color?\n")
+    call = await hold_call(tmp_path, wav, stt=stt, stats=stats)
+    assert call.said() == ["Got it. Your favorite color is green.", "Your favorite color is green."]
+    assert stats.errors[("sphinx-stream", "connection")] == 2
+    assert all(getattr(s, "closed", False) for s in stt.streams)
+
+
+async def test_barge_in_after_a_hand_off_keeps_the_hand_off_in_the_history(tmp_path: Path) -> None:
+    """Talked over after the receptionist's last sentence, before support's greeting played:
+    the history keeps the hand-off and what was heard, and drops the greeting nobody heard."""
+    wav = caller(tmp_path, "Please transfer me to support.\npause 1.2\nStop.\n")
+    call = await hold_call(tmp_path, wav)
+    interrupted = call.of("interrupted")
+    assert len(interrupted) == 1 and interrupted[0].text == "Transferring you to support."
+    texts = [(m.role, m.agent, m.text) for m in call.conversation.history]
+    assert call.conversation.agent == "support"
+    assert ("assistant", "receptionist", "Transferring you to support.") in texts
+    assert ("system", "support", "handed off from receptionist to support") in texts
+    assert "This is support." in call.said()  # it was queued...
+    assert not any(t == "This is support." for _, _, t in texts)  # ...but never heard
+    assert texts[-1] == ("assistant", "support", "Okay, I stopped.")

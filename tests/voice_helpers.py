@@ -18,7 +18,7 @@ from otp_agents.voice.local_io import WavInput, WavSink, read_wav
 from otp_agents.voice.pipeline import PipelineEvent, PipelineSettings, VoicePipeline
 from otp_agents.voice.providers import ProviderStats, RetryPolicy
 from otp_agents.voice.samples import render_script
-from otp_agents.voice.stt import PocketSphinxSTT
+from otp_agents.voice.stt import STT, PocketSphinxSTT
 from otp_agents.voice.tts import TTS, EspeakTTS, FliteTTS
 from otp_agents.voice.vad import SileroVAD, SpeechDetector
 
@@ -63,14 +63,17 @@ async def hold_call(
     tts: Sequence[TTS] | None = None,
     stats: ProviderStats | None = None,
     start_agent: str = "receptionist",
+    stt: STT | None = None,
+    realtime: bool = False,
 ) -> Call:
-    """Run one conversation through the real offline stack on the virtual clock."""
+    """Run one conversation through the real offline stack, on the virtual clock unless
+    ``realtime``."""
     out = tmp / "call.wav"
     sink = WavSink(out, user_channel=True)
     call = Call(pipeline=None, out=out)  # type: ignore[arg-type]
     pipeline = VoicePipeline(
         vad=SileroVAD(),
-        stt=PocketSphinxSTT(),
+        stt=stt or PocketSphinxSTT(),
         tts=list(tts) if tts is not None else [FliteTTS(), EspeakTTS()],
         agents=agents if agents is not None else dict(default_agents()),
         conversation=Conversation(agent=start_agent),
@@ -78,11 +81,11 @@ async def hold_call(
         settings=settings or PipelineSettings(retry=FAST_RETRY),
         on_event=call.events.append,
         stats=stats,
-        virtual_clock=True,
+        virtual_clock=not realtime,
     )
     call.pipeline = pipeline
     pipeline.taps.append(sink.user_frame)
-    await pipeline.run(WavInput(wav, realtime=False))
+    await pipeline.run(WavInput(wav, realtime=realtime))
     await sink.aclose()
     return call
 

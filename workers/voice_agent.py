@@ -31,7 +31,7 @@ import anyio
 import msgspec
 
 from otp_agents.voice.agent import Agent, Conversation, default_agents
-from otp_agents.voice.audio import AudioInput, AudioSink
+from otp_agents.voice.audio import AudioInput
 from otp_agents.voice.llm_agent import ChatCompletionsAgent
 from otp_agents.voice.local_io import WavInput, WavSink
 from otp_agents.voice.pipeline import PipelineEvent, PipelineSettings, VoicePipeline
@@ -77,6 +77,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--interruption", type=float, default=0.5, help="min speech that interrupts the agent (s)")
     p.add_argument("--no-interruptions", action="store_true")
     p.add_argument("--noise-suppression", action="store_true")
+    p.add_argument(
+        "--begin-at", type=float, default=0.0, help="start the call at this time.time() (fleet tests)"
+    )
     p.add_argument(
         "--crash-after-turn", type=int, default=0, help="demo: SIGKILL ourselves after this turn, once"
     )
@@ -211,52 +214,46 @@ class Leaf:
         # A live caller does not wait for us: skip what they said while we were down.
         return self.resumed.position + max(0.0, time.time() - self.resumed.wall)
 
-    async def open_local(self, start: float) -> tuple[AudioInput, AudioSink]:
+    def open_sink(self) -> WavSink:
+        if self.resumed is None:
+            (self.out / "call.wav").unlink(missing_ok=True)  # a new call, a new recording
+        return WavSink(self.out / "call.wav", user_channel=True)
+
+    async def open_input(self, sink: WavSink, start: float) -> AudioInput:
         a = self.args
         path = a.input or await anyio.to_thread.run_sync(
             lambda: render_script(a.conversation, self.out, voice=a.caller_voice)
         )
-        source = WavInput(path, realtime=not a.virtual_clock, start_at=start)
-        sink = WavSink(self.out / "call.wav", user_channel=True)
-        if self.resumed is None:
-            sink.writer.close()
-            (self.out / "call.wav").unlink(missing_ok=True)
-            sink = WavSink(self.out / "call.wav", user_channel=True)
-        sink.writer.pad_to(start)  # the time we were down, as silence
-        return source, sink
+        # The recording follows the call's clock: silence for the time we were down, or (on the
+        # virtual clock, which resumes where the checkpoint was) cut back to that point.
+        sink.writer.seek_to(start)
+        return WavInput(path, realtime=not a.virtual_clock, start_at=start)
 
     async def serve(self) -> int:
         vad, stt = SileroVAD(), PocketSphinxSTT()
         conversation = self.resumed.conversation if self.resumed else Conversation(agent=self.args.agent)
-        start = self.start_position()
         room_session: Any = None
         if self.args.room:
             from otp_agents.voice import room as lkroom
 
             env = lkroom.LiveKitEnv.from_environ()  # a missing variable fails before Ready
         else:
-            source, sink = await self.open_local(start)
+            local_sink = self.open_sink()
         pipeline = VoicePipeline(
             vad=vad,
             stt=stt,
             tts=[FliteTTS(self.args.voice), EspeakTTS()],
             agents=self.agents(),
             conversation=conversation,
-            sink=_Placeholder() if self.args.room else sink,
+            sink=_Placeholder() if self.args.room else local_sink,
             settings=self.settings(),
             on_event=self.on_event,
             on_turn=self.after_turn,
             stats=self.stats,
             virtual_clock=self.args.virtual_clock,
-            start_time=start,
         )
         self.pipeline = pipeline
         await pipeline.prepare()  # renders the fallback line: the TTS voices work
-        if self.resumed:
-            self.log_line(
-                f"-- resumed (incarnation {self.incarnation}) at {start:.2f}s with "
-                f"{len(conversation.history)} messages, agent {conversation.agent} --"
-            )
         await self.worker.ready()
         if not self.args.room:
             await self.worker.log(f"call in {self.out}/: call.wav (caller left, agent right), transcript.txt")
@@ -274,12 +271,19 @@ class Leaf:
             self.participant = room_session.participant.identity
             source, sink = room_session.input, room_session.output
             pipeline.sink = sink
-        else:
-            assert isinstance(sink, WavSink)
-            pipeline.taps.append(sink.user_frame)
         wait = self.args.begin_at - time.time()
         if wait > 0 and self.resumed is None:
             await anyio.sleep(min(wait, 300.0))  # calls of a fleet test start together
+        start = self.start_position()  # after loading: a live caller went on meanwhile
+        pipeline.now = start
+        if not self.args.room:
+            source, sink = await self.open_input(local_sink, start), local_sink
+            pipeline.taps.append(local_sink.user_frame)
+        if self.resumed:
+            self.log_line(
+                f"-- resumed (incarnation {self.incarnation}) at {start:.2f}s with "
+                f"{len(conversation.history)} messages, agent {conversation.agent} --"
+            )
         self.events.write(json.dumps({"kind": "input_started", "t": start, "wall": time.time()}) + "\n")
         finished = False
         async with anyio.create_task_group() as tg:
@@ -295,7 +299,7 @@ class Leaf:
             tg.start_soon(watch_stop)
             try:
                 await pipeline.run(source)
-                finished = not pipeline.drained
+                finished = pipeline.completed
                 # How far behind real time the input fell: at its worst, and at the end.
                 late, lag = getattr(source, "late", None), getattr(source, "lag", None)
                 done = {

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import numpy as np
 from livekit import rtc
 
@@ -84,6 +85,7 @@ class WavInput:
                     await anyio.sleep(ahead)
                 else:
                     self.late = max(self.late, self.lag)
+                    await anyio.lowlevel.checkpoint()  # catching up must not starve the replies
             chunk = self.samples[i : i + FRAME_SAMPLES]
             if len(chunk) < FRAME_SAMPLES:
                 chunk = np.concatenate((chunk, silence[: FRAME_SAMPLES - len(chunk)]))
@@ -138,11 +140,19 @@ class WavWriter:
         os.pwrite(self._fd, struct.pack("<I", 36 + self._data), 4)
         os.pwrite(self._fd, struct.pack("<I", self._data), 40)
 
-    def pad_to(self, seconds: float) -> None:
-        """Silence up to ``seconds`` (a restarted leaf fills the time it was down)."""
-        missing = round((seconds - self.seconds) * self.rate)
+    def seek_to(self, seconds: float) -> None:
+        """Make the file exactly ``seconds`` long: silence added (a restarted leaf fills the time
+        it was down), or the end cut off (a leaf resuming from an earlier point)."""
+        frames = max(0, round(seconds * self.rate))
+        missing = frames - self._data // (2 * self.channels)
         if missing > 0:
             self.write(np.zeros(missing * self.channels, dtype=np.int16))
+        elif missing < 0:
+            self._data = frames * 2 * self.channels
+            os.ftruncate(self._fd, _HEADER + self._data)
+            os.lseek(self._fd, _HEADER + self._data, os.SEEK_SET)
+            os.pwrite(self._fd, struct.pack("<I", 36 + self._data), 4)
+            os.pwrite(self._fd, struct.pack("<I", self._data), 40)
 
     def close(self) -> None:
         if self._fd >= 0:

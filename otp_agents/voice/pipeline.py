@@ -98,9 +98,19 @@ class _Utterance:
     transcript: anyio.Event = field(default_factory=anyio.Event)
     text: str = ""
     error: ProviderError | None = None
+    before: _Utterance | None = None  # words of a turn that was cut off before it was answered
 
 
 _SttCommand = tuple[str, "_Utterance | np.ndarray"]  # ("open", utt) | ("audio", samples) | ("finish", utt)
+
+
+@dataclass
+class _Said:
+    """One assistant message of a reply and the sentences of ``_Reply.spoken`` it covers."""
+
+    message: ChatMessage
+    first: int
+    end: int
 
 
 @dataclass
@@ -108,11 +118,25 @@ class _Reply:
     utterance: _Utterance
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     spoken: list[tuple[str, float]] = field(default_factory=list)  # (sentence, seconds) queued
+    start: float | None = None  # where its audio begins on the sink's cumulative timeline (s)
     pushed: float = 0.0  # seconds of audio queued so far
-    messages: int = 0  # assistant messages this reply added to the history
+    said: list[_Said] = field(default_factory=list)
+    user_message: ChatMessage | None = None
     first_audio: float | None = None
-    finished: bool = False
     interrupted: bool = False
+
+    def heard_sentences(self, played_until: float) -> int:
+        """How many of its sentences had begun playing when the sink reached ``played_until``."""
+        if self.start is None:
+            return 0
+        played = played_until - self.start
+        n, t = 0, 0.0
+        for _, seconds in self.spoken:
+            if t >= played:
+                break
+            n += 1
+            t += seconds
+        return n
 
 
 class VoicePipeline:
@@ -153,14 +177,17 @@ class VoicePipeline:
         self._utterance: _Utterance | None = None
         self._endpoint_at: float | None = None
         self._barge_from: float | None = None
-        self._reply: _Reply | None = None  # the reply being produced
-        self._last_reply: _Reply | None = None  # the latest one (its audio may still play)
-        self._replies = 0  # reply tasks alive
+        self._replies: list[_Reply] = []  # reply tasks alive (producing, or waiting their turn)
+        self._audible: list[_Reply] = []  # replies with audio in the sink, oldest first
+        self._pushed_total = 0.0  # seconds ever queued on the sink: a timeline to place replies on
+        self._carry: _Utterance | None = None  # a turn cut off before its answer: joins the next
         self._idle = anyio.Event()
         self._idle.set()
         self._turn_lock = anyio.Lock()
         self._draining = False
+        self._drain_requested = anyio.Event()
         self.drained = False  # run() returned because of a drain, not because the input ended
+        self.completed = False  # the input ended and the last turn was answered and played
         self._fallback_audio: np.ndarray | None = None
         self._stt_send, self._stt_receive = anyio.create_memory_object_stream[_SttCommand](10_000)
         self._tg: anyio.abc.TaskGroup | None = None
@@ -182,10 +209,11 @@ class VoicePipeline:
     def drain(self) -> None:
         """Finish the current turn (reply spoken to the end), then make :meth:`run` return."""
         self._draining = True
+        self._drain_requested.set()
 
     @property
     def agent_speaking(self) -> bool:
-        return self._replies > 0 or self.sink.queued > 0
+        return bool(self._replies) or self.sink.queued > 0
 
     @property
     def in_turn(self) -> bool:
@@ -200,12 +228,15 @@ class VoicePipeline:
             self._tg = tg
             tg.start_soon(self._stt_worker)
             try:
-                async for frame in source.frames():
-                    for samples in self._in.push(frame):
-                        await self._step(samples)
-                    if self._draining and not self.in_turn:
-                        self.drained = True
-                        break
+                with anyio.CancelScope() as reading:
+                    tg.start_soon(self._watch_drain, reading)
+                    async for frame in source.frames():
+                        for samples in self._in.push(frame):
+                            await self._step(samples)
+                        if self._draining and not self.in_turn:
+                            break
+                if self._draining and not self.in_turn:
+                    self.drained = True
                 else:
                     await self._finish()
             finally:
@@ -214,6 +245,13 @@ class VoicePipeline:
                 self._stt_receive.close()
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
                     await source.aclose()
+
+    async def _watch_drain(self, reading: anyio.CancelScope) -> None:
+        """A drain must not wait for the next input frame (a muted caller sends none)."""
+        await self._drain_requested.wait()
+        while self.in_turn:  # noqa: ASYNC110 - the turn's state changes in many places
+            await anyio.sleep(0.05)
+        reading.cancel()
 
     # -- the frame loop ---------------------------------------------------------------------------
 
@@ -241,24 +279,38 @@ class VoicePipeline:
             self._commit()
 
     async def _finish(self) -> None:
-        """End of input: feed silence until the turn in progress is answered and played."""
+        """End of input: feed silence until the turn in progress is answered and played (in real
+        time unless on the virtual clock). Gives up, leaving ``completed`` False, only after
+        ``drain_playout_limit`` seconds with no reply being produced."""
         silence = np.zeros(FRAME_SAMPLES, dtype=np.int16)
-        budget = int(
-            (self.settings.drain_playout_limit + self.settings.min_endpointing_delay + 5) / FRAME_SECONDS
-        )
-        for _ in range(budget):
-            if not self.in_turn:
-                break
-            if not self.virtual_clock and self._replies and self.sink.queued == 0:
-                await anyio.sleep(FRAME_SECONDS)  # a reply is still being produced
+        idle_budget = (
+            self.settings.drain_playout_limit + self.settings.min_endpointing_delay
+        ) / FRAME_SECONDS
+        hard_budget = 4 * idle_budget  # a reply stuck in retries ends here at the latest
+        steps = idle_steps = 0
+        while self.in_turn and idle_steps < idle_budget and steps < hard_budget:
+            if not self.virtual_clock:
+                await anyio.sleep(FRAME_SECONDS)
             await self._step(silence)
+            steps += 1
+            idle_steps = 0 if self._replies else idle_steps + 1
+        self.completed = not self.in_turn
 
     def _feed(self, utt: _Utterance, samples: np.ndarray) -> None:
         if utt.size >= self.settings.max_utterance * SAMPLE_RATE:
             return
         utt.samples.append(samples)
         utt.size += len(samples)
-        self._stt_send.send_nowait(("audio", samples))
+        self._to_stt(("audio", samples))
+
+    def _to_stt(self, command: _SttCommand) -> None:
+        try:
+            self._stt_send.send_nowait(command)
+        except anyio.WouldBlock:
+            # STT is minutes behind (a provider stuck in retries): this audio is lost to the
+            # stream; the utterance keeps its copy for ``recognize``.
+            if command[0] != "audio":
+                raise
 
     def _on_edge(self, edge: SpeechEdge) -> None:
         if edge.edge is Edge.START:
@@ -268,7 +320,7 @@ class VoicePipeline:
             elif self._utterance is None:
                 utt = _Utterance(started=edge.at)
                 self._utterance = utt
-                self._stt_send.send_nowait(("open", utt))
+                self._to_stt(("open", utt))
                 for samples in self._preroll:
                     self._feed(utt, samples)
                 self._emit("user_speech_started")
@@ -291,23 +343,34 @@ class VoicePipeline:
             return
         self._barge_from = None
         dropped = self.sink.clear()
-        reply = self._reply or self._last_reply
-        heard = ""
-        if reply is not None and not reply.interrupted:
+        played_until = self._pushed_total - dropped
+        heard: list[str] = []
+        for reply in [*self._audible, *self._replies]:
+            if reply.interrupted:
+                continue
             reply.interrupted = True
-            heard = self._heard(reply, dropped)
             reply.scope.cancel()
-            self._amend(reply, heard)
-        self._emit("interrupted", value=round(dropped, 3), text=heard)
+            if reply.first_audio is None and reply.utterance is not None:
+                # Cut off before it said anything: the caller was still talking. Their words
+                # so far open the next turn instead of being lost.
+                self._carry = reply.utterance
+                self._retract_user(reply)
+            heard += self._amend(reply, played_until)
+        self._audible.clear()
+        self._emit("interrupted", value=round(dropped, 3), text=" ".join(heard))
+        if self._on_turn is not None and heard:
+            assert self._tg is not None
+            self._tg.start_soon(self._save)
 
     def _commit(self) -> None:
         utt = self._utterance
         assert utt is not None
         self._utterance, self._endpoint_at = None, None
-        self._stt_send.send_nowait(("finish", utt))
+        utt.before, self._carry = self._carry, None
+        self._to_stt(("finish", utt))
         self._emit("user_turn_end", value=round(self.now - (utt.ended or self.now), 3))
         reply = _Reply(utt)
-        self._replies += 1
+        self._replies.append(reply)
         self._idle = anyio.Event()
         assert self._tg is not None
         self._tg.start_soon(self._respond, reply)
@@ -316,28 +379,36 @@ class VoicePipeline:
 
     async def _stt_worker(self) -> None:
         stream: STTStream | None = None
-        broken: Exception | None = None
+        broken = False
         async for kind, item in self._stt_receive:
             if kind == "open":
                 if stream is not None:
                     await stream.aclose()
-                stream, broken = self.stt.stream(), None
-            elif kind == "audio" and isinstance(item, np.ndarray) and stream is not None and broken is None:
+                stream, broken = self.stt.stream(), False
+            elif kind == "audio" and isinstance(item, np.ndarray) and stream is not None and not broken:
                 try:
                     await stream.push(item)
-                except Exception as exc:  # the retry below re-runs the whole utterance
-                    broken = exc
+                except Exception as exc:  # the retry re-runs the whole utterance from its own copy
+                    broken = True
+                    err = exc if isinstance(exc, ProviderError) else _as_provider_error(self.stt.name, exc)
+                    self.stats.record(err)
+                    await stream.aclose()
             elif kind == "finish" and isinstance(item, _Utterance):
-                await self._transcribe(item, stream if broken is None else None)
+                await self._transcribe(item, None if broken else stream)
                 stream = None
 
     async def _transcribe(self, utt: _Utterance, stream: STTStream | None) -> None:
-        first = [stream]
+        pending = [stream]
 
         async def attempt() -> str:
-            s, first[0] = first[0], None
+            s, pending[0] = pending[0], None
             if s is not None:
-                return await s.finish()
+                try:
+                    return await s.finish()
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await s.aclose()
+                    raise
             audio = np.concatenate(utt.samples) if utt.samples else np.zeros(0, dtype=np.int16)
             return await self.stt.recognize(audio)
 
@@ -346,8 +417,9 @@ class VoicePipeline:
         except ProviderError as exc:
             utt.error = exc
         finally:
-            if first[0] is not None:
-                await first[0].aclose()
+            if pending[0] is not None:
+                with anyio.CancelScope(shield=True):
+                    await pending[0].aclose()
             utt.transcript.set()
 
     # -- a reply -----------------------------------------------------------------------------------
@@ -357,35 +429,45 @@ class VoicePipeline:
         timing: dict[str, float | str] = {}
         try:
             async with self._turn_lock:
-                self._reply = self._last_reply = reply
                 with reply.scope:
                     await self._turn(reply, timing, committed_wall)
-                reply.finished = True
                 self._report_turn(reply, timing)
-                if self._on_turn is not None and (reply.spoken or reply.utterance.text):
-                    with anyio.CancelScope(shield=True):
-                        await self._on_turn(self.conversation)
+                if self._on_turn is not None and (reply.said or reply.user_message is not None):
+                    await self._save()
         finally:
-            if self._reply is reply:
-                self._reply = None
-            self._replies -= 1
-            if self._replies == 0:
+            self._replies.remove(reply)
+            if not self._replies:
                 self._idle.set()
 
+    async def _save(self) -> None:
+        assert self._on_turn is not None
+        with anyio.CancelScope(shield=True):
+            await self._on_turn(self.conversation)
+
+    async def _transcript(self, utt: _Utterance) -> tuple[str, ProviderError | None]:
+        parts: list[str] = []
+        for u in (utt.before, utt):
+            if u is None:
+                continue
+            await u.transcript.wait()
+            if u.error is not None:
+                return "", u.error
+            parts.append(u.text.strip())
+        return " ".join(p for p in parts if p), None
+
     async def _turn(self, reply: _Reply, timing: dict[str, float | str], t0: float) -> None:
-        utt = reply.utterance
-        await utt.transcript.wait()
+        text, error = await self._transcript(reply.utterance)
         timing["stt_s"] = round(time.monotonic() - t0, 4)
-        if utt.error is not None:
-            self._emit("provider_failed", text=str(utt.error), fields={"provider": utt.error.provider})
+        if error is not None:
+            self._emit("provider_failed", text=str(error), fields={"provider": error.provider})
             await self._say_fallback(reply)
             return
-        text = utt.text.strip()
         if not text:
             self._emit("empty_transcript")
             return
         convo = self.conversation
-        convo.history.append(ChatMessage("user", text))
+        reply.user_message = ChatMessage("user", text)
+        convo.history.append(reply.user_message)
         convo.turns += 1
         self._emit("user_said", text=text, agent=convo.agent)
         agent = self.agents[convo.agent]
@@ -398,21 +480,22 @@ class VoicePipeline:
             await self._say_fallback(reply)
             return
         timing["agent_s"] = round(time.monotonic() - t_agent, 4)
-        said = await self._speak_stream(reply, stream, timing)
-        self._said(reply, said, agent.name)
-        self._emit("agent_said", text=said, agent=agent.name)
-        if session.pending is not None:
-            to, policy = session.pending
-            if to not in self.agents:
-                self._emit("handoff_refused", text=f"no agent named {to!r}", agent=agent.name)
-                return
-            switch_agent(convo, to, policy)
-            self._emit("handoff", text=f"{agent.name} -> {to}", agent=to, fields={"keep": policy.keep})
+        await self._speak_stream(reply, stream, agent.name, timing)
+        if session.pending is None:
+            return
+        to, policy = session.pending
+        if to not in self.agents:
+            self._emit("handoff_refused", text=f"no agent named {to!r}", agent=agent.name)
+            return
+        switch_agent(convo, to, policy)
+        self._emit("handoff", text=f"{agent.name} -> {to}", agent=to, fields={"keep": policy.keep})
+        try:
             greeting = self.agents[to].greeting(Session(convo))
-            if greeting:
-                said = await self._speak_stream(reply, _one(greeting), timing)
-                self._said(reply, said, to)
-                self._emit("agent_said", text=said, agent=to)
+        except Exception as exc:  # an agent's bug costs its greeting, not the call
+            self._emit("provider_failed", text=f"{to}.greeting: {exc!r}", fields={"provider": to})
+            greeting = None
+        if greeting:
+            await self._speak_stream(reply, _one(greeting), to, timing)
 
     async def _agent_stream(self, agent: Agent, text: str, session: Session) -> AsyncIterator[str]:
         """The agent's reply, retried until its first chunk arrives (a reply that fails
@@ -424,31 +507,48 @@ class VoicePipeline:
                 return await it.__anext__(), it
             except StopAsyncIteration:
                 return "", it
+            except BaseException:
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await _close(it)
+                raise
 
         head, rest = await call(agent.name, first_chunk, self.settings.retry, self.stats)
         return _chain(head, rest)
 
     async def _speak_stream(
-        self, reply: _Reply, chunks: AsyncIterator[str], timing: dict[str, float | str]
-    ) -> str:
-        """Speak complete sentences as they arrive; returns what was said."""
-        said: list[str] = []
+        self, reply: _Reply, chunks: AsyncIterator[str], agent: str, timing: dict[str, float | str]
+    ) -> None:
+        """Speak complete sentences as they arrive; the history gets what was said."""
+        first = len(reply.spoken)
         pending = ""
+        failed = False
+        timeout = self.settings.retry.timeout
         try:
-            async for chunk in chunks:
+            while True:
+                try:
+                    with anyio.fail_after(timeout) if timeout else contextlib.nullcontext():
+                        chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
                 pending += chunk
                 *done, pending = _SENTENCE_END.split(pending)
                 for sentence in done:
                     if sentence.strip():
                         await self._speak(reply, sentence.strip(), timing)
-                        said.append(sentence.strip())
-        except ProviderError as exc:  # the agent failed half-way: say so, keep what was said
-            self._emit("provider_failed", text=str(exc), fields={"provider": exc.provider})
-            await self._say_fallback(reply)
-        if pending.strip():
+        except Exception as exc:  # the agent failed half-way: keep what was said, then say so
+            err = exc if isinstance(exc, ProviderError) else _as_provider_error(agent, exc)
+            if not isinstance(exc, ProviderError):
+                self.stats.record(err)
+            self._emit("provider_failed", text=str(err), fields={"provider": err.provider})
+            failed = True
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await _close(chunks)
+        if not failed and pending.strip():
             await self._speak(reply, pending.strip(), timing)
-            said.append(pending.strip())
-        return " ".join(said)
+        self._record(reply, first, agent)
+        if failed:
+            await self._say_fallback(reply)
 
     async def _speak(self, reply: _Reply, sentence: str, timing: dict[str, float | str]) -> None:
         t0 = time.monotonic()
@@ -467,18 +567,29 @@ class VoicePipeline:
     async def _say_fallback(self, reply: _Reply) -> None:
         self._emit("fallback", text=self.settings.fallback_line)
         assert self._fallback_audio is not None
+        first = len(reply.spoken)
         await self._queue(reply, self.settings.fallback_line, self._fallback_audio)
+        self._record(reply, first, self.conversation.agent)
 
     async def _queue(self, reply: _Reply, sentence: str, audio: np.ndarray) -> None:
         rate = self.sink.sample_rate
         step = int(rate * PUSH_SECONDS)
         if reply.first_audio is None:
             reply.first_audio = self.now
+            reply.start = self._pushed_total
+            played = self._pushed_total - self.sink.queued
+            self._audible = [
+                r
+                for r in self._audible
+                if not r.interrupted and (r in self._replies or (r.start or 0.0) + r.pushed > played + 1e-6)
+            ]
+            self._audible.append(reply)
         reply.spoken.append((sentence, len(audio) / rate))
-
         for i in range(0, len(audio), step):
-            await self.sink.push(frame_of(audio[i : i + step], rate))
-        reply.pushed += len(audio) / rate
+            piece = audio[i : i + step]
+            await self.sink.push(frame_of(piece, rate))
+            reply.pushed += len(piece) / rate
+            self._pushed_total += len(piece) / rate
 
     async def _synthesize(self, text: str, *, count_errors: bool = True) -> np.ndarray | None:
         stats = self.stats if count_errors else ProviderStats()
@@ -496,32 +607,51 @@ class VoicePipeline:
             return resample(samples, rate, self.sink.sample_rate)
         return None
 
-    # -- bookkeeping -------------------------------------------------------------------------------
+    # -- the history -------------------------------------------------------------------------------
 
-    def _heard(self, reply: _Reply, dropped: float) -> str:
-        played = max(0.0, reply.pushed - dropped)
-        heard, t = [], 0.0
-        for sentence, seconds in reply.spoken:
-            if t >= played:
-                break
-            heard.append(sentence)
-            t += seconds
-        return " ".join(heard)
-
-    def _said(self, reply: _Reply, text: str, agent: str) -> None:
-        if reply.interrupted:
+    def _record(self, reply: _Reply, first: int, agent: str) -> None:
+        """Sentences ``first:`` of the reply become one assistant message."""
+        if reply.interrupted or first >= len(reply.spoken):
             return
-        self.conversation.history.append(ChatMessage("assistant", text, agent=agent))
-        reply.messages += 1
+        text = " ".join(sentence for sentence, _ in reply.spoken[first:])
+        message = ChatMessage("assistant", text, agent=agent)
+        self.conversation.history.append(message)
+        reply.said.append(_Said(message, first, len(reply.spoken)))
+        self._emit("agent_said", text=text, agent=agent)
 
-    def _amend(self, reply: _Reply, heard: str) -> None:
-        """A barge-in: the history keeps what the user heard of this reply, marked interrupted."""
+    def _amend(self, reply: _Reply, played_until: float) -> list[str]:
+        """A barge-in: the history keeps what the caller heard of ``reply``, marked interrupted.
+        Returns the sentences heard."""
+        heard = reply.heard_sentences(played_until)
         history = self.conversation.history
-        if reply.messages and len(history) >= reply.messages:
-            del history[-reply.messages :]
-        reply.messages = 0
-        if heard:
-            history.append(ChatMessage("assistant", heard, agent=self.conversation.agent, interrupted=True))
+        covered = 0
+        for said in reply.said:
+            covered = said.end
+            index = next((i for i, m in enumerate(history) if m is said.message), None)
+            if index is None:
+                continue
+            kept = [s for s, _ in reply.spoken[said.first : min(said.end, heard)]]
+            if not kept:
+                del history[index]
+            elif heard < said.end:
+                history[index] = ChatMessage(
+                    "assistant", " ".join(kept), agent=said.message.agent, interrupted=True
+                )
+        if heard > covered:  # heard but not yet in the history: the reply was cut mid-stream
+            text = " ".join(s for s, _ in reply.spoken[covered:heard])
+            history.append(ChatMessage("assistant", text, agent=self.conversation.agent, interrupted=True))
+        return [s for s, _ in reply.spoken[:heard]]
+
+    def _retract_user(self, reply: _Reply) -> None:
+        message = reply.user_message
+        if message is None:
+            return
+        history = self.conversation.history
+        index = next((i for i, m in enumerate(history) if m is message), None)
+        if index is not None:
+            del history[index]
+            self.conversation.turns -= 1
+        reply.user_message = None
 
     def _report_turn(self, reply: _Reply, timing: dict[str, float | str]) -> None:
         utt = reply.utterance
@@ -552,11 +682,26 @@ class VoicePipeline:
         )
 
 
+def _as_provider_error(agent: str, exc: Exception) -> ProviderError:
+    if isinstance(exc, TimeoutError):
+        return ProviderError(agent, "timeout", "the reply stream stalled", retryable=False)
+    return ProviderError(agent, "crash", f"{type(exc).__name__}: {exc}", retryable=False)
+
+
+async def _close(it: AsyncIterator[str]) -> None:
+    aclose = getattr(it, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
 async def _chain(head: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
-    if head:
-        yield head
-    async for chunk in rest:
-        yield chunk
+    try:
+        if head:
+            yield head
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await _close(rest)
 
 
 async def _one(text: str) -> AsyncIterator[str]:
