@@ -31,7 +31,7 @@ import anyio
 import msgspec
 
 from otp_agents.voice.agent import Agent, Conversation, default_agents
-from otp_agents.voice.audio import AudioInput
+from otp_agents.voice.audio import AudioInput, AudioSink
 from otp_agents.voice.llm_agent import ChatCompletionsAgent
 from otp_agents.voice.local_io import WavInput, WavSink
 from otp_agents.voice.pipeline import PipelineEvent, PipelineSettings, VoicePipeline
@@ -229,10 +229,23 @@ class Leaf:
         sink.writer.seek_to(start)
         return WavInput(path, realtime=not a.virtual_clock, start_at=start)
 
+    async def join_room(self, lkroom: Any, env: Any) -> Any:
+        identity = self.args.identity or f"agent-{self.worker.path.rsplit('/', 1)[-1]}"
+        listen_to = self.participant or (self.resumed.participant if self.resumed else None)
+        session = await lkroom.join(
+            env,
+            self.args.room,
+            identity,
+            listen_to=listen_to,
+            allow_agents=self.args.allow_agents,
+            connect_timeout=self.args.connect_timeout,
+        )
+        self.participant = session.participant.identity
+        return session
+
     async def serve(self) -> int:
         vad, stt = SileroVAD(), PocketSphinxSTT()
         conversation = self.resumed.conversation if self.resumed else Conversation(agent=self.args.agent)
-        room_session: Any = None
         if self.args.room:
             from otp_agents.voice import room as lkroom
 
@@ -255,49 +268,47 @@ class Leaf:
         self.pipeline = pipeline
         await pipeline.prepare()  # renders the fallback line: the TTS voices work
         await self.worker.ready()
-        if not self.args.room:
-            await self.worker.log(f"call in {self.out}/: call.wav (caller left, agent right), transcript.txt")
-        if self.args.room:
-            identity = self.args.identity or f"agent-{self.worker.path.rsplit('/', 1)[-1]}"
-            listen_to = self.participant or (self.resumed.participant if self.resumed else None)
-            room_session = await lkroom.join(
-                env,
-                self.args.room,
-                identity,
-                listen_to=listen_to,
-                allow_agents=self.args.allow_agents,
-                connect_timeout=self.args.connect_timeout,
-            )
-            self.participant = room_session.participant.identity
-            source, sink = room_session.input, room_session.output
-            pipeline.sink = sink
-        wait = self.args.begin_at - time.time()
-        if wait > 0 and self.resumed is None:
-            await anyio.sleep(min(wait, 300.0))  # calls of a fleet test start together
-        start = self.start_position()  # after loading: a live caller went on meanwhile
-        pipeline.now = start
-        if not self.args.room:
-            source, sink = await self.open_input(local_sink, start), local_sink
-            pipeline.taps.append(local_sink.user_frame)
-        if self.resumed:
-            self.log_line(
-                f"-- resumed (incarnation {self.incarnation}) at {start:.2f}s with "
-                f"{len(conversation.history)} messages, agent {conversation.agent} --"
-            )
-        self.events.write(json.dumps({"kind": "input_started", "t": start, "wall": time.time()}) + "\n")
+        sink: AudioSink = local_sink if not self.args.room else pipeline.sink
+        room_session: Any = None
         finished = False
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.report_events)
+            in_call = anyio.Event()
 
             async def watch_stop() -> None:
                 await self.worker.wait_stopping()
-                if self.worker.draining:
+                if self.worker.draining and in_call.is_set():
                     pipeline.drain()  # finish the turn in progress, then return
-                else:
+                else:  # a stop, or a drain before the call began: leave now, checkpoint kept
                     tg.cancel_scope.cancel()
 
             tg.start_soon(watch_stop)
             try:
+                if self.args.room:
+                    room_session = await self.join_room(lkroom, env)
+                    source, sink = room_session.input, room_session.output
+                    pipeline.sink = sink
+                else:
+                    await self.worker.log(
+                        f"call in {self.out}/: call.wav (caller left, agent right), transcript.txt"
+                    )
+                wait = self.args.begin_at - time.time()
+                if wait > 0 and self.resumed is None:
+                    await anyio.sleep(min(wait, 300.0))  # calls of a fleet test start together
+                start = self.start_position()  # after loading: a live caller went on meanwhile
+                pipeline.now = start
+                if not self.args.room:
+                    source = await self.open_input(local_sink, start)
+                    pipeline.taps.append(local_sink.user_frame)
+                if self.resumed:
+                    self.log_line(
+                        f"-- resumed (incarnation {self.incarnation}) at {start:.2f}s with "
+                        f"{len(conversation.history)} messages, agent {conversation.agent} --"
+                    )
+                self.events.write(
+                    json.dumps({"kind": "input_started", "t": start, "wall": time.time()}) + "\n"
+                )
+                in_call.set()
                 await pipeline.run(source)
                 finished = pipeline.completed
                 # How far behind real time the input fell: at its worst, and at the end.
@@ -315,7 +326,7 @@ class Leaf:
                     if finished:
                         await self.worker.clear_checkpoint()
                         self.log_line("-- conversation over --")
-                    else:
+                    elif in_call.is_set():
                         await self.checkpoint(pipeline.conversation)
                     await sink.aclose()
                     if room_session is not None:
