@@ -41,7 +41,10 @@ class Kind(enum.StrEnum):
     # crash-resume checkpoints (checkpoint.py)
     CHECKPOINT = "checkpoint"  # kept (value = size in bytes; 0: cleared)
     CHECKPOINT_DROPPED = "checkpoint_dropped"  # refused or unreadable; reason says why
-    RESUMED = "resumed"  # a (re)started child was handed its checkpoint (value = size)
+    RESUMED = "resumed"
+    # services workers offer each other (Publish / Lookup)
+    SERVICE_UP = "service_up"  # reason = service name, detail = address
+    SERVICE_DOWN = "service_down"  # a (re)started child was handed its checkpoint (value = size)
     # health monitors
     SLOW_PING = "slow_ping"
     HANG = "hang"

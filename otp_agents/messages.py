@@ -11,6 +11,8 @@ Session, in order::
     worker     -> supervisor  Ready()                           the child now counts as started
     ...        <->            Ping / Pong, Log, Error           any time after Welcome
     worker     -> supervisor  Checkpoint(data), Report(name, value, labels)   any time after Welcome
+    worker     -> supervisor  Publish(name, address)            offer a service to other workers
+    worker     -> supervisor  Lookup(id, name) -> Located(id, name, address?)   find one
     supervisor -> worker      DumpRequest(id) -> Dump(id, text) stacks of threads and tasks
     supervisor -> worker      Drain(reason)                     finish current work, then exit 0
     supervisor -> worker      Shutdown(timeout, reason)         finish, then exit 0
@@ -123,6 +125,30 @@ class Report(_Msg, tag="report"):
     labels: _Labels = {}
 
 
+SERVICE_NAME = r"^[a-z][a-z0-9_.-]{0,63}$"
+_Service = Annotated[str, msgspec.Meta(pattern=SERVICE_NAME)]
+_Address = Annotated[str, msgspec.Meta(max_length=512)]
+
+
+class Publish(_Msg, tag="publish"):
+    """This worker serves ``name`` at ``address`` (a Unix socket path, or ``@name`` for Linux's
+    abstract namespace). The entry goes away when the worker exits or publishes an empty address."""
+
+    name: _Service
+    address: _Address
+
+
+class Lookup(_Msg, tag="lookup"):
+    id: int
+    name: _Service
+
+
+class Located(_Msg, tag="located"):
+    id: int
+    name: str
+    address: str | None = None  # None: nobody serves it right now
+
+
 Message = (
     Hello
     | Welcome
@@ -139,6 +165,9 @@ Message = (
     | Error
     | Checkpoint
     | Report
+    | Publish
+    | Lookup
+    | Located
 )
 ALL_MESSAGES: tuple[type[_Msg], ...] = (
     Hello,
@@ -156,4 +185,7 @@ ALL_MESSAGES: tuple[type[_Msg], ...] = (
     Error,
     Checkpoint,
     Report,
+    Publish,
+    Lookup,
+    Located,
 )

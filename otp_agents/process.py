@@ -50,9 +50,12 @@ from .messages import (
     DumpRequest,
     Error,
     Hello,
+    Located,
     Log,
+    Lookup,
     Message,
     Pong,
+    Publish,
     Ready,
     Reject,
     Report,
@@ -100,6 +103,8 @@ class Host:
     stopping: bool = False  # the whole tree is being stopped: start nothing new
     on_rtt: Callable[[str, float], None] | None = None  # heartbeat round trips, for metrics
     on_report: Callable[[str, Report], None] | None = None  # worker measurements, for metrics
+    # Services workers offer each other (Publish/Lookup): name -> (address, publisher path, pid).
+    services: dict[str, tuple[str, str, int]] = field(default_factory=dict)
     dumper: Dumper = field(init=False)
     memory: MemoryWatch = field(init=False)
     checkpoints: CheckpointStore = field(init=False)
@@ -189,6 +194,7 @@ class ChildProcess:
         self._untrack()
         remove_signal_file(self.signal_file)
         self.exit = Exit(status=status, requested=self._requested, fault=self._fault)
+        self._unpublish_all()
         if self.channel is not None and self.ready:  # during the handshake, spawn() owns it
             # What it wrote just before dying (a last checkpoint) may still be unread: let the
             # reader take it up to end of stream, so it is handled before the exit is, and
@@ -332,6 +338,27 @@ class ChildProcess:
         finally:
             self._reader_done.set()
 
+    def _publish(self, msg: Publish, bus: EventBus) -> None:
+        services = self._host.services
+        if msg.address:
+            services[msg.name] = (msg.address, self.path, self.pid)
+            bus.emit(Kind.SERVICE_UP, self.path, pid=self.pid, reason=msg.name, detail=msg.address)
+        elif services.get(msg.name, ("", "", 0))[2] == self.pid:
+            del services[msg.name]
+            bus.emit(Kind.SERVICE_DOWN, self.path, pid=self.pid, reason=msg.name)
+
+    def _unpublish_all(self) -> None:
+        """The publisher is gone: so are its services (a restarted one publishes anew)."""
+        services = self._host.services
+        for name in [n for n, (_, _, pid) in services.items() if pid == self.pid]:
+            del services[name]
+            self._host.bus.emit(Kind.SERVICE_DOWN, self.path, pid=self.pid, reason=name, detail="exited")
+
+    @staticmethod
+    async def _send_quietly(channel: Channel, msg: Message) -> None:
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            await channel.send(msg)
+
     def _handle(self, msg: Message, bus: EventBus) -> None:
         if isinstance(msg, Pong):
             health.on_pong(self, msg, self._host)
@@ -354,6 +381,13 @@ class ChildProcess:
             )
             if self._host.on_report is not None:
                 self._host.on_report(self.path, msg)
+        elif isinstance(msg, Publish):
+            self._publish(msg, bus)
+        elif isinstance(msg, Lookup):
+            entry = self._host.services.get(msg.name)
+            reply = Located(id=msg.id, name=msg.name, address=entry[0] if entry else None)
+            if self.channel is not None:
+                self._host.tg.start_soon(self._send_quietly, self.channel, reply)
         elif isinstance(msg, Bye):
             pass
         elif isinstance(msg, Hello | Ready):
@@ -555,7 +589,9 @@ async def _handshake(proc: ChildProcess, channel: Channel, spec: WorkerSpec) -> 
                     await proc.exited.wait()
                 problem = "exited before it was ready"
                 return
-            if isinstance(msg, Log | Error | Checkpoint | Report):  # allowed any time after Welcome
+            if isinstance(
+                msg, Log | Error | Checkpoint | Report | Publish | Lookup
+            ):  # any time after Welcome
                 proc._handle(msg, proc._host.bus)
                 continue
             problem = f"expected ready, got {type(msg).__name__.lower()}"

@@ -52,9 +52,12 @@ from .messages import (
     Dump,
     DumpRequest,
     Hello,
+    Located,
     Log,
+    Lookup,
     Ping,
     Pong,
+    Publish,
     Reject,
     Report,
     Shutdown,
@@ -101,6 +104,8 @@ class Worker:
         self.draining = False  # the supervisor asked us to finish current work and exit
         self.shutdown_timeout: float | None = None
         self._timeout_known = anyio.Event()
+        self._lookups: dict[int, tuple[anyio.Event, list[str | None]]] = {}
+        self._lookup_seq = 0
         self.stop_reason: str | None = None
 
     @property
@@ -151,6 +156,32 @@ class Worker:
             if len(text) > MAX_LABEL_VALUE:
                 raise ValueError(f"label {key} is over {MAX_LABEL_VALUE} characters")
         await self._channel.send(Report(name=name, value=float(value), labels=labels))
+
+    async def publish(self, name: str, address: str) -> None:
+        """Offer a service (a socket address) to the other workers of the tree, which find it
+        with :meth:`lookup`. It is withdrawn when this process exits, or with an empty address."""
+        await self._channel.send(Publish(name=name, address=address))
+
+    async def lookup(self, name: str, timeout: float = 2.0) -> str | None:  # noqa: ASYNC109
+        """The address a worker of the tree published for ``name`` (None if nobody serves it,
+        or the supervisor did not answer within ``timeout``)."""
+        self._lookup_seq += 1
+        ident = self._lookup_seq
+        done, answer = anyio.Event(), list[str | None]([None])
+        self._lookups[ident] = (done, answer)
+        try:
+            await self._channel.send(Lookup(id=ident, name=name))
+            with anyio.move_on_after(timeout):
+                await done.wait()
+        finally:
+            self._lookups.pop(ident, None)
+        return answer[0]
+
+    def _located(self, msg: Located) -> None:
+        waiter = self._lookups.get(msg.id)
+        if waiter is not None:
+            waiter[1][0] = msg.address
+            waiter[0].set()
 
     def request_stop(self, reason: str, timeout: float | None = None) -> None:
         if not self._stop.is_set():
@@ -249,6 +280,8 @@ async def _serve_channel(worker: Worker, channel: Channel, lag: _LoopLag) -> Non
                 worker.request_stop(f"drain: {msg.reason}")
             elif isinstance(msg, Shutdown):
                 worker.request_stop(msg.reason, msg.timeout or None)
+            elif isinstance(msg, Located):
+                worker._located(msg)
     except (ChannelClosed, FrameError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
         # The supervisor is gone (or spoke garbage): finish up. PR_SET_PDEATHSIG covers the case
         # where this loop cannot run at all.

@@ -40,10 +40,13 @@ from otp_agents.messages import (  # noqa: E402
     DumpRequest,
     Error,
     Hello,
+    Located,
     Log,
+    Lookup,
     Message,
     Ping,
     Pong,
+    Publish,
     Ready,
     Reject,
     Report,
@@ -73,6 +76,9 @@ EXAMPLES: tuple[Message, ...] = (
     Error(message="inference failed: out of memory"),
     Checkpoint(data=b'{"turn":4}'),
     Report(name="voice_provider_errors", value=1.0, labels={"provider": "deepgram", "kind": "timeout"}),
+    Publish(name="inference", address="@otp-agents/root/inference/4242"),
+    Lookup(id=1, name="inference"),
+    Located(id=1, name="inference", address="@otp-agents/root/inference/4242"),
 )
 
 

@@ -33,10 +33,13 @@ from otp_agents.messages import (
     DumpRequest,
     Error,
     Hello,
+    Located,
     Log,
+    Lookup,
     Message,
     Ping,
     Pong,
+    Publish,
     Ready,
     Reject,
     Report,
@@ -69,6 +72,9 @@ SAMPLES: list[Message] = [
     Error(message=""),
     Checkpoint(data=b""),
     Report(name="voice_turn_latency_seconds", value=0.25, labels={"provider": "x" * 64}),
+    Publish(name="inference", address="@otp-agents/root.inference/4242"),
+    Lookup(id=3, name="inference"),
+    Located(id=3, name="inference", address=None),
 ]
 
 
