@@ -47,8 +47,17 @@ LATE_LIMIT = 0.1
 P95_LIMIT = 1.5
 
 
-def _tree(tmp: Path, n: int, script: Path, begin: float, spread: float) -> Path:
+def _tree(tmp: Path, n: int, script: Path, begin: float, spread: float, inference: bool) -> Path:
     lines = ['id = "root"', 'auto_shutdown = "any_significant"', "intensity = 0", "period = 60"]
+    if inference:
+        lines += [
+            "[[children]]",
+            'id = "inference"',
+            'module = "workers.inference_server:main"',
+            'args = ["--pool", "2"]',
+            "start_timeout = 60",
+            f'cwd = "{ROOT}"',
+        ]
     lines += [
         "[[children]]",
         'id = "calls"',
@@ -64,7 +73,8 @@ def _tree(tmp: Path, n: int, script: Path, begin: float, spread: float) -> Path:
             f'  id = "leaf-{i}"',
             '  module = "workers.voice_agent:main"',
             f'  args = ["--conversation", "{script}", "--out", "{tmp / "out" / f"leaf-{i}"}", '
-            f'"--caller-voice", "rms", "--begin-at", "{begin + i * spread / n:.3f}"]',
+            f'"--caller-voice", "rms", "--begin-at", "{begin + i * spread / n:.3f}"'
+            + (', "--inference"]' if inference else "]"),
             '  restart = "transient"',
             "  significant = true",
             "  start_timeout = 60",
@@ -75,22 +85,34 @@ def _tree(tmp: Path, n: int, script: Path, begin: float, spread: float) -> Path:
     return tree
 
 
-def _leaves(pid: int) -> list[int]:
-    """The supervisor's children that are voice leaves (not its orphan guard, a fork of itself)."""
+def _children_of(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = [int(p) for p in f.read().split()]
+            return [int(p) for p in f.read().split()]
     except OSError:
         return []
-    out = []
-    for child in children:
-        try:
-            with open(f"/proc/{child}/cmdline", "rb") as f:
-                if b"voice_agent" in f.read():
-                    out.append(child)
-        except OSError:
-            pass
-    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _processes(supervisor: int) -> tuple[list[int], list[int]]:
+    """(voice leaves, inference processes: the server and its recognisers), not the supervisor's
+    orphan guard (a fork of itself) nor the short-lived flite processes."""
+    leaves, inference = [], []
+    for child in _children_of(supervisor):
+        cmd = _cmdline(child)
+        if b"voice_agent" in cmd:
+            leaves.append(child)
+        elif b"inference_server" in cmd:
+            inference.append(child)
+            inference += [g for g in _children_of(child) if b"recognizer_proc" in _cmdline(g)]
+    return leaves, inference
 
 
 def _mem_kb(pid: int) -> tuple[int, int]:
@@ -107,7 +129,7 @@ def _mem_kb(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def run_fleet(n: int, script_text: str, spread: float) -> dict[str, Any]:
+def run_fleet(n: int, script_text: str, spread: float, inference: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="otp-voice-bench-") as tmp_name:
         tmp = Path(tmp_name)
         script = tmp / "call.txt"
@@ -119,7 +141,7 @@ def run_fleet(n: int, script_text: str, spread: float) -> dict[str, Any]:
             render_script(script, tmp / "out" / f"leaf-{i}", voice="rms")
         # Every call starts once every leaf is up (a leaf takes ~0.7 s to load its models), at
         # phases spread evenly over ``spread`` seconds: all calls run at the same time.
-        tree = _tree(tmp, n, script, time.time() + 5.0 + 0.9 * n, spread)
+        tree = _tree(tmp, n, script, time.time() + 5.0 + 0.9 * n, spread, inference)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.monotonic()
         proc = subprocess.Popen(
@@ -129,12 +151,20 @@ def run_fleet(n: int, script_text: str, spread: float) -> dict[str, Any]:
             stderr=subprocess.PIPE,
         )
         peaks: dict[int, tuple[int, int]] = {}
+        total_pss_peak = 0  # kB: every leaf plus the inference server and its recognisers
+        inference_pss_peak = 0
         deadline = time.monotonic() + 600
         while proc.poll() is None and time.monotonic() < deadline:
-            for leaf in _leaves(proc.pid):
+            leaves, serving = _processes(proc.pid)
+            total = 0
+            for leaf in leaves:
                 rss, pss = _mem_kb(leaf)
                 old = peaks.get(leaf, (0, 0))
                 peaks[leaf] = (max(old[0], rss), max(old[1], pss))
+                total += pss
+            served = sum(_mem_kb(p)[1] for p in serving)
+            inference_pss_peak = max(inference_pss_peak, served)
+            total_pss_peak = max(total_pss_peak, total + served)
             time.sleep(0.5)
         if proc.poll() is None:
             proc.kill()
@@ -188,6 +218,9 @@ def run_fleet(n: int, script_text: str, spread: float) -> dict[str, Any]:
             "rss_median_mb": round(statistics.median(rss_kb) / 1024, 1) if rss_kb else None,
             "pss_median_mb": round(statistics.median(pss_kb) / 1024, 1) if pss_kb else None,
             "real_time": bool(max(lag) < LATE_LIMIT and q[18] < P95_LIMIT),
+            "inference": inference,
+            "inference_pss_mb": round(inference_pss_peak / 1024, 1),
+            "total_pss_mb": round(total_pss_peak / 1024, 1),
         }
         return result
 
@@ -203,26 +236,32 @@ def main() -> None:
         help="calls start at phases spread over this many seconds (0: in step)",
     )
     parser.add_argument("--output", type=Path)
+    parser.add_argument(
+        "--inference",
+        action="store_true",
+        help="leaves use the shared inference process instead of local STT",
+    )
     args = parser.parse_args()
     sizes = [1] if args.quick else [int(x) for x in args.leaves.split(",")]
     script = QUICK_SCRIPT if args.quick else SCRIPT
     results = []
     for n in sizes:
-        r = run_fleet(n, script, args.spread)
+        r = run_fleet(n, script, args.spread, args.inference)
         results.append(r)
         print(json.dumps(r), file=sys.stderr, flush=True)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}")
     print(
         "| leaves | turns | latency median | p95 | max | processing median | input late: worst / at end "
-        "| CPU per call-second | RSS / PSS per leaf | real time |"
+        "| CPU per call-second | RSS / PSS per leaf | PSS of all | real time |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
             f"| {r['leaves']} | {r['turns']} | {r['latency_median_s']} s | {r['latency_p95_s']} s "
             f"| {r['latency_max_s']} s | {r['processing_median_ms']} ms "
             f"| {r['input_late_max_ms']} / {r['input_lag_end_max_ms']} ms "
             f"| {r['cpu_per_call_second_pct']} % | {r['rss_median_mb']} / {r['pss_median_mb']} MB "
+            f"| {r['total_pss_mb']} MB "
             f"| {'yes' if r['real_time'] else 'no'} |"
         )
     if args.output:

@@ -32,12 +32,13 @@ import msgspec
 
 from otp_agents.voice.agent import Agent, Conversation, default_agents
 from otp_agents.voice.audio import AudioInput, AudioSink
+from otp_agents.voice.inference import RemoteSTT
 from otp_agents.voice.llm_agent import ChatCompletionsAgent
 from otp_agents.voice.local_io import WavInput, WavSink
 from otp_agents.voice.pipeline import PipelineEvent, PipelineSettings, VoicePipeline
 from otp_agents.voice.providers import ProviderError, ProviderStats
 from otp_agents.voice.samples import render_script
-from otp_agents.voice.stt import PocketSphinxSTT
+from otp_agents.voice.stt import STT, PocketSphinxSTT
 from otp_agents.voice.tts import EspeakTTS, FliteTTS
 from otp_agents.voice.vad import SileroVAD, VADSettings
 from otp_agents.worker import Worker, run
@@ -77,6 +78,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--interruption", type=float, default=0.5, help="min speech that interrupts the agent (s)")
     p.add_argument("--no-interruptions", action="store_true")
     p.add_argument("--noise-suppression", action="store_true")
+    p.add_argument(
+        "--inference",
+        nargs="?",
+        const="inference",
+        default=None,
+        metavar="SERVICE",
+        help="recognise speech in the shared inference process (looked up as SERVICE, default 'inference')",
+    )
+    p.add_argument(
+        "--no-local-fallback", action="store_true", help="with --inference: never recognise locally"
+    )
     p.add_argument(
         "--begin-at", type=float, default=0.0, help="start the call at this time.time() (fleet tests)"
     )
@@ -185,6 +197,21 @@ class Leaf:
 
     # -- the call -----------------------------------------------------------------------------------
 
+    def stt(self) -> STT:
+        service = self.args.inference
+        if not service:
+            return PocketSphinxSTT()
+
+        def fell_back(problem: str) -> None:
+            self.log_line(f"-- inference unavailable ({problem}): recognised locally --")
+
+        return RemoteSTT(
+            lambda: self.worker.lookup(service),
+            timeout=5.0,
+            fallback=None if self.args.no_local_fallback else PocketSphinxSTT,
+            on_fallback=fell_back,
+        )
+
     def agents(self) -> dict[str, Agent]:
         agents: dict[str, Agent] = dict(default_agents())
         if self.args.llm_url:
@@ -244,7 +271,8 @@ class Leaf:
         return session
 
     async def serve(self) -> int:
-        vad, stt = SileroVAD(), PocketSphinxSTT()
+        vad = SileroVAD()
+        stt = self.stt()
         conversation = self.resumed.conversation if self.resumed else Conversation(agent=self.args.agent)
         if self.args.room:
             from otp_agents.voice import room as lkroom
