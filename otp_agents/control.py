@@ -19,7 +19,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +91,9 @@ def allowed(uid: int, gid: int, groups: set[int], own_uid: int, group: int | Non
     if uid in (own_uid, 0):
         return True
     return group is not None and (gid == group or group in groups)
+
+
+CONTROL_SERVICE = "otp-agents.control"  # the service name workers look the socket up by
 
 
 class ControlServer:
@@ -313,3 +316,31 @@ def stream_requests(path: Path, req: Request, timeout: float | None = 30.0) -> A
                         return
     finally:
         sock.close()
+
+
+async def call(path: str | Path, req: Request) -> Reply:
+    """Async client for workers inside the tree: one request, its one reply."""
+    async for reply in stream(path, req):
+        return reply
+    raise NotRunning(f"the control socket {path} closed without answering")
+
+
+async def stream(path: str | Path, req: Request) -> AsyncIterator[Reply]:
+    """Async client: the replies to ``req`` (many, for ``events``) until the last one."""
+    try:
+        conn = await anyio.connect_unix(str(path))
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise NotRunning(f"no supervisor is running with control socket {path} ({exc.strerror})") from None
+    decoder = wire.FrameDecoder(MAX_CONTROL_FRAME, decoder=_decoder)
+    async with conn:
+        await conn.send(wire.encode(req))
+        while True:
+            try:
+                data = await conn.receive(65536)
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                return
+            for msg in decoder.feed(data):
+                if isinstance(msg, Reply):
+                    yield msg
+                    if not msg.more:
+                        return

@@ -251,6 +251,8 @@ async def _supervised(main: Main, worker: Worker, channel: Channel) -> int:
                 await main(worker)
             except SystemExit as exc:  # sys.exit(n) in main: exit with n, not as a crash
                 code = exc.code if isinstance(exc.code, int) else EXIT_OK if exc.code is None else EXIT_CRASH
+                if isinstance(exc.code, str):  # sys.exit("why"): say why, as Python itself does
+                    sys.stderr.write(exc.code + "\n")
             except Exception:
                 log.exception("worker %s crashed", worker.path)
                 sys.stderr.flush()

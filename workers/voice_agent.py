@@ -96,6 +96,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--crash-after-turn", type=int, default=0, help="demo: SIGKILL ourselves after this turn, once"
     )
     p.add_argument("--identity", default=None, help="our participant identity in the room")
+    p.add_argument("--job", default=None, help="the LiveKit job id this call serves (set by the dispatcher)")
     p.add_argument("--listen-to", default=None, help="participant identity to listen to")
     p.add_argument("--allow-agents", action="store_true", help="may listen to other agents")
     p.add_argument("--connect-timeout", type=float, default=10.0)

@@ -1,0 +1,283 @@
+"""Jobs from a LiveKit server: this node registers as an agent worker and runs each job it
+accepts as a voice leaf under a simple_one_for_one supervisor.
+
+This is LiveKit's agent worker protocol (``livekit.protocol.agent``: protobuf ``WorkerMessage`` /
+``ServerMessage`` over a WebSocket at ``<url>/agent``), spoken from a supervised worker:
+
+1. register (``RegisterWorkerRequest``) and get a worker id;
+2. answer each ``AvailabilityRequest`` from real load (running jobs / ``max_jobs``; refused at
+   ``load_threshold`` or while draining);
+3. on ``JobAssignment`` start a leaf with the control socket's ``start-child`` (the same request
+   an operator's ``otp-agents start-child`` makes) and report ``JS_RUNNING``, or ``JS_FAILED``
+   with the reason the start failed;
+4. follow the jobs' children on the control socket's event stream: a crash is restarted by the
+   jobs' supervisor (the call resumes from its checkpoint) and the job stays running; a child
+   that ends for good reports ``JS_SUCCESS`` (exit 0 or terminated on request) or ``JS_FAILED``
+   with how it ended; ``JobTermination`` terminates the child;
+5. report load every ``status_interval`` (``UpdateWorkerStatus``) and ping;
+6. when the connection drops, reconnect with capped, jittered exponential backoff and register
+   again (running jobs are unaffected: they are the supervisor's children, not ours);
+7. on drain (shutdown), report ``WS_FULL``/draining so no job is assigned, let running jobs
+   finish within the drain bound, then leave.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import anyio
+from livekit.protocol import agent as lk
+
+from .. import control
+
+JOB_EVENTS = [
+    "child_started",
+    "child_exited",
+    "child_terminated",
+    "start_failed",
+    "restarting",
+    "supervisor_stopped",
+]
+
+
+@dataclass(frozen=True)
+class Backoff:
+    initial: float = 0.5
+    factor: float = 2.0
+    cap: float = 30.0
+    jitter: float = 0.25
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Delay before reconnect attempt ``attempt`` (1-based): grows by ``factor`` up to
+        ``cap``, then ± ``jitter`` so a fleet that lost its server does not return in step."""
+        base = min(self.cap, self.initial * self.factor ** (attempt - 1))
+        return max(0.0, base * (1 + (rng or random).uniform(-self.jitter, self.jitter)))
+
+
+@dataclass
+class _Job:
+    id: str
+    child: str | None = None
+    status: int = lk.JS_PENDING
+    failure: str | None = None  # how its child last ended, if badly
+    settle: anyio.Event | None = None  # set when a restart follows an exit
+
+
+@dataclass
+class Dispatcher:
+    url: str  # ws:// or wss:// base of the LiveKit server
+    token: Callable[[], str]  # an access token with the agent grant
+    control_socket: str
+    jobs_supervisor: str  # path of the simple_one_for_one supervisor that runs the jobs
+    job_args: Callable[[Any], list[str]]  # livekit Job -> argv of the leaf
+    agent_name: str = ""
+    max_jobs: int = 8
+    load_threshold: float = 0.7
+    status_interval: float = 2.5
+    backoff: Backoff = field(default_factory=Backoff)
+    restart_grace: float = 2.0  # an exit not followed by a restart within this is final
+    log: Callable[[str], None] = lambda line: None
+    jobs: dict[str, _Job] = field(default_factory=dict)
+    draining: bool = False
+    registrations: int = 0
+    worker_id: str = ""
+    _ws: aiohttp.ClientWebSocketResponse | None = None
+    _by_child: dict[str, _Job] = field(default_factory=dict)
+
+    @property
+    def running(self) -> int:
+        return sum(1 for j in self.jobs.values() if j.status in (lk.JS_PENDING, lk.JS_RUNNING))
+
+    @property
+    def load(self) -> float:
+        return min(1.0, self.running / self.max_jobs) if self.max_jobs else 1.0
+
+    # -- the connection, kept up ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Stay registered until cancelled or drained; follow the jobs meanwhile."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._follow_jobs)
+            attempt = 0
+            while not self.draining:
+                try:
+                    await self._session()
+                    attempt = 0  # it was up: start the backoff afresh
+                except (aiohttp.ClientError, OSError, TimeoutError, ConnectionError) as exc:
+                    self.log(f"LiveKit connection failed: {type(exc).__name__}: {exc}")
+                if self.draining:
+                    break
+                attempt += 1
+                delay = self.backoff.delay(attempt)
+                self.log(f"reconnecting in {delay:.2f}s (attempt {attempt})")
+                await anyio.sleep(delay)
+
+    async def _session(self) -> None:
+        headers = {"Authorization": f"Bearer {self.token()}"}
+        timeout = aiohttp.ClientTimeout(sock_connect=10)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as http,
+            http.ws_connect(f"{self.url.rstrip('/')}/agent", headers=headers, heartbeat=None) as ws,
+        ):
+            self._ws = ws
+            try:
+                await self._send(
+                    lk.WorkerMessage(
+                        register=lk.RegisterWorkerRequest(
+                            type=lk.JT_ROOM, agent_name=self.agent_name, version="otp-agents", ping_interval=0
+                        )
+                    )
+                )
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._report_status)
+                    async for msg in ws:
+                        if msg.type == aiohttp.WSMsgType.BINARY:
+                            await self._on_server(lk.ServerMessage.FromString(msg.data), tg)
+                        elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.ERROR):
+                            break
+                    tg.cancel_scope.cancel()
+            finally:
+                self._ws = None
+        raise ConnectionError("the LiveKit server closed the connection")
+
+    async def _send(self, msg: lk.WorkerMessage) -> None:
+        ws = self._ws
+        if ws is not None and not ws.closed:
+            await ws.send_bytes(msg.SerializeToString())
+
+    async def _report_status(self) -> None:
+        seq = 0
+        while True:
+            seq += 1
+            full = self.draining or self.load >= self.load_threshold
+            await self._send(
+                lk.WorkerMessage(
+                    update_worker=lk.UpdateWorkerStatus(
+                        status=lk.WS_FULL if full else lk.WS_AVAILABLE,
+                        load=self.load,
+                        job_count=self.running,
+                        draining=self.draining,
+                        seq=seq,
+                    )
+                )
+            )
+            await anyio.sleep(self.status_interval)
+
+    # -- what the server asks ------------------------------------------------------------------------
+
+    async def _on_server(self, msg: lk.ServerMessage, tg: anyio.abc.TaskGroup) -> None:
+        which = msg.WhichOneof("message")
+        if which == "register":
+            self.registrations += 1
+            self.worker_id = msg.register.worker_id
+            self.log(f"registered as {self.worker_id}")
+        elif which == "availability":
+            job = msg.availability.job
+            available = not self.draining and self.load < self.load_threshold
+            await self._send(
+                lk.WorkerMessage(
+                    availability=lk.AvailabilityResponse(
+                        job_id=job.id,
+                        available=available,
+                        participant_identity=f"agent-{job.id}",
+                        participant_name="otp-agents voice agent",
+                    )
+                )
+            )
+        elif which == "assignment":
+            tg.start_soon(self._start_job, msg.assignment.job)
+        elif which == "termination":
+            tg.start_soon(self._terminate_job, msg.termination.job_id)
+
+    async def _start_job(self, job: Any) -> None:
+        rec = self.jobs.setdefault(job.id, _Job(job.id))
+        reply = await control.call(
+            self.control_socket,
+            control.Request(op="start-child", path=self.jobs_supervisor, args=self.job_args(job)),
+        )
+        if not reply.ok:
+            await self._status(rec, lk.JS_FAILED, f"could not start the agent: {reply.message}")
+            return
+        rec.child = str(reply.data["path"])
+        self._by_child[rec.child] = rec
+        await self._status(rec, lk.JS_RUNNING)
+
+    async def _terminate_job(self, job_id: str) -> None:
+        rec = self.jobs.get(job_id)
+        if rec is None or rec.child is None:
+            return
+        await control.call(self.control_socket, control.Request(op="terminate", path=rec.child))
+
+    async def _status(self, rec: _Job, status: int, error: str = "") -> None:
+        if rec.status in (lk.JS_SUCCESS, lk.JS_FAILED, lk.JS_CANCELLED):
+            return
+        rec.status = status
+        self.log(f"job {rec.id}: {lk.JobStatus.Name(status)}{': ' + error if error else ''}")
+        update = lk.UpdateJobStatus(job_id=rec.id, status=status, error=error)  # type: ignore[arg-type]
+        await self._send(lk.WorkerMessage(update_job=update))
+
+    # -- what the jobs' children do ------------------------------------------------------------------
+
+    async def _follow_jobs(self) -> None:
+        req = control.Request(op="events", path=self.jobs_supervisor, kinds=JOB_EVENTS)
+        async with anyio.create_task_group() as tg:
+            async for reply in control.stream(self.control_socket, req):
+                for row in reply.data or []:
+                    self._on_child_event(row, tg)
+
+    def _on_child_event(self, row: dict[str, Any], tg: anyio.abc.TaskGroup) -> None:
+        kind, path = row.get("kind"), row.get("path", "")
+        if kind == "supervisor_stopped" and path == self.jobs_supervisor:
+            for rec in list(self._by_child.values()):
+                reason = rec.failure or "the jobs' supervisor stopped"
+                tg.start_soon(self._status, rec, lk.JS_FAILED, f"gave up: {reason}")
+            return
+        found = self._by_child.get(path)
+        if found is None:
+            return
+        rec = found
+        if kind in ("restarting", "child_started"):
+            if rec.settle is not None:
+                rec.settle.set()  # restarted: the call goes on (from its checkpoint)
+        elif kind == "child_terminated":
+            tg.start_soon(self._status, rec, lk.JS_SUCCESS)
+        elif kind == "start_failed":
+            tg.start_soon(self._status, rec, lk.JS_FAILED, f"restart failed: {row.get('detail', '')}")
+        elif kind == "child_exited":
+            if row.get("code") == 0:
+                tg.start_soon(self._status, rec, lk.JS_SUCCESS)
+            else:
+                how = f"signal {row['signal']}" if row.get("signal") else f"exit code {row.get('code')}"
+                rec.failure = how
+                rec.settle = anyio.Event()
+                tg.start_soon(self._final_unless_restarted, rec, how)
+
+    async def _final_unless_restarted(self, rec: _Job, how: str) -> None:
+        settle = rec.settle
+        assert settle is not None
+        with anyio.move_on_after(self.restart_grace):
+            await settle.wait()
+            return
+        await self._status(rec, lk.JS_FAILED, f"the agent ended with {how}")
+
+    # -- drain ---------------------------------------------------------------------------------------
+
+    async def drain(self, bound: float) -> None:
+        """Take no new jobs; wait up to ``bound`` seconds for the running ones to end."""
+        self.draining = True
+        await self._send(
+            lk.WorkerMessage(
+                update_worker=lk.UpdateWorkerStatus(status=lk.WS_FULL, load=self.load, draining=True)
+            )
+        )
+        with anyio.move_on_after(bound):
+            while self.running:  # noqa: ASYNC110 - job ends arrive as control-socket events
+                await anyio.sleep(0.1)
+        with contextlib.suppress(Exception):
+            if self._ws is not None:
+                await self._ws.close()

@@ -1,0 +1,141 @@
+"""The LiveKit dispatcher against a protocol-level stand-in server (tests/livekit_standin.py:
+LiveKit's agent worker protocol over a WebSocket, *not* a LiveKit server). The tree runs as a
+real `otp-agents run` process; jobs run workers/job_probe.py, whose behaviour the room name picks.
+
+asyncio only: the stand-in is an aiohttp server."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from livekit.protocol import agent as lk
+
+from otp_agents.voice.dispatch import Backoff
+
+from .helpers import ROOT
+from .livekit_standin import KEY, SECRET, StandIn, serving
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+TREE = f"""
+id = "root"
+intensity = 5
+period = 30
+
+[[children]]
+id = "jobs"
+strategy = "simple_one_for_one"
+intensity = 5
+period = 10
+  [[children.children]]
+  id = "job"
+  module = "workers.job_probe:main"
+  restart = "temporary"
+  shutdown = 2
+  cwd = "{ROOT}"
+
+[[children]]
+id = "dispatcher"           # after the jobs: stopped first, so it drains while calls still run
+module = "workers.livekit_dispatcher:main"
+args = ["--jobs", "root/jobs", "--max-jobs", "2", "--status-interval", "0.2"]
+shutdown = 4
+cwd = "{ROOT}"
+"""
+
+
+@contextmanager
+def tree(tmp: Path, url: str, secret: str = SECRET) -> Iterator[subprocess.Popen[bytes]]:
+    path = tmp / "livekit.toml"
+    path.write_text(TREE)
+    env = {**os.environ, "LIVEKIT_URL": url, "LIVEKIT_API_KEY": KEY, "LIVEKIT_API_SECRET": secret}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "otp_agents.cli", "run", str(path), "--state-dir", str(tmp / "state")],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+async def test_registration_jobs_load_failure_reconnect_and_drain(tmp_path: Path) -> None:
+    async with serving() as lk_server:
+        with tree(tmp_path, lk_server.url) as proc:
+            s: StandIn = lk_server
+            register = await s.wait(lambda: s.of("register"))
+            assert register[0].type == lk.JT_ROOM
+
+            # a job starts under the dynamic supervisor and is reported running
+            assert await s.offer("J1", "ok-1")
+            await s.wait(lambda: "JS_RUNNING" in s.job_status("J1"))
+
+            # a job whose agent crashes (temporary child: not restarted) is reported failed, with why
+            assert await s.offer("J2", "fail-2")
+            await s.wait(lambda: "JS_FAILED" in s.job_status("J2"))
+            failed = [u for u in s.of("update_job") if u.job_id == "J2" and u.status == lk.JS_FAILED]
+            assert "exit code 3" in failed[0].error
+
+            # availability follows real load: 2 jobs of max 2 -> refused
+            assert await s.offer("J3", "ok-3")
+            await s.wait(lambda: "JS_RUNNING" in s.job_status("J3"))
+            assert not await s.offer("J4", "ok-4")
+            full = await s.wait(lambda: [u for u in s.of("update_worker") if u.load >= 1.0])
+            assert full[-1].status == lk.WS_FULL and full[-1].job_count == 2
+
+            # the server terminates a job: its child is stopped, the job succeeded
+            await s.terminate("J1")
+            await s.wait(lambda: "JS_SUCCESS" in s.job_status("J1"))
+            # a call that ends by itself (exit 0) succeeded too
+            assert await s.offer("J5", "done-5")
+            await s.wait(lambda: "JS_SUCCESS" in s.job_status("J5"))
+
+            # the connection drops: the dispatcher reconnects and registers again; jobs go on
+            await s.drop()
+            await s.wait(lambda: len(s.of("register")) >= 2)
+            assert s.connections == 2
+            assert "JS_SUCCESS" not in s.job_status("J3") and "JS_FAILED" not in s.job_status("J3")
+
+            # shutdown drains: no new jobs, then the running one is given time to finish
+            proc.send_signal(signal.SIGTERM)
+            await s.wait(lambda: [u for u in s.of("update_worker") if u.draining])
+            assert proc.wait(timeout=30) == 0
+
+
+async def test_a_bad_secret_is_refused_and_retried_with_backoff(tmp_path: Path) -> None:
+    async with serving() as lk_server:
+        with tree(tmp_path, lk_server.url, secret="not-the-secret-0123456789abcdefgh"):
+            await lk_server.wait(lambda: lk_server.rejected >= 2)
+            assert lk_server.of("register") == []
+
+
+def test_reconnect_backoff_grows_is_capped_and_jittered() -> None:
+    b = Backoff(initial=0.5, factor=2.0, cap=30.0, jitter=0.25)
+    rng = random.Random(3)
+    for attempt, base in ((1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (7, 30.0), (20, 30.0)):
+        delays = [b.delay(attempt, rng) for _ in range(50)]
+        assert all(base * 0.75 <= d <= base * 1.25 for d in delays)
+        assert len({round(d, 6) for d in delays}) > 1  # jittered, not in step

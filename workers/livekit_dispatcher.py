@@ -1,0 +1,97 @@
+"""The LiveKit dispatcher: registers this node with a LiveKit server as an agent worker and runs
+every job it accepts as a voice leaf under a simple_one_for_one supervisor (see
+``otp_agents/voice/dispatch.py``).
+
+``module = "workers.livekit_dispatcher:main"``, args: ``--jobs PATH`` (the jobs' supervisor),
+``--agent-name``, ``--max-jobs``, ``--load-threshold``. Needs LIVEKIT_URL, LIVEKIT_API_KEY and
+LIVEKIT_API_SECRET (a missing or malformed one fails the start, naming it). List it *after* the
+jobs' supervisor in the tree: it then stops first, and its drain (no new jobs, running calls
+finish within the shutdown bound) happens while the calls are still up.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import anyio
+from livekit import api
+
+from otp_agents.control import CONTROL_SERVICE
+from otp_agents.voice.dispatch import Dispatcher
+from otp_agents.voice.room import LiveKitEnv
+from otp_agents.worker import Worker, run
+
+
+def job_args(job: Any) -> list[str]:
+    args = ["--room", job.room.name, "--job", job.id]
+    if job.participant.identity:
+        args += ["--listen-to", job.participant.identity]
+    return args
+
+
+async def main(worker: Worker) -> None:
+    p = argparse.ArgumentParser(prog="livekit_dispatcher")
+    p.add_argument("--jobs", required=True, help="path of the simple_one_for_one supervisor for the jobs")
+    p.add_argument("--agent-name", default="")
+    p.add_argument("--max-jobs", type=int, default=8)
+    p.add_argument("--load-threshold", type=float, default=0.7)
+    p.add_argument("--status-interval", type=float, default=2.5)
+    args = p.parse_args(worker.args)
+    env = LiveKitEnv.from_environ()  # a missing or malformed variable fails the start, named
+    await worker.ready()
+    # The control socket opens once the whole tree has started, which includes us: look it up now.
+    control_socket = None
+    with anyio.move_on_after(30):
+        while control_socket is None:
+            control_socket = await worker.lookup(CONTROL_SERVICE)
+            if control_socket is None:
+                await anyio.sleep(0.1)
+    if control_socket is None:
+        raise SystemExit("livekit_dispatcher: no control socket (the tree must run under `otp-agents run`)")
+
+    def token() -> str:
+        grants = api.VideoGrants(agent=True)
+        return (
+            api.AccessToken(env.api_key, env.api_secret)
+            .with_identity("otp-agents")
+            .with_grants(grants)
+            .to_jwt()
+        )
+
+    def log(line: str) -> None:
+        worker_log.append(line)
+
+    worker_log: list[str] = []
+    dispatcher = Dispatcher(
+        url=env.url,
+        token=token,
+        control_socket=control_socket,
+        jobs_supervisor=args.jobs,
+        job_args=job_args,
+        agent_name=args.agent_name,
+        max_jobs=args.max_jobs,
+        load_threshold=args.load_threshold,
+        status_interval=args.status_interval,
+        log=log,
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(dispatcher.run)
+
+        async def forward_log() -> None:
+            while True:
+                while worker_log:
+                    await worker.log(worker_log.pop(0))
+                await anyio.sleep(0.1)
+
+        tg.start_soon(forward_log)
+        await worker.wait_stopping()
+        bound = (worker.shutdown_timeout or 10.0) * 0.7
+        await dispatcher.drain(bound)
+        while worker_log:
+            await worker.log(worker_log.pop(0))
+        tg.cancel_scope.cancel()
+
+
+if __name__ == "__main__":
+    run(main)
