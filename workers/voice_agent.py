@@ -107,7 +107,7 @@ class Leaf:
     def __init__(self, worker: Worker, args: argparse.Namespace) -> None:
         self.worker = worker
         self.args = args
-        self.out: Path = args.out
+        self.out: Path = args.out / args.job if args.job else args.out  # one directory per job
         self.out.mkdir(parents=True, exist_ok=True)
         self.resumed = self._load_checkpoint()
         self.incarnation = self.resumed.incarnation + 1 if self.resumed else 1
