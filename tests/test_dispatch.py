@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import anyio
 import pytest
 from livekit.protocol import agent as lk
 
@@ -58,10 +59,12 @@ cwd = "{ROOT}"
 
 
 @contextmanager
-def tree(tmp: Path, url: str, secret: str = SECRET) -> Iterator[subprocess.Popen[bytes]]:
+def tree(
+    tmp: Path, url: str, secret: str = SECRET, key: str = KEY, text: str = TREE
+) -> Iterator[subprocess.Popen[bytes]]:
     path = tmp / "livekit.toml"
-    path.write_text(TREE)
-    env = {**os.environ, "LIVEKIT_URL": url, "LIVEKIT_API_KEY": KEY, "LIVEKIT_API_SECRET": secret}
+    path.write_text(text)
+    env = {**os.environ, "LIVEKIT_URL": url, "LIVEKIT_API_KEY": key, "LIVEKIT_API_SECRET": secret}
     proc = subprocess.Popen(
         [sys.executable, "-m", "otp_agents.cli", "run", str(path), "--state-dir", str(tmp / "state")],
         cwd=ROOT,
@@ -139,3 +142,44 @@ def test_reconnect_backoff_grows_is_capped_and_jittered() -> None:
         delays = [b.delay(attempt, rng) for _ in range(50)]
         assert all(base * 0.75 <= d <= base * 1.25 for d in delays)
         assert len({round(d, 6) for d in delays}) > 1  # jittered, not in step
+
+
+REAL = all(os.environ.get(v) for v in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"))
+
+
+@pytest.mark.skipif(
+    not REAL, reason="needs a LiveKit server: set LIVEKIT_URL, LIVEKIT_API_KEY and LIVEKIT_API_SECRET"
+)
+async def test_against_a_real_server_an_explicit_dispatch_starts_a_job(tmp_path: Path) -> None:
+    """Registers with the real server, asks it (server API) to dispatch a job to our agent name,
+    and sees the job's child started under the dynamic supervisor."""
+    from livekit import api
+
+    name = f"otp-agents-test-{os.getpid()}"
+    text = TREE.replace('"--max-jobs", "2"', f'"--max-jobs", "2", "--agent-name", "{name}"')
+    url, key, secret = (os.environ[v] for v in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"))
+    status_cmd = [
+        sys.executable,
+        "-m",
+        "otp_agents.cli",
+        "status",
+        "--json",
+        "--state-dir",
+        str(tmp_path / "state"),
+    ]
+    with tree(tmp_path, url, secret=secret, key=key, text=text) as proc:
+        lkapi = api.LiveKitAPI(url, key, secret)
+        try:
+            await anyio.sleep(3)  # registration
+            request = api.CreateAgentDispatchRequest(agent_name=name, room=f"ok-{name}")
+            await lkapi.agent_dispatch.create_dispatch(request)
+            with anyio.fail_after(30):
+                while True:
+                    await anyio.sleep(0.5)
+                    out = await anyio.run_process(status_cmd, check=False)
+                    if out.returncode == 0 and b"root/jobs/" in out.stdout:
+                        break
+        finally:
+            await lkapi.aclose()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
