@@ -119,7 +119,7 @@ async def test_registration_jobs_load_failure_reconnect_and_drain(tmp_path: Path
             # the connection drops: the dispatcher reconnects and registers again; jobs go on
             await s.drop()
             await s.wait(lambda: len(s.of("register")) >= 2)
-            assert s.connections == 2
+            assert s.connections >= 2
             assert "JS_SUCCESS" not in s.job_status("J3") and "JS_FAILED" not in s.job_status("J3")
 
             # shutdown drains: no new jobs, then the running one is given time to finish
