@@ -19,7 +19,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -125,6 +125,9 @@ class ControlServer:
             os.chmod(self.path, 0o660)
         else:
             os.chmod(self.path, 0o600)
+        # Workers that drive the tree (a job dispatcher) find the socket like any service, once
+        # it exists; it answers only this user (and the operators' group).
+        self.tree.host.services[CONTROL_SERVICE] = (str(self.path.resolve()), self.tree.root.path, 0)
         try:
             async with listener:
                 await listener.serve(self._connection)
@@ -318,14 +321,16 @@ def stream_requests(path: Path, req: Request, timeout: float | None = 30.0) -> A
         sock.close()
 
 
-async def call(path: str | Path, req: Request) -> Reply:
-    """Async client for workers inside the tree: one request, its one reply."""
-    async for reply in stream(path, req):
-        return reply
+async def call(path: str | Path, req: Request, timeout: float = 30.0) -> Reply:  # noqa: ASYNC109
+    """Async client for workers inside the tree: one request, its one reply, within ``timeout``."""
+    with anyio.fail_after(timeout):
+        async with contextlib.aclosing(stream(path, req)) as replies:
+            async for reply in replies:
+                return reply
     raise NotRunning(f"the control socket {path} closed without answering")
 
 
-async def stream(path: str | Path, req: Request) -> AsyncIterator[Reply]:
+async def stream(path: str | Path, req: Request) -> AsyncGenerator[Reply, None]:
     """Async client: the replies to ``req`` (many, for ``events``) until the last one."""
     try:
         conn = await anyio.connect_unix(str(path))

@@ -73,6 +73,7 @@ KILL_WAIT = 10.0
 # How long an exited worker's last frames (its final checkpoint, say) may take to be read before
 # its exit is handled. The group is dead by then, so end of stream normally comes at once.
 DRAIN_WAIT = 0.2
+RESERVED_SERVICES = "otp-agents."  # names the runtime itself publishes (its control socket)
 ENV_FD = "OTP_AGENTS_FD"
 ENV_PATH = "OTP_AGENTS_PATH"
 ENV_BACKEND = "OTP_AGENTS_BACKEND"
@@ -194,7 +195,6 @@ class ChildProcess:
         self._untrack()
         remove_signal_file(self.signal_file)
         self.exit = Exit(status=status, requested=self._requested, fault=self._fault)
-        self._unpublish_all()
         if self.channel is not None and self.ready:  # during the handshake, spawn() owns it
             # What it wrote just before dying (a last checkpoint) may still be unread: let the
             # reader take it up to end of stream, so it is handled before the exit is, and
@@ -202,6 +202,7 @@ class ChildProcess:
             with anyio.move_on_after(DRAIN_WAIT):
                 await self._reader_done.wait()
             await self.channel.aclose()
+        self._unpublish_all()  # after its last frames: a late publish cannot outlive it
         self.exited.set()
         self._on_exit(self)
 
@@ -340,6 +341,17 @@ class ChildProcess:
 
     def _publish(self, msg: Publish, bus: EventBus) -> None:
         services = self._host.services
+        if self.exit is not None:
+            return  # a frame read after its writer's death: nothing may serve at that address
+        if msg.name.startswith(RESERVED_SERVICES):
+            bus.emit(
+                Kind.WORKER_LOG,
+                self.path,
+                pid=self.pid,
+                reason="error",
+                detail=f"publish refused: {msg.name} is reserved",
+            )
+            return
         if msg.address:
             services[msg.name] = (msg.address, self.path, self.pid)
             bus.emit(Kind.SERVICE_UP, self.path, pid=self.pid, reason=msg.name, detail=msg.address)
@@ -356,7 +368,11 @@ class ChildProcess:
 
     @staticmethod
     async def _send_quietly(channel: Channel, msg: Message) -> None:
-        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        # Bounded: a worker that asks and stops reading must not pile up tasks here.
+        with (
+            anyio.move_on_after(2),
+            contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError),
+        ):
             await channel.send(msg)
 
     def _handle(self, msg: Message, bus: EventBus) -> None:

@@ -20,7 +20,7 @@ import anyio
 import anyio.abc
 
 from . import linux
-from .control import CONTROL_SERVICE, ControlServer, socket_path
+from .control import ControlServer, socket_path
 from .events import EventBus, Kind, log_event, write_jsonl
 from .guard import Guard
 from .metrics import Metrics
@@ -208,9 +208,6 @@ async def run(
                         tree, socket_path(tree.host.state_dir), stop_requested, tree_file, control_group
                     )
                     tg.start_soon(control.serve, name="control socket")
-                    # Workers that drive the tree (a job dispatcher) find the socket like any
-                    # service; it answers only this user (and the operators' group).
-                    tree.host.services[CONTROL_SERVICE] = (str(control.path), spec.id, 0)
                     tg.start_soon(notifier.watchdog, name="sd_notify watchdog")
                     if metrics is not None:
                         metrics.attach(tree)

@@ -29,6 +29,7 @@ from otp_agents.voice.inference import (
 from otp_agents.voice.local_io import read_wav
 from otp_agents.voice.samples import speak_flite
 from otp_agents.voice.stt import PocketSphinxSTT
+from otp_agents.wire import FrameDecoder, encode
 
 from .helpers import tree_of, worker
 from .voice_helpers import needs_tts
@@ -219,3 +220,34 @@ async def test_inference_sigkilled_under_load_no_client_dies_and_service_returns
         # ...and the server answers again after its restart
         after = [r for r in log if r["start"] > again.ts + 0.5]
         assert after and all(r["source"] == "server" for r in after)
+
+
+async def test_bad_clients_cost_their_connection_never_the_server(question: np.ndarray) -> None:
+    from otp_agents.voice import inference
+
+    server, address, listener = await _serving(pool=1, max_queue=4)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(server.serve, listener)
+        # garbage, a frame of the wrong type, half a sample, and a client that hangs up at once
+        for junk in (b"\x00\x00\x00\x05hello", encode(InferFailed(id=1, reason="busy"))):
+            conn = await inference._connect(address)
+            async with conn:
+                await conn.send(junk)
+                reply = await inference._read_one(
+                    conn, FrameDecoder(inference.INFER_MAX_FRAME, decoder=inference._decoder)
+                )
+            assert isinstance(reply, InferFailed) and reply.reason == "bad_request"
+        half_sample = inference.InferRequest(id=7, kind="stt", audio=question.tobytes()[:-1], timeout=10.0)
+        conn = await inference._connect(address)
+        async with conn:
+            await conn.send(encode(half_sample))
+            odd = await inference._read_one(
+                conn, FrameDecoder(inference.INFER_MAX_FRAME, decoder=inference._decoder)
+            )
+        assert isinstance(odd, InferFailed) and odd.reason == "bad_request" and "16-bit" in odd.detail
+        conn = await inference._connect(address)
+        await conn.aclose()
+        # ...and the next good request is served
+        good = await request_stt(address, question, 30.0)
+        assert isinstance(good, InferResult) and good.text == HEARD
+        tg.cancel_scope.cancel()

@@ -20,6 +20,7 @@ async def main(worker: Worker) -> None:
     p.add_argument("--room", required=True)
     p.add_argument("--job", required=True)
     p.add_argument("--listen-to", default=None)
+    p.add_argument("--identity", default=None)
     args = p.parse_args(worker.args)
     await worker.ready()
     if args.room.startswith("fail-"):

@@ -24,7 +24,8 @@ from otp_agents.worker import Worker, run
 
 
 def job_args(job: Any) -> list[str]:
-    args = ["--room", job.room.name, "--job", job.id]
+    # The identity the availability answer promised the server (agent-<job id>).
+    args = ["--room", job.room.name, "--job", job.id, "--identity", f"agent-{job.id}"]
     if job.participant.identity:
         args += ["--listen-to", job.participant.identity]
     return args

@@ -14,7 +14,8 @@ This is LiveKit's agent worker protocol (``livekit.protocol.agent``: protobuf ``
    jobs' supervisor (the call resumes from its checkpoint) and the job stays running; a child
    that ends for good reports ``JS_SUCCESS`` (exit 0 or terminated on request) or ``JS_FAILED``
    with how it ended; ``JobTermination`` terminates the child;
-5. report load every ``status_interval`` (``UpdateWorkerStatus``) and ping;
+5. report load every ``status_interval`` (``UpdateWorkerStatus``); WebSocket pings find a dead
+   connection;
 6. when the connection drops, reconnect with capped, jittered exponential backoff and register
    again (running jobs are unaffected: they are the supervisor's children, not ours);
 7. on drain (shutdown), report ``WS_FULL``/draining so no job is assigned, let running jobs
@@ -31,6 +32,8 @@ from typing import Any
 
 import aiohttp
 import anyio
+import anyio.abc
+from google.protobuf.message import DecodeError
 from livekit.protocol import agent as lk
 
 from .. import control
@@ -66,6 +69,7 @@ class _Job:
     status: int = lk.JS_PENDING
     failure: str | None = None  # how its child last ended, if badly
     settle: anyio.Event | None = None  # set when a restart follows an exit
+    terminate_asked: bool = False  # the server ended it while it was still starting
 
 
 @dataclass
@@ -88,6 +92,8 @@ class Dispatcher:
     worker_id: str = ""
     _ws: aiohttp.ClientWebSocketResponse | None = None
     _by_child: dict[str, _Job] = field(default_factory=dict)
+    _early: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    _tg: anyio.abc.TaskGroup | None = None
 
     @property
     def running(self) -> int:
@@ -102,16 +108,20 @@ class Dispatcher:
     async def run(self) -> None:
         """Stay registered until cancelled or drained; follow the jobs meanwhile."""
         async with anyio.create_task_group() as tg:
+            self._tg = tg  # jobs outlive a connection: their tasks live here
             tg.start_soon(self._follow_jobs)
             attempt = 0
             while not self.draining:
+                registered = self.registrations
                 try:
                     await self._session()
-                    attempt = 0  # it was up: start the backoff afresh
-                except (aiohttp.ClientError, OSError, TimeoutError, ConnectionError) as exc:
+                except* (aiohttp.ClientError, OSError, TimeoutError, ConnectionError) as group:
+                    exc = group.exceptions[0]
                     self.log(f"LiveKit connection failed: {type(exc).__name__}: {exc}")
                 if self.draining:
                     break
+                if self.registrations > registered:
+                    attempt = 0  # it was up: start the backoff afresh
                 attempt += 1
                 delay = self.backoff.delay(attempt)
                 self.log(f"reconnecting in {delay:.2f}s (attempt {attempt})")
@@ -120,10 +130,16 @@ class Dispatcher:
     async def _session(self) -> None:
         headers = {"Authorization": f"Bearer {self.token()}"}
         timeout = aiohttp.ClientTimeout(sock_connect=10)
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as http,
-            http.ws_connect(f"{self.url.rstrip('/')}/agent", headers=headers, heartbeat=None) as ws,
-        ):
+        # heartbeat: aiohttp pings and drops a connection whose pong does not come (a half-open
+        # TCP connection would otherwise look registered for ever).
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            with anyio.fail_after(15):
+                ws = await http.ws_connect(f"{self.url.rstrip('/')}/agent", headers=headers, heartbeat=30)
+            await self._serve_connection(ws)
+        raise ConnectionError("the LiveKit server closed the connection")
+
+    async def _serve_connection(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        async with ws:
             self._ws = ws
             try:
                 await self._send(
@@ -137,18 +153,25 @@ class Dispatcher:
                     tg.start_soon(self._report_status)
                     async for msg in ws:
                         if msg.type == aiohttp.WSMsgType.BINARY:
-                            await self._on_server(lk.ServerMessage.FromString(msg.data), tg)
+                            try:
+                                server_msg = lk.ServerMessage.FromString(msg.data)
+                            except DecodeError as exc:  # one bad message, not a dead dispatcher
+                                self.log(f"ignoring an unreadable message from the server: {exc}")
+                                continue
+                            await self._on_server(server_msg)
                         elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.ERROR):
                             break
                     tg.cancel_scope.cancel()
             finally:
                 self._ws = None
-        raise ConnectionError("the LiveKit server closed the connection")
 
     async def _send(self, msg: lk.WorkerMessage) -> None:
+        """Best effort: a message that cannot go out now is lost with its connection (the
+        reader notices the drop and reconnects)."""
         ws = self._ws
         if ws is not None and not ws.closed:
-            await ws.send_bytes(msg.SerializeToString())
+            with anyio.move_on_after(5), contextlib.suppress(aiohttp.ClientError, ConnectionError, OSError):
+                await ws.send_bytes(msg.SerializeToString())
 
     async def _report_status(self) -> None:
         seq = 0
@@ -170,7 +193,9 @@ class Dispatcher:
 
     # -- what the server asks ------------------------------------------------------------------------
 
-    async def _on_server(self, msg: lk.ServerMessage, tg: anyio.abc.TaskGroup) -> None:
+    async def _on_server(self, msg: lk.ServerMessage) -> None:
+        tg = self._tg
+        assert tg is not None
         which = msg.WhichOneof("message")
         if which == "register":
             self.registrations += 1
@@ -190,28 +215,45 @@ class Dispatcher:
                 )
             )
         elif which == "assignment":
-            tg.start_soon(self._start_job, msg.assignment.job)
+            if msg.assignment.job.id not in self.jobs:  # a repeated assignment starts nothing new
+                self.jobs[msg.assignment.job.id] = _Job(msg.assignment.job.id)
+                tg.start_soon(self._start_job, msg.assignment.job)
         elif which == "termination":
             tg.start_soon(self._terminate_job, msg.termination.job_id)
 
     async def _start_job(self, job: Any) -> None:
         rec = self.jobs.setdefault(job.id, _Job(job.id))
-        reply = await control.call(
-            self.control_socket,
-            control.Request(op="start-child", path=self.jobs_supervisor, args=self.job_args(job)),
-        )
+        request = control.Request(op="start-child", path=self.jobs_supervisor, args=self.job_args(job))
+        try:
+            with anyio.CancelScope(shield=True):  # the supervisor starts it anyway: learn its path
+                reply = await control.call(self.control_socket, request, timeout=60)
+        except (OSError, TimeoutError, control.NotRunning) as exc:
+            await self._status(rec, lk.JS_FAILED, f"could not start the agent: {exc}")
+            return
         if not reply.ok:
             await self._status(rec, lk.JS_FAILED, f"could not start the agent: {reply.message}")
             return
         rec.child = str(reply.data["path"])
         self._by_child[rec.child] = rec
         await self._status(rec, lk.JS_RUNNING)
+        early = self._early.pop(rec.child, [])
+        assert self._tg is not None
+        for row in early:  # it ended before we knew its path
+            self._on_child_event(row, self._tg)
+        if rec.terminate_asked:
+            await self._terminate_job(rec.id)
 
     async def _terminate_job(self, job_id: str) -> None:
         rec = self.jobs.get(job_id)
-        if rec is None or rec.child is None:
+        if rec is None:
             return
-        await control.call(self.control_socket, control.Request(op="terminate", path=rec.child))
+        if rec.child is None:
+            rec.terminate_asked = True  # still starting: terminated once its path is known
+            return
+        with contextlib.suppress(OSError, TimeoutError, control.NotRunning):
+            await control.call(
+                self.control_socket, control.Request(op="terminate", path=rec.child), timeout=30
+            )
 
     async def _status(self, rec: _Job, status: int, error: str = "") -> None:
         if rec.status in (lk.JS_SUCCESS, lk.JS_FAILED, lk.JS_CANCELLED):
@@ -239,31 +281,36 @@ class Dispatcher:
             return
         found = self._by_child.get(path)
         if found is None:
+            if path.startswith(self.jobs_supervisor + "/") and len(self._early) < 256:
+                self._early.setdefault(path, []).append(row)  # its start reply is still on its way
             return
         rec = found
-        if kind in ("restarting", "child_started"):
+        if kind in ("restarting", "child_started", "restart_delayed"):
             if rec.settle is not None:
-                rec.settle.set()  # restarted: the call goes on (from its checkpoint)
+                rec.settle.set()  # restarted (or will be): the call goes on from its checkpoint
         elif kind == "child_terminated":
             tg.start_soon(self._status, rec, lk.JS_SUCCESS)
-        elif kind == "start_failed":
-            tg.start_soon(self._status, rec, lk.JS_FAILED, f"restart failed: {row.get('detail', '')}")
-        elif kind == "child_exited":
-            if row.get("code") == 0:
-                tg.start_soon(self._status, rec, lk.JS_SUCCESS)
+        elif kind in ("child_exited", "start_failed"):
+            # Final only if its supervisor does not restart it: a recycle exits 0 and comes
+            # back, a crash of a transient call comes back, a failed restart is tried again.
+            if kind == "start_failed":
+                how, status = f"a failed restart ({row.get('detail', '')})", lk.JS_FAILED
+            elif row.get("code") == 0:
+                how, status = "exit code 0", lk.JS_SUCCESS
             else:
                 how = f"signal {row['signal']}" if row.get("signal") else f"exit code {row.get('code')}"
-                rec.failure = how
-                rec.settle = anyio.Event()
-                tg.start_soon(self._final_unless_restarted, rec, how)
+                status = lk.JS_FAILED
+            rec.failure = how if status == lk.JS_FAILED else rec.failure
+            rec.settle = anyio.Event()
+            tg.start_soon(self._final_unless_restarted, rec, how, status)
 
-    async def _final_unless_restarted(self, rec: _Job, how: str) -> None:
+    async def _final_unless_restarted(self, rec: _Job, how: str, status: int) -> None:
         settle = rec.settle
         assert settle is not None
         with anyio.move_on_after(self.restart_grace):
             await settle.wait()
             return
-        await self._status(rec, lk.JS_FAILED, f"the agent ended with {how}")
+        await self._status(rec, status, "" if status == lk.JS_SUCCESS else f"the agent ended with {how}")
 
     # -- drain ---------------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ request's deadline, then falls back to a local recogniser if one is configured.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import struct
@@ -34,11 +35,16 @@ import msgspec
 import numpy as np
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from ..control import peer_credentials
 from ..wire import FrameDecoder, FrameError, encode
 from .providers import ProviderError
 from .stt import STT
 
+log = logging.getLogger("otp_agents.inference")
+
 MAX_AUDIO = 60 * 16_000 * 2  # one minute of 16 kHz int16 audio
+REQUEST_READ_TIMEOUT = 5.0  # a client must have sent its whole request by then
+MODEL_GRACE = 30.0  # a decode running this long past its request's deadline is given up
 INFER_MAX_FRAME = MAX_AUDIO + 4096
 
 
@@ -252,9 +258,13 @@ class InferenceServer:
     request at a time), a queue of at most ``max_queue`` waiting requests, and per-request
     deadlines. See :class:`ProcessRecognizer` for why the recognisers are processes."""
 
-    def __init__(self, recognizers: list[Recognizer], max_queue: int = 32) -> None:
+    def __init__(
+        self, recognizers: list[Recognizer], max_queue: int = 32, max_connections: int = 256
+    ) -> None:
         if not recognizers:
             raise ValueError("the inference server needs at least one recogniser")
+        self.max_connections = max_connections
+        self._connections = 0
         self._free = list(recognizers)
         self._slots = anyio.Semaphore(len(recognizers))
         self.max_queue = max_queue
@@ -263,53 +273,87 @@ class InferenceServer:
 
     async def serve(self, listener: anyio.abc.SocketListener) -> None:
         async with anyio.create_task_group() as tg:
-            await listener.serve(self._client, task_group=tg)
+            while True:
+                try:
+                    await listener.serve(self._client, task_group=tg)
+                except OSError as exc:  # EMFILE and friends: wait for descriptors, keep serving
+                    log.warning("inference server: accept failed (%s); retrying", exc)
+                    await anyio.sleep(0.1)
 
     async def _client(self, stream: anyio.abc.SocketStream) -> None:
-        async with stream:
-            decoder: FrameDecoder[InferMessage] = FrameDecoder(INFER_MAX_FRAME, decoder=_decoder)
-            try:
+        """One connection, one request. Nothing a client sends or fails to read may reach the
+        listener: every error ends this connection only."""
+        if self._connections >= self.max_connections:
+            self.stats.busy += 1
+            await stream.aclose()
+            return
+        self._connections += 1
+        try:
+            async with stream:
+                raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+                if peer_credentials(raw)[1] != os.getuid():  # abstract sockets have no file mode
+                    return
+                reply = await self._answer(stream)
+                if reply is not None:
+                    with anyio.move_on_after(5), contextlib.suppress(Exception):
+                        await stream.send(encode(reply))
+        except Exception as exc:  # a broken client: its connection ends, the server goes on
+            log.debug("inference client failed: %r", exc)
+        finally:
+            self._connections -= 1
+
+    async def _answer(self, stream: anyio.abc.SocketStream) -> InferResult | InferFailed | None:
+        decoder: FrameDecoder[InferMessage] = FrameDecoder(INFER_MAX_FRAME, decoder=_decoder)
+        try:
+            with anyio.fail_after(REQUEST_READ_TIMEOUT):
                 msg = await _read_one(stream, decoder)
-            except (ConnectionError, FrameError) as exc:
+        except (ConnectionError, FrameError, TimeoutError) as exc:
+            return InferFailed(id=0, reason="bad_request", detail=str(exc) or type(exc).__name__)
+        if not isinstance(msg, InferRequest):
+            return InferFailed(id=0, reason="bad_request", detail=f"expected infer, got {type(msg).__name__}")
+        if len(msg.audio) % 2:
+            return InferFailed(id=msg.id, reason="bad_request", detail="audio is not whole 16-bit samples")
+        if self._queued >= self.max_queue:
+            self.stats.busy += 1
+            return InferFailed(id=msg.id, reason="busy", detail=f"{self._queued} requests queued")
+        job = _Job(msg, time.monotonic(), anyio.Event())
+        async with anyio.create_task_group() as tg:
+
+            async def watch_hangup() -> None:
                 with contextlib.suppress(Exception):
-                    await stream.send(encode(InferFailed(id=0, reason="bad_request", detail=str(exc))))
-                return
-            if not isinstance(msg, InferRequest):
-                await stream.send(encode(InferFailed(id=0, reason="bad_request", detail=type(msg).__name__)))
-                return
-            if self._queued >= self.max_queue:
-                self.stats.busy += 1
-                await stream.send(
-                    encode(InferFailed(id=msg.id, reason="busy", detail=f"{self._queued} requests queued"))
-                )
-                return
-            job = _Job(msg, time.monotonic(), anyio.Event())
-            async with anyio.create_task_group() as tg:
+                    await stream.receive(1)  # EOF (or anything): the client is gone
+                job.gone.set()
 
-                async def watch_hangup() -> None:
-                    with contextlib.suppress(Exception):
-                        await stream.receive(1)  # EOF (or anything): the client is gone
-                    job.gone.set()
-
-                tg.start_soon(watch_hangup)
-                await self._run(job)
-                tg.cancel_scope.cancel()
-            if job.reply is not None and not job.gone.is_set():
-                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                    await stream.send(encode(job.reply))
+            tg.start_soon(watch_hangup)
+            await self._run(job)
+            tg.cancel_scope.cancel()
+        return None if job.gone.is_set() else job.reply
 
     async def _run(self, job: _Job) -> None:
         req = job.request
         deadline = job.received + req.timeout
+        acquired = False
         self._queued += 1
         try:
             with anyio.move_on_after(max(0.0, deadline - time.monotonic())) as waited:
-                await self._slots.acquire()
+                async with anyio.create_task_group() as race:
+
+                    async def on_gone() -> None:
+                        await job.gone.wait()  # hung up while queued: leave the queue now
+                        race.cancel_scope.cancel()
+
+                    race.start_soon(on_gone)
+                    await self._slots.acquire()
+                    acquired = True
+                    race.cancel_scope.cancel()
         finally:
             self._queued -= 1
-        if waited.cancelled_caught:
-            self.stats.expired += 1
-            job.reply = InferFailed(id=req.id, reason="deadline", detail=f"queued {req.timeout:.2f}s")
+        if not acquired:
+            if job.gone.is_set():
+                self.stats.abandoned += 1
+            elif waited.cancelled_caught:
+                self.stats.expired += 1
+                job.reply = InferFailed(id=req.id, reason="deadline", detail=f"queued {req.timeout:.2f}s")
             return
         try:
             if job.gone.is_set():
@@ -320,7 +364,10 @@ class InferenceServer:
             self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.stats.in_flight)
             started = time.monotonic()
             try:
-                text = await recognizer(req.audio)
+                # A recogniser that hangs is given up (and replaced on its next use, see
+                # ProcessRecognizer) rather than holding its slot for ever.
+                with anyio.fail_after(req.timeout + MODEL_GRACE):
+                    text = await recognizer(req.audio)
             except Exception as exc:
                 job.reply = InferFailed(id=req.id, reason="error", detail=f"{type(exc).__name__}: {exc}")
                 return
@@ -376,7 +423,9 @@ class ProcessRecognizer:
 
     async def __call__(self, raw: bytes) -> str:
         if self._proc is None or self._proc.returncode is not None or self._dirty:
+            self._dirty = True  # stays set if the start is cut short: the next use starts again
             await self.start()
+            self._dirty = False
         assert self._proc is not None and self._proc.stdin is not None and self._out is not None
         self._dirty = True
         try:
@@ -386,6 +435,8 @@ class ProcessRecognizer:
         except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, OSError) as exc:
             raise RuntimeError(f"recogniser process failed: {type(exc).__name__}") from None
         self._dirty = False
+        if text.startswith("\0error: "):
+            raise RuntimeError(text[1:])
         return text
 
     async def aclose(self) -> None:

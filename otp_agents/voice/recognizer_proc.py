@@ -67,7 +67,10 @@ def main() -> None:
             raw = _read_exact(stdin, size)
         except EOFError:
             return
-        text = decode(raw).encode()
+        try:
+            text = decode(raw).encode()
+        except Exception as exc:  # one bad input costs its request, not the model
+            text = f"\0error: {type(exc).__name__}: {exc}".encode()
         stdout.write(_LEN.pack(len(text)) + text)
         stdout.flush()
 
