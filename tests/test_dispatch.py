@@ -120,6 +120,8 @@ async def test_registration_jobs_load_failure_reconnect_and_drain(tmp_path: Path
             await s.drop()
             await s.wait(lambda: len(s.of("register")) >= 2)
             assert s.connections >= 2
+            migrated = await s.wait(lambda: s.of("migrate_job"))
+            assert list(migrated[0].job_ids) == ["J3"]  # the call still running here is claimed
             assert "JS_SUCCESS" not in s.job_status("J3") and "JS_FAILED" not in s.job_status("J3")
 
             # shutdown drains: no new jobs, then the running one is given time to finish

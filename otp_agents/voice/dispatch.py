@@ -201,6 +201,9 @@ class Dispatcher:
             self.registrations += 1
             self.worker_id = msg.register.worker_id
             self.log(f"registered as {self.worker_id}")
+            running = [j.id for j in self.jobs.values() if j.status in (lk.JS_PENDING, lk.JS_RUNNING)]
+            if running:  # a new registration: claim the calls still running here, as LiveKit's worker does
+                await self._send(lk.WorkerMessage(migrate_job=lk.MigrateJobRequest(job_ids=running)))
         elif which == "availability":
             job = msg.availability.job
             available = not self.draining and self.load < self.load_threshold
@@ -259,9 +262,20 @@ class Dispatcher:
         if rec.status in (lk.JS_SUCCESS, lk.JS_FAILED, lk.JS_CANCELLED):
             return
         rec.status = status
+        if status in (lk.JS_SUCCESS, lk.JS_FAILED, lk.JS_CANCELLED):
+            self._forget_finished()
         self.log(f"job {rec.id}: {lk.JobStatus.Name(status)}{': ' + error if error else ''}")
         update = lk.UpdateJobStatus(job_id=rec.id, status=status, error=error)  # type: ignore[arg-type]
         await self._send(lk.WorkerMessage(update_job=update))
+
+    def _forget_finished(self, keep: int = 256) -> None:
+        """Finished jobs are kept (a repeated assignment must not start one again), but only the
+        latest ``keep`` of them."""
+        done = [j for j in self.jobs.values() if j.status in (lk.JS_SUCCESS, lk.JS_FAILED, lk.JS_CANCELLED)]
+        for old in done[: max(0, len(done) - keep)]:
+            del self.jobs[old.id]
+            if old.child is not None:
+                self._by_child.pop(old.child, None)
 
     # -- what the jobs' children do ------------------------------------------------------------------
 
