@@ -297,6 +297,17 @@ def request(path: Path, req: Request, timeout: float = 30.0) -> list[Reply]:
     return replies
 
 
+def _replies(decoder: wire.FrameDecoder[ControlMessage], data: bytes) -> tuple[list[Reply], bool]:
+    """The replies in ``data``, up to the last one of the answer; and whether it came."""
+    out: list[Reply] = []
+    for msg in decoder.feed(data):
+        if isinstance(msg, Reply):
+            out.append(msg)
+            if not msg.more:
+                return out, True
+    return out, False
+
+
 def stream_requests(path: Path, req: Request, timeout: float | None = 30.0) -> Any:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
@@ -312,11 +323,10 @@ def stream_requests(path: Path, req: Request, timeout: float | None = 30.0) -> A
             data = sock.recv(65536)
             if not data:
                 return
-            for msg in decoder.feed(data):
-                if isinstance(msg, Reply):
-                    yield msg
-                    if not msg.more:
-                        return
+            replies, last = _replies(decoder, data)
+            yield from replies
+            if last:
+                return
     finally:
         sock.close()
 
@@ -344,8 +354,8 @@ async def stream(path: str | Path, req: Request) -> AsyncGenerator[Reply, None]:
                 data = await conn.receive(65536)
             except (anyio.EndOfStream, anyio.BrokenResourceError):
                 return
-            for msg in decoder.feed(data):
-                if isinstance(msg, Reply):
-                    yield msg
-                    if not msg.more:
-                        return
+            replies, last = _replies(decoder, data)
+            for reply in replies:
+                yield reply
+            if last:
+                return

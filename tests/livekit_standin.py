@@ -18,6 +18,8 @@ from livekit import api
 from livekit.protocol import agent as lk
 from livekit.protocol import models
 
+from .loopback_http import serve_app
+
 KEY, SECRET = "standin-key", "standin-secret-0123456789abcdefghij"
 
 
@@ -102,13 +104,6 @@ async def serving() -> AsyncIterator[StandIn]:
     stand_in = StandIn()
     app = web.Application()
     app.router.add_get("/agent", stand_in.handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    stand_in.url = f"ws://127.0.0.1:{port}"
-    try:
+    async with serve_app(app) as port:
+        stand_in.url = f"ws://127.0.0.1:{port}"
         yield stand_in
-    finally:
-        await runner.cleanup()

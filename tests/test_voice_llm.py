@@ -17,6 +17,7 @@ from otp_agents.voice.agent import ChatMessage, Conversation, Session
 from otp_agents.voice.llm_agent import ChatCompletionsAgent
 from otp_agents.voice.providers import ProviderError, ProviderStats
 
+from .loopback_http import serve_app
 from .voice_helpers import FAST_RETRY, caller, hold_call, needs_tts
 
 pytestmark = pytest.mark.anyio
@@ -54,15 +55,8 @@ class StandIn:
 async def serve(stand_in: StandIn) -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", stand_in.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serve_app(app) as port:
         yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        await runner.cleanup()
 
 
 @pytest.fixture
