@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 import numpy as np
 
+from otp_agents import memory
 from otp_agents.voice.audio import SAMPLE_RATE
 from otp_agents.voice.inference import (
     InferenceServer,
@@ -36,14 +37,7 @@ from otp_agents.voice.samples import speak_flite
 
 
 def _pss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return memory.precise_bytes(pid, "pss") // 1024
 
 
 def _summary(latencies: list[float], wall: float) -> dict[str, float]:

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from otp_agents import linux, memory
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = """\
@@ -85,14 +87,6 @@ def _tree(tmp: Path, n: int, script: Path, begin: float, spread: float, inferenc
     return tree
 
 
-def _children_of(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
 def _cmdline(pid: int) -> bytes:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -105,28 +99,19 @@ def _processes(supervisor: int) -> tuple[list[int], list[int]]:
     """(voice leaves, inference processes: the server and its recognisers), not the supervisor's
     orphan guard (a fork of itself) nor the short-lived flite processes."""
     leaves, inference = [], []
-    for child in _children_of(supervisor):
+    for child in linux.child_pids(supervisor):
         cmd = _cmdline(child)
         if b"voice_agent" in cmd:
             leaves.append(child)
         elif b"inference_server" in cmd:
             inference.append(child)
-            inference += [g for g in _children_of(child) if b"recognizer_proc" in _cmdline(g)]
+            inference += [g for g in linux.child_pids(child) if b"recognizer_proc" in _cmdline(g)]
     return leaves, inference
 
 
 def _mem_kb(pid: int) -> tuple[int, int]:
-    rss = pss = 0
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Rss:"):
-                    rss = int(line.split()[1])
-                elif line.startswith("Pss:"):
-                    pss = int(line.split()[1])
-    except OSError:
-        pass
-    return rss, pss
+    """(RSS, PSS) in kB, read the way the supervisor's memory breaker reads them."""
+    return memory.rss_bytes(pid) // 1024, memory.precise_bytes(pid, "pss") // 1024
 
 
 def run_fleet(n: int, script_text: str, spread: float, inference: bool = False) -> dict[str, Any]:

@@ -271,9 +271,20 @@ def test_retry_policy_delays_grow_and_jitter_stays_bounded() -> None:
             assert base * (1 - policy.jitter) <= d <= base * (1 + policy.jitter)
 
 
-def test_default_agents_hand_off_both_ways() -> None:
+async def test_default_agents_hand_off_both_ways() -> None:
+    from otp_agents.voice.agent import ContextPolicy, Conversation
+
     agents = default_agents()
     assert set(agents) == {"receptionist", "support"}
+    there = Session(Conversation(agent="receptionist"))
+    said = "".join([c async for c in agents["receptionist"].reply("please transfer me to support", there)])
+    assert said.strip() == "Transferring you to support."
+    assert there.pending == ("support", ContextPolicy("last", 4))
+    back = Session(Conversation(agent="support"))
+    said = "".join([c async for c in agents["support"].reply("take me back to reception", back)])
+    assert (
+        said.strip() == "Sending you back." and back.pending is not None and back.pending[0] == "receptionist"
+    )
 
 
 async def test_caller_going_on_while_the_agent_thinks_keeps_all_their_words(tmp_path: Path) -> None:

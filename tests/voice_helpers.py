@@ -14,7 +14,7 @@ import pytest
 
 from otp_agents.voice.agent import Agent, Conversation, default_agents
 from otp_agents.voice.audio import SAMPLE_RATE
-from otp_agents.voice.local_io import WavInput, WavSink, read_wav
+from otp_agents.voice.local_io import WavInput, WavSink
 from otp_agents.voice.pipeline import PipelineEvent, PipelineSettings, VoicePipeline
 from otp_agents.voice.providers import ProviderStats, RetryPolicy
 from otp_agents.voice.samples import render_script
@@ -121,12 +121,3 @@ async def listen(samples: np.ndarray) -> list[tuple[float, float, str]]:
         lo, hi = max(0, int((a - 0.3) * SAMPLE_RATE)), int((b + 0.3) * SAMPLE_RATE)
         heard.append((a, b, await stt.recognize(samples[lo:hi])))
     return heard
-
-
-def wav_seconds(path: Path) -> float:
-    samples, rate = read_wav(path)
-    return len(samples) / rate
-
-
-def last_input(wav: Path) -> WavInput:
-    return WavInput(wav, realtime=False)

@@ -135,7 +135,6 @@ class RemoteSTT:
         self.on_fallback = on_fallback
         self._seq = 0
         self.address: str | None = None
-        self.served = 0  # requests answered by the server
         self.fell_back = 0  # requests answered locally
 
     def stream(self) -> _BufferedStream:
@@ -151,7 +150,6 @@ class RemoteSTT:
             try:
                 with anyio.fail_after(left):
                     text = await self._ask(samples, left)
-                self.served += 1
                 return text
             except TimeoutError:
                 problem = f"no answer within {self.timeout}s"
@@ -410,7 +408,6 @@ class ProcessRecognizer:
         self._proc: anyio.abc.Process | None = None
         self._out: BufferedByteReceiveStream | None = None
         self._dirty = False
-        self.starts = 0
 
     async def start(self) -> None:
         await self.aclose()
@@ -418,7 +415,6 @@ class ProcessRecognizer:
         proc = await anyio.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None)
         assert proc.stdout is not None
         self._proc, self._out = proc, BufferedByteReceiveStream(proc.stdout)
-        self.starts += 1
         await self._out.receive_exactly(4)  # models loaded
 
     async def __call__(self, raw: bytes) -> str:

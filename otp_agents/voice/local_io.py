@@ -118,10 +118,6 @@ class WavWriter:
         self._data = (size - _HEADER) // frame_bytes * frame_bytes  # drop a torn last frame
         os.lseek(self._fd, _HEADER + self._data, os.SEEK_SET)
 
-    @property
-    def seconds(self) -> float:
-        return self._data / (2 * self.channels * self.rate)
-
     def _header(self, data: int) -> bytes:
         block = 2 * self.channels
         return (
@@ -170,11 +166,6 @@ class WavSink:
         self._queued = 0  # samples
         self._user: np.ndarray | None = None
         self.user_channel = user_channel
-        self.played = 0.0  # seconds of agent speech played so far
-
-    @property
-    def seconds(self) -> float:
-        return self.writer.seconds
 
     def user_frame(self, samples: np.ndarray) -> None:
         """The user's audio for the next ``advance`` (a pipeline tap)."""
@@ -209,7 +200,6 @@ class WavSink:
             else:
                 self._queue[0] = head[take:]
         self._queued -= filled
-        self.played += filled / self.sample_rate
         if self.user_channel:
             user = self._user if self._user is not None else np.zeros(n, dtype=np.int16)
             if len(user) != n:

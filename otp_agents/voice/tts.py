@@ -56,9 +56,8 @@ class CommandTTS:
     name = "command"
     timeout = 10.0
 
-    def __init__(self, argv_prefix: Sequence[str], text_last: bool = True) -> None:
+    def __init__(self, argv_prefix: Sequence[str]) -> None:
         self.argv_prefix = list(argv_prefix)
-        self.text_last = text_last
 
     def available(self) -> bool:
         return shutil.which(self.argv_prefix[0]) is not None

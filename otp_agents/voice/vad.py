@@ -89,7 +89,6 @@ class SpeechDetector:
         self.speaking = False
         self._run_start: float | None = None  # first window of a candidate change
         self._last_speech_end = 0.0
-        self.probability = 0.0
 
     def push(self, samples: np.ndarray, end_time: float) -> list[SpeechEdge]:
         """Feed audio ending at ``end_time`` seconds; returns the edges it completed."""
@@ -107,7 +106,6 @@ class SpeechDetector:
 
     def _score(self, p: float, start: float, end: float) -> SpeechEdge | None:
         s = self.settings
-        self.probability = p
         if not self.speaking:
             if p >= s.activation:
                 if self._run_start is None:
