@@ -107,6 +107,10 @@ class Worker:
         self._lookups: dict[int, tuple[anyio.Event, list[str | None]]] = {}
         self._lookup_seq = 0
         self.stop_reason: str | None = None
+        # Awaited before each pong when set: a worker whose real work runs on another event loop
+        # (a thread's) routes its heartbeat through that loop, so a stuck loop misses pongs.
+        self.liveness: Callable[[], Awaitable[None]] | None = None
+        self._probing = False
 
     @property
     def stopping(self) -> bool:
@@ -269,25 +273,45 @@ async def _supervised(main: Main, worker: Worker, channel: Channel) -> int:
 async def _serve_channel(worker: Worker, channel: Channel, lag: _LoopLag) -> None:
     """Answer pings and dump requests, take drain and shutdown requests: all from this loop,
     so a blocked loop shows up as missing pongs."""
+    async with anyio.create_task_group() as tg:
+        try:
+            while True:
+                msg = await channel.receive()
+                if isinstance(msg, Ping) and worker.liveness is not None:
+                    if not worker._probing:  # one probe at a time: a stuck one is the missing pong
+                        worker._probing = True
+                        tg.start_soon(_probed_pong, worker, channel, msg, lag)
+                elif isinstance(msg, Ping):
+                    await channel.send(Pong(seq=msg.seq, sent_ns=msg.sent_ns, loop_lag_ms=lag.take()))
+                elif isinstance(msg, DumpRequest):
+                    text = stacks.render()[:MAX_DUMP_TEXT]
+                    await channel.send(Dump(id=msg.id, text=text))
+                elif isinstance(msg, Drain):
+                    worker.draining = True
+                    worker.request_stop(f"drain: {msg.reason}")
+                elif isinstance(msg, Shutdown):
+                    worker.request_stop(msg.reason, msg.timeout or None)
+                elif isinstance(msg, Located):
+                    worker._located(msg)
+        except (ChannelClosed, FrameError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            # The supervisor is gone (or spoke garbage): finish up. PR_SET_PDEATHSIG covers the case
+            # where this loop cannot run at all.
+            worker.request_stop("supervisor lost", 1.0)
+        tg.cancel_scope.cancel()  # pending probes
+
+
+async def _probed_pong(worker: Worker, channel: Channel, ping: Ping, lag: _LoopLag) -> None:
+    assert worker.liveness is not None
+    start = time.monotonic()
     try:
-        while True:
-            msg = await channel.receive()
-            if isinstance(msg, Ping):
-                await channel.send(Pong(seq=msg.seq, sent_ns=msg.sent_ns, loop_lag_ms=lag.take()))
-            elif isinstance(msg, DumpRequest):
-                text = stacks.render()[:MAX_DUMP_TEXT]
-                await channel.send(Dump(id=msg.id, text=text))
-            elif isinstance(msg, Drain):
-                worker.draining = True
-                worker.request_stop(f"drain: {msg.reason}")
-            elif isinstance(msg, Shutdown):
-                worker.request_stop(msg.reason, msg.timeout or None)
-            elif isinstance(msg, Located):
-                worker._located(msg)
-    except (ChannelClosed, FrameError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-        # The supervisor is gone (or spoke garbage): finish up. PR_SET_PDEATHSIG covers the case
-        # where this loop cannot run at all.
-        worker.request_stop("supervisor lost", 1.0)
+        await worker.liveness()
+    finally:
+        worker._probing = False
+    probe_ms = (time.monotonic() - start) * 1000
+    pong = Pong(seq=ping.seq, sent_ns=ping.sent_ns, loop_lag_ms=round(max(lag.take(), probe_ms), 3))
+    # A closed channel is noticed (and handled) by the receiving loop.
+    with contextlib.suppress(ChannelClosed, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        await channel.send(pong)
 
 
 class _LoopLag:

@@ -162,7 +162,7 @@ def _to(agent: str, line: str, policy: ContextPolicy) -> Handler:
     return handler
 
 
-def _memory_rules() -> list[tuple[str, Handler]]:
+def memory_rules() -> list[tuple[str, Handler]]:
     return [
         (r"\bmy name is (\w+)", _remember("name", "Nice to meet you, {}.")),
         (r"\bwhat is my name\b", _recall("name", "Your name is {}.", "You have not told me your name.")),
@@ -184,7 +184,7 @@ def _memory_rules() -> list[tuple[str, Handler]]:
     ]
 
 
-def _echo(text: str, s: Session) -> str:
+def echo(text: str, s: Session) -> str:
     return f"I heard {text}." if text else "Sorry, I did not catch that."
 
 
@@ -202,15 +202,15 @@ def default_agents() -> dict[str, RuleAgent]:
         "receptionist",
         [
             (r"\b(support|transfer)\b", _to("support", "Transferring you to support.", keep_recent)),
-            *_memory_rules(),
+            *memory_rules(),
         ],
-        _echo,
+        echo,
     )
     support = RuleAgent(
         "support",
         [
             (r"\b(reception|receptionist|back)\b", _to("receptionist", "Sending you back.", keep_recent)),
-            *_memory_rules(),
+            *memory_rules(),
         ],
         lambda text, s: f"Support heard {text}." if text else "Sorry, I did not catch that.",
         greeting=_support_greeting,

@@ -1,0 +1,237 @@
+"""Host an unmodified LiveKit Agents app (an ``AgentServer`` with an ``entrypoint(ctx)``) as a
+supervised leaf.
+
+The agent file is imported as it is; nothing in it knows about otp-agents. The leaf is a protocol
+worker, so it gets what LiveKit's own process layer lacks: restarts by OTP rules, heartbeats,
+the memory breaker, and a stack dump before any kill. Two ways to run the app:
+
+- **console**: the LiveKit Agents console transport (length-prefixed ``AgentSessionMessage``
+  protobufs over TCP, :mod:`otp_agents.voice.agents_console` is the far end), one session per
+  leaf, the job in a thread of this process. Offline: no LiveKit server needed.
+- **server**: the app registers with the LiveKit server named by ``LIVEKIT_URL``,
+  ``LIVEKIT_API_KEY`` and ``LIVEKIT_API_SECRET`` and takes jobs from it, as ``start`` would.
+
+In console mode the heartbeat goes through the job's own event loop (see
+:attr:`otp_agents.worker.Worker.liveness`): a session loop stuck in a blocking call stops the
+pongs, so the supervisor dumps every thread's stack and replaces the leaf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import importlib.util
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ..worker import Worker
+
+if TYPE_CHECKING:
+    from livekit.agents import AgentServer
+
+SERVER_NAMES = ("server", "app", "agent")
+ENV_VARS = ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")
+EXIT_PEER_UNREACHABLE = 3
+_PROBE_SLICE = 0.5
+
+
+class AgentFileError(ValueError):
+    """The agent file cannot be loaded or defines no AgentServer; the message names the file."""
+
+
+def load_server(path: str | Path) -> AgentServer:
+    """Import ``path`` and return its AgentServer (a global named server/app/agent, else the only
+    one in the module)."""
+    from livekit.agents import AgentServer
+
+    file = Path(path)
+    if not file.is_file():
+        raise AgentFileError(f"{file}: no such agent file")
+    name = f"otp_agents_hosted_{file.stem}"
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise AgentFileError(f"{file}: not a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(file.parent.resolve()))  # the app's own sibling modules
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise AgentFileError(f"{file}: importing it failed: {type(exc).__name__}: {exc}") from exc
+    for attr in SERVER_NAMES:
+        if isinstance(getattr(module, attr, None), AgentServer):
+            return getattr(module, attr)  # type: ignore[no-any-return]
+    found = [v for v in vars(module).values() if isinstance(v, AgentServer)]
+    if len(found) != 1:
+        raise AgentFileError(
+            f"{file}: expected one AgentServer (named {'/'.join(SERVER_NAMES)}), found {len(found)}"
+        )
+    return found[0]
+
+
+async def through_loop(loop: asyncio.AbstractEventLoop | None) -> None:
+    """Return once ``loop`` has run a callback: a liveness probe for a loop in another thread.
+    Waits for as long as that loop is stuck; returns at once when it is gone."""
+    if loop is None or loop.is_closed():
+        return
+    done = anyio.Event()
+    here = asyncio.get_running_loop()
+
+    def touched() -> None:
+        with contextlib.suppress(RuntimeError):  # this loop closed meanwhile
+            here.call_soon_threadsafe(done.set)
+
+    try:
+        loop.call_soon_threadsafe(touched)
+    except RuntimeError:  # closed between the check and the call
+        return
+    while not done.is_set() and not loop.is_closed():
+        with anyio.move_on_after(_PROBE_SLICE):
+            await done.wait()
+
+
+def _transport_class() -> type[Any]:
+    from livekit.agents.voice.remote_session import TcpSessionTransport
+
+    class WatchedTransport(TcpSessionTransport):
+        """The console transport, telling the host when it connects and when the peer leaves."""
+
+        def __init__(self, host: str, port: int, owner: asyncio.AbstractEventLoop) -> None:
+            super().__init__(host, port)
+            self.connected = anyio.Event()
+            self.ended = anyio.Event()
+            self.error: str | None = None
+            self._owner = owner
+
+        def _tell(self, event: anyio.Event) -> None:
+            with contextlib.suppress(RuntimeError):
+                self._owner.call_soon_threadsafe(event.set)
+
+        async def start(self) -> None:
+            try:
+                await super().start()
+            except OSError as exc:
+                self.error = f"{self._host}:{self._port}: {exc.strerror or exc}"
+                self._tell(self.ended)
+                raise
+            self._tell(self.connected)
+
+        async def __anext__(self) -> Any:
+            try:
+                return await super().__anext__()
+            except StopAsyncIteration:
+                self._tell(self.ended)
+                raise
+
+    return WatchedTransport
+
+
+async def run_console(worker: Worker, server: AgentServer, address: str) -> int:
+    """One console session against the peer at ``host:port``; returns the exit code."""
+    from livekit.agents import JobExecutorType
+    from livekit.agents.cli.cli import AgentsConsole
+    from livekit.agents.cli.tcp_console import TcpAudioInput, TcpAudioOutput
+
+    host, _, port = address.rpartition(":")
+    transport = _transport_class()(host, int(port), asyncio.get_running_loop())
+    server.update_options(job_executor_type=JobExecutorType.THREAD)
+    console = AgentsConsole.get_instance()
+    console.enabled = True
+    console.record = False
+    console._tcp_transport = transport
+    audio_in = TcpAudioInput()
+    console._tcp_audio_input = audio_in
+    console._tcp_audio_output = TcpAudioOutput(transport)
+    worker.liveness = lambda: through_loop(console._io_loop if console._io_acquired else None)
+
+    async with _running(server, devmode=True, unregistered=True):
+        await server.simulate_job("console-room", agent_identity="console", fake_job=True)
+        with anyio.move_on_after(30):  # the session connects right after the job starts
+            await _first_of(transport.connected.wait, transport.ended.wait, worker.wait_stopping)
+        if transport.error or not transport.connected.is_set():
+            await _say(worker, f"console peer unreachable at {transport.error or address}")
+            return EXIT_PEER_UNREACHABLE
+        await worker.ready()
+        await _first_of(transport.ended.wait, worker.wait_stopping)
+        audio_in.close()
+        return 0
+
+
+async def run_server(worker: Worker, server: AgentServer) -> int:
+    """Register with the LiveKit server from the environment and take its jobs until stopped."""
+    missing = [v for v in ENV_VARS if not os.environ.get(v)]
+    if missing:
+        await _say(worker, f"server mode needs {', '.join(missing)} in the environment")
+        return 2
+    server.update_options(
+        ws_url=os.environ["LIVEKIT_URL"],
+        api_key=os.environ["LIVEKIT_API_KEY"],
+        api_secret=os.environ["LIVEKIT_API_SECRET"],
+    )
+    registered = anyio.Event()
+    loop = asyncio.get_running_loop()
+    server.on("worker_registered", lambda *_: loop.call_soon(registered.set))
+    async with _running(server, devmode=False, unregistered=False) as crashed:
+        await _first_of(registered.wait, crashed.wait, worker.wait_stopping)
+        if crashed.is_set():
+            return 1
+        if registered.is_set():
+            await worker.ready()
+            await _first_of(crashed.wait, worker.wait_stopping)
+        if worker.draining:  # finish the running calls, take no new ones
+            started = time.monotonic()
+            timeout = worker.shutdown_timeout
+            with contextlib.suppress(asyncio.TimeoutError):
+                await server.drain(int(timeout) if timeout else None)
+            await worker.log(f"drained in {time.monotonic() - started:.1f}s")
+        return 1 if crashed.is_set() else 0
+
+
+@contextlib.asynccontextmanager
+async def _running(server: AgentServer, **run_args: bool) -> AsyncIterator[anyio.Event]:
+    """Run ``server.run`` in the background; yields an event set if it ends by itself."""
+    ended = anyio.Event()
+    started = anyio.Event()
+    loop = asyncio.get_running_loop()
+    server.once("worker_started", lambda: loop.call_soon(started.set))
+
+    async def run() -> None:
+        try:
+            await functools.partial(server.run, **run_args)()
+        finally:
+            ended.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await _first_of(started.wait, ended.wait)
+        try:
+            yield ended
+        finally:
+            with anyio.CancelScope(shield=True):
+                await server.aclose()
+            tg.cancel_scope.cancel()
+
+
+async def _say(worker: Worker, problem: str) -> None:
+    """Why the leaf is giving up: in the supervisor's event stream and on stderr."""
+    await worker.log(f"agents host: {problem}", logging.ERROR)
+    sys.stderr.write(f"agents host: {problem}\n")
+
+
+async def _first_of(*waits: Any) -> None:
+    async with anyio.create_task_group() as tg:
+
+        async def one(wait: Any) -> None:
+            await wait()
+            tg.cancel_scope.cancel()
+
+        for wait in waits:
+            tg.start_soon(one, wait)

@@ -1,0 +1,3 @@
+"""Not a LiveKit Agents app: it defines no AgentServer."""
+
+ANSWER = 42
