@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -186,3 +188,21 @@ async def test_real_server_registers_the_hosted_app() -> None:
             started = await rec.wait_kind(Kind.CHILD_STARTED, "root/agent")  # Ready = registered
         assert started.pid is not None
         assert rec.of(Kind.CHILD_EXITED, "root/agent") == []
+
+
+def test_shipped_tree_runs_the_sample_app_against_a_scripted_caller(tmp_path: Path) -> None:
+    """supervisors/agents.toml through the CLI, as the README runs it: ends by itself, exit 0."""
+    text = (ROOT / "supervisors" / "agents.toml").read_text()
+    tree = tmp_path / "agents.toml"
+    tree.write_text(text.replace('"voice-out/', f'"{tmp_path}/voice-out/'))
+    proc = subprocess.run(
+        [sys.executable, "-m", "otp_agents.cli", "run", str(tree)],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    transcript = (tmp_path / "voice-out" / "front-desk" / "transcript.txt").read_text().lower()
+    assert "agent heard: what is my name" in transcript
+    assert "agent said: your name is alice." in transcript

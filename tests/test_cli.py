@@ -180,6 +180,14 @@ def test_default_tree_checks() -> None:
     assert "supervisors/default.toml: ok" in proc.stdout.decode()
 
 
+@pytest.mark.parametrize("tree", sorted(p.name for p in (ROOT / "supervisors").glob("*.toml")))
+def test_every_shipped_tree_checks(tree: str) -> None:
+    path = f"supervisors/{tree}"
+    proc = subprocess.run([*CLI, "check", path], cwd=ROOT, capture_output=True, timeout=WAIT, check=False)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert f"{path}: ok" in proc.stdout.decode()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_supervisor_killed_with_sigkill_leaves_no_process_behind(tmp_path: Path, backend: str) -> None:
     tree = write_tree(tmp_path, TREE)
