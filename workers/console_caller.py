@@ -30,6 +30,10 @@ def listening(log: CallLog) -> bool:
     return bool(log.replies) and log.states[-1:] == ["AS_LISTENING"]
 
 
+def answered(log: CallLog, after: int) -> bool:
+    return len(log.replies) > after
+
+
 def write_out(out: Path, log: CallLog, lines: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     text = [f"caller said: {line}" for line in lines]
@@ -77,7 +81,7 @@ async def main(worker: Worker) -> None:
                 replies = len(call.log.replies)
                 await call.say(audio[item], SAMPLE_RATE)
                 said.append(item)
-                await call.wait_for(lambda log, n=replies: len(log.replies) > n, args.turn_timeout)
+                await call.wait_for(functools.partial(answered, after=replies), args.turn_timeout)
             except TimeoutError:
                 await worker.log(f"no answer from the agent within {args.turn_timeout:.0f}s to {item!r}")
             write_out(args.out, call.log, said)
