@@ -14,7 +14,7 @@ import itertools
 import re
 import signal
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,11 @@ from .spec import (
     Strategy,
     SupervisorSpec,
     WorkerSpec,
+    ZygoteSpec,
     resolve_health,
 )
 
+ZYGOTE_MODULE = "otp_agents.zygote:main"
 _MODULE_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _SUPERVISOR_KEYS = {"children", "strategy"}
 _RESERVED = ("kind", "settings")
@@ -86,7 +88,39 @@ def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SupervisorSpec
         if key in data:
             raise ConfigError(source, key, "not allowed on the root supervisor (it has no parent)")
     spec = _supervisor(data, source, "", HEALTH_DEFAULTS)
+    _check_images(spec, source)
     return spec
+
+
+def _check_images(root: SupervisorSpec, source: str) -> None:
+    """Every ``zygote = "image"`` names a zygote of the tree; no image has two zygotes."""
+    nodes = list(_with_keypaths(root, ""))
+    images: dict[str, str] = {}
+    for keypath, node in nodes:
+        if isinstance(node, ZygoteSpec):
+            if node.image in images:
+                raise ConfigError(
+                    source,
+                    _join(keypath, "image"),
+                    f"image {node.image!r} already has a zygote ({images[node.image]})",
+                )
+            images[node.image] = keypath
+    for keypath, node in nodes:
+        if isinstance(node, WorkerSpec) and node.zygote is not None and node.zygote not in images:
+            known = ", ".join(sorted(images)) or "none"
+            raise ConfigError(
+                source,
+                _join(keypath, "zygote"),
+                f"no zygote has image {node.zygote!r} (images in this tree: {known})",
+            )
+
+
+def _with_keypaths(spec: SupervisorSpec, prefix: str) -> Iterator[tuple[str, ChildSpec]]:
+    for i, child in enumerate(spec.children):
+        keypath = _join(prefix, f"children[{i}]") if prefix else f"children[{i}]"
+        yield keypath, child
+        if isinstance(child, SupervisorSpec):
+            yield from _with_keypaths(child, keypath)
 
 
 def _kind(value: object) -> str:
@@ -172,13 +206,15 @@ def _child(
         kinds.append("command")
     if "module" in data or "script" in data:
         kinds.append("protocol worker (module/script)")
+    if "image" in data:
+        kinds.append("zygote (image)")
     if len(kinds) != 1:
         found = " and ".join(kinds) if kinds else "none of them"
         raise ConfigError(
             source,
             keypath,
             "a child needs exactly one of: `command` (plain process), `module` or `script` "
-            f"(protocol worker), `children` (nested supervisor); found {found}",
+            f"(protocol worker), `image` (zygote), `children` (nested supervisor); found {found}",
         )
     spec: ChildSpec
     if kinds[0].startswith("supervisor"):
@@ -189,6 +225,14 @@ def _child(
             raise ConfigError(source, _join(keypath, "command[0]"), "the program name is empty")
         _check_process(command, source, keypath)
         spec = _with_settings(command, inherited, source, keypath)
+    elif "image" in data:
+        zygote: ZygoteSpec = _convert(
+            {**data, "kind": "zygote", "module": ZYGOTE_MODULE}, ZygoteSpec, source, keypath
+        )
+        if zygote.zygote is not None:
+            raise ConfigError(source, _join(keypath, "zygote"), "a zygote is not forked from another zygote")
+        _check_process(zygote, source, keypath)
+        spec = _with_settings(zygote, inherited, source, keypath)
     else:
         worker: WorkerSpec = _convert({**data, "kind": "worker"}, WorkerSpec, source, keypath)
         _check_worker(worker, source, keypath)

@@ -45,6 +45,8 @@ class Kind(enum.StrEnum):
     # services workers offer each other (Publish / Lookup)
     SERVICE_UP = "service_up"  # reason = service name, detail = address
     SERVICE_DOWN = "service_down"  # a (re)started child was handed its checkpoint (value = size)
+    # zygotes (zygote.py)
+    ZYGOTE_FALLBACK = "zygote_fallback"  # reason = image, detail = why the child starts cold
     # health monitors
     SLOW_PING = "slow_ping"
     HANG = "hang"
@@ -182,6 +184,7 @@ _LEVELS = {
     Kind.CHILD_EXITED: logging.WARNING,
     Kind.AUTO_SHUTDOWN: logging.WARNING,
     Kind.CHECKPOINT_DROPPED: logging.WARNING,
+    Kind.ZYGOTE_FALLBACK: logging.WARNING,
     # Frequent by design (one per checkpoint or measurement): not for the stderr log at INFO.
     Kind.CHECKPOINT: logging.DEBUG,
     Kind.WORKER_REPORT: logging.DEBUG,

@@ -26,6 +26,11 @@ def set_child_subreaper() -> bool:
     return bool(_prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
 
 
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
+    """Receive ``sig`` when the parent dies (PR_SET_PDEATHSIG); check getppid() after."""
+    return bool(_prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0)
+
+
 def die_with_parent_hook(sig: int = signal.SIGKILL) -> Callable[[], None]:
     """A ``preexec_fn`` that makes the child receive ``sig`` when the supervisor dies.
 

@@ -62,8 +62,9 @@ from .messages import (
     Shutdown,
     Welcome,
 )
-from .spec import CommandSpec, ProcessSpec, WorkerSpec
+from .spec import CommandSpec, ProcessSpec, WorkerSpec, ZygoteSpec
 from .wire import FrameError
+from .zygote import SERVICE_PREFIX, ForkRequest, ZygoteClient, ZygoteUnavailable
 
 log = logging.getLogger("otp_agents")
 
@@ -106,6 +107,9 @@ class Host:
     on_report: Callable[[str, Report], None] | None = None  # worker measurements, for metrics
     # Services workers offer each other (Publish/Lookup): name -> (address, publisher path, pid).
     services: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    # Zygotes: image -> the path of its zygote child; and our connection to each running one.
+    zygotes: dict[str, str] = field(default_factory=dict)
+    zygote_clients: dict[str, ZygoteClient] = field(default_factory=dict)
     dumper: Dumper = field(init=False)
     memory: MemoryWatch = field(init=False)
     checkpoints: CheckpointStore = field(init=False)
@@ -141,14 +145,16 @@ class ChildProcess:
         self,
         path: str,
         spec: ProcessSpec,
-        popen: subprocess.Popen[bytes],
+        pid: int,
+        popen: subprocess.Popen[bytes] | None,
         pidfd: int,
         host: Host,
         on_exit: Callable[[ChildProcess], None],
     ) -> None:
         self.path = path
         self.spec = spec
-        self.pid = popen.pid
+        self.pid = pid
+        self.forked_from: str | None = None  # the zygote's image, when forked rather than spawned
         self.started_at = time.monotonic()
         self.exited = anyio.Event()
         self.exit: Exit | None = None
@@ -220,7 +226,8 @@ class ChildProcess:
         finally:
             os.close(self._pidfd)
         # Tell subprocess the process is gone, so Popen.__del__ never waits on a recycled pid.
-        self._popen.returncode = status.code if status.code is not None else -(status.signal or 0)
+        if self._popen is not None:
+            self._popen.returncode = status.code if status.code is not None else -(status.signal or 0)
         return status
 
     # -- signalling ----------------------------------------------------------------------------
@@ -430,6 +437,8 @@ def _argv(spec: ProcessSpec) -> list[str]:
     if isinstance(spec, CommandSpec):
         return list(spec.command)
     python = spec.python or sys.executable
+    if isinstance(spec, ZygoteSpec):
+        return [python, "-m", "otp_agents.zygote", "--image", spec.image, "--preload", ",".join(spec.preload)]
     if spec.module is not None:
         return [python, "-m", "otp_agents.worker_entry", spec.module, *spec.args]
     assert spec.script is not None
@@ -506,8 +515,7 @@ async def spawn(
             else linux.parse_signal(spec.settings.dump_signal or "")
         )
     if isinstance(spec, CommandSpec):
-        popen = _popen(argv, spec, env, ())
-        proc = _track(path, spec, popen, host, on_exit)
+        proc = _track(path, spec, _popen(argv, spec, env, ()), host, on_exit)
         proc.signal_file, proc.dump_signal = signal_file, dump_signal
         proc.ready = True
         return proc
@@ -516,17 +524,28 @@ async def spawn(
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     except OSError as exc:
         raise StartError(f"cannot create the worker channel: {exc.strerror or exc}") from None
+    forked: int | None = None
+    popen: subprocess.Popen[bytes] | None = None
     try:
-        env[ENV_FD] = str(theirs.fileno())
         env[ENV_PATH] = path
         env[ENV_BACKEND] = spec.backend
-        popen = _popen(argv, spec, env, (theirs.fileno(),))
+        if spec.zygote is not None and spec.module is not None:
+            forked = await _fork(path, spec, spec.zygote, env, theirs.fileno(), host)
+        if forked is None:
+            env[ENV_FD] = str(theirs.fileno())
+            popen = _popen(argv, spec, env, (theirs.fileno(),))
     except BaseException:
         ours.close()
         raise
     finally:
         theirs.close()
-    proc = _track(path, spec, popen, host, on_exit)
+    started: subprocess.Popen[bytes] | int | None = popen if popen is not None else forked
+    assert started is not None
+    proc = _track(path, spec, started, host, on_exit)
+    if forked is not None:
+        proc.forked_from = spec.zygote
+    if isinstance(spec, ZygoteSpec):
+        host.zygotes[spec.image] = path
     proc.signal_file, proc.dump_signal = signal_file, dump_signal
     try:
         channel = await Channel.from_socket(ours)
@@ -551,22 +570,59 @@ async def spawn(
     return proc
 
 
+async def _fork(
+    path: str, spec: WorkerSpec, image: str, env: dict[str, str], fd: int, host: Host
+) -> int | None:
+    """The pid of the worker forked by ``image``'s zygote, or None (after a ``zygote_fallback``
+    event saying why) when it must be started cold."""
+    assert spec.module is not None
+    try:
+        client = _zygote_client(image, host)
+        request = ForkRequest(path=path, target=spec.module, args=list(spec.args), env=env, cwd=spec.cwd)
+        return await client.fork(request, fd)
+    except ZygoteUnavailable as exc:
+        host.bus.emit(Kind.ZYGOTE_FALLBACK, path, reason=image, detail=str(exc))
+        return None
+
+
+def _zygote_client(image: str, host: Host) -> ZygoteClient:
+    entry = host.services.get(SERVICE_PREFIX + image)
+    zygote_path = host.zygotes.get(image)
+    if entry is None or zygote_path is None:
+        raise ZygoteUnavailable(f"the zygote for image {image!r} is not running")
+    address, publisher, pid = entry
+    if publisher != zygote_path:
+        raise ZygoteUnavailable(f"{SERVICE_PREFIX + image} is published by {publisher}, not the zygote")
+    client = host.zygote_clients.get(image)
+    if client is None or client.address != address or client.pid != pid:
+        if client is not None:
+            client.close()
+        client = host.zygote_clients[image] = ZygoteClient(address, pid)
+    return client
+
+
 def _track(
     path: str,
     spec: ProcessSpec,
-    popen: subprocess.Popen[bytes],
+    started: subprocess.Popen[bytes] | int,
     host: Host,
     on_exit: Callable[[ChildProcess], None],
 ) -> ChildProcess:
+    popen = started if isinstance(started, subprocess.Popen) else None
+    pid = started.pid if isinstance(started, subprocess.Popen) else started
     try:
-        pidfd = os.pidfd_open(popen.pid)
+        pidfd = os.pidfd_open(pid)
     except OSError as exc:
         # Without a pidfd we cannot watch it: do not leave it running untracked.
         with contextlib.suppress(OSError):
-            os.killpg(popen.pid, signal.SIGKILL)
-        popen.wait()
+            os.killpg(pid, signal.SIGKILL)
+        if popen is not None:
+            popen.wait()
+        else:  # forked by a zygote and adopted by us: reap it (it may already be reaped)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
         raise StartError(f"cannot watch the new process: {exc.strerror or exc}") from None
-    proc = ChildProcess(path, spec, popen, pidfd, host, on_exit)
+    proc = ChildProcess(path, spec, pid, popen, pidfd, host, on_exit)
     host.tg.start_soon(proc._watch, name=f"watch {path}")
     return proc
 

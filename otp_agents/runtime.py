@@ -27,7 +27,7 @@ from .metrics import Metrics
 from .metrics import serve as serve_metrics
 from .notify import Notifier
 from .process import Host, StartAborted, StartError
-from .spec import SupervisorSpec
+from .spec import SupervisorSpec, ZygoteSpec, walk
 from .supervisor import ChildNotFound, Slot, Supervisor
 
 log = logging.getLogger("otp_agents")
@@ -120,6 +120,8 @@ async def running(
             tg.start_soon(writer)
         else:
             writer_done.set()
+        # Workers forked by a zygote are adopted by this process, which must reap them.
+        subreaper = subreaper or any(isinstance(node, ZygoteSpec) for _path, node in walk(spec))
         if subreaper:
             linux.set_child_subreaper()
             host.after_reap = lambda: _sweep_orphans(host, spec.id)
@@ -138,6 +140,8 @@ async def running(
                     if not root.finished.is_set():
                         await root.stop()
         with anyio.CancelScope(shield=True):
+            for client in host.zygote_clients.values():
+                client.close()
             with anyio.move_on_after(5):  # the children's last checkpoints, for the next run
                 await host.checkpoints.flush()
             if subreaper:

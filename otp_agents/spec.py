@@ -28,6 +28,7 @@ from .messages import MAX_CHECKPOINT
 ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$"
 
 ChildId = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
+ImageName = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Shutdown = Annotated[float, msgspec.Meta(gt=0)] | Literal["brutal_kill", "infinity"]
 
@@ -167,6 +168,17 @@ class WorkerSpec(_ProcessBase, kw_only=True, frozen=True, tag_field="kind", tag=
     # Largest checkpoint kept for this child (bytes); 0 turns checkpoints off. The cap keeps a
     # Welcome that carries one inside a frame.
     checkpoint_max_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_CHECKPOINT)] = 65536
+    # Fork this worker from the zygote of this image (a ZygoteSpec child somewhere in the tree)
+    # instead of starting a fresh interpreter; it starts cold while that zygote is down.
+    zygote: ImageName | None = None
+
+
+class ZygoteSpec(WorkerSpec, kw_only=True, frozen=True, tag_field="kind", tag="zygote"):
+    """A zygote (``otp_agents/zygote.py``): imports ``preload`` once and forks the workers that
+    name its ``image``. Supervised like any protocol worker."""
+
+    image: ImageName
+    preload: list[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][\w.]*$")]] = []
 
 
 class SupervisorSpec(_ChildBase, kw_only=True, frozen=True, tag_field="kind", tag="supervisor"):
@@ -182,7 +194,7 @@ class SupervisorSpec(_ChildBase, kw_only=True, frozen=True, tag_field="kind", ta
     children: list[ChildSpec] = []
 
 
-ChildSpec = CommandSpec | WorkerSpec | SupervisorSpec
+ChildSpec = CommandSpec | WorkerSpec | ZygoteSpec | SupervisorSpec
 ProcessSpec = CommandSpec | WorkerSpec
 
 

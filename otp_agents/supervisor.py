@@ -520,7 +520,11 @@ class Supervisor:
                 proc = await spawn(slot.path, spec, self.host, self._child_proc_down(slot.id))
                 slot.instance = proc
                 self.host.bus.emit(
-                    Kind.CHILD_STARTED, slot.path, pid=proc.pid, value=round(time.monotonic() - began, 6)
+                    Kind.CHILD_STARTED,
+                    slot.path,
+                    pid=proc.pid,
+                    value=round(time.monotonic() - began, 6),
+                    detail=f"forked by zygote {proc.forked_from}" if proc.forked_from else None,
                 )
                 self.host.tg.start_soon(health.watch, proc, self.host, name=f"health {slot.path}")
                 # If it already died, its watcher has queued a ChildDown for this very instance.

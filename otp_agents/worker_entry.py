@@ -9,7 +9,7 @@ import sys
 from .worker import EXIT_NO_SUPERVISOR, Main, run
 
 
-def _load(target: str) -> Main:
+def load(target: str) -> Main:
     module_name, _, func_name = target.partition(":")
     module = importlib.import_module(module_name)
     func = getattr(module, func_name, None)
@@ -23,7 +23,7 @@ def main() -> None:
         sys.stderr.write("usage: python -m otp_agents.worker_entry package.module:function [args...]\n")
         sys.exit(EXIT_NO_SUPERVISOR)
     try:
-        func = _load(sys.argv[1])
+        func = load(sys.argv[1])
     except (ImportError, LookupError) as exc:
         sys.stderr.write(f"otp-agents worker: cannot load {sys.argv[1]}: {exc}\n")
         sys.exit(EXIT_NO_SUPERVISOR)

@@ -1,0 +1,421 @@
+"""The zygote: a preloaded Python process that forks protocol workers on demand.
+
+A cold worker pays for a fresh interpreter and its imports on every start and every restart
+(``import livekit.rtc`` alone is 150 to 260 ms here). A zygote imports a worker "image" once —
+the modules its workers need — freezes the heap (``gc.freeze()``, so the children's collections
+do not dirty the shared pages) and then, per request, forks a worker that is ready to run.
+
+A zygote is a child in the tree (``image = "name"``, ``preload = [...]``), supervised like any
+protocol worker: it answers heartbeats and dump requests, so a stuck zygote is dumped and
+replaced; while it is down, workers with ``zygote = "name"`` start cold, with a
+``zygote_fallback`` event saying why.
+
+How a fork goes (the zygote runs no event loop and no thread, so there is no lock or thread to
+inherit):
+
+1. The supervisor sends a :class:`ForkRequest` over a ``SOCK_SEQPACKET`` Unix socket the zygote
+   published (service ``zygote.<image>``), with the worker's end of its channel as SCM_RIGHTS.
+2. The zygote forks an intermediate process, which forks the worker, puts it in its own process
+   group and exits. The worker is adopted by the supervisor (a child subreaper), so the
+   supervisor reaps it and reads its exit status exactly as for a spawned child.
+3. The worker waits until it is adopted, arms PR_SET_PDEATHSIG, closes the zygote's sockets,
+   takes its own environment, working directory and arguments, reseeds its random state, drops
+   the zygote's log handlers and dump file, and runs its ``main`` as a normal protocol worker.
+4. The zygote answers with the worker's pid (:class:`ForkReply`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import contextlib
+import faulthandler
+import gc
+import importlib
+import logging
+import os
+import random
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from typing import Any
+
+import anyio
+import msgspec
+
+from . import linux, stacks
+from .messages import (
+    MAX_DUMP_TEXT,
+    SUPPORTED_VERSIONS,
+    Drain,
+    Dump,
+    DumpRequest,
+    Hello,
+    Log,
+    Ping,
+    Pong,
+    Publish,
+    Ready,
+    Reject,
+    Shutdown,
+    Welcome,
+)
+from .wire import FrameDecoder, FrameError, encode
+
+SERVICE_PREFIX = "zygote."
+MAX_REQUEST = 256 * 1024  # environment + arguments of one worker
+REQUEST_TIMEOUT = 2.0  # the supervisor gives up on a fork (and starts the worker cold) after this
+ADOPTION_WAIT = 2.0  # how long a new worker waits to be adopted by the supervisor
+EXIT_NOT_ADOPTED = 70
+
+
+class ForkRequest(msgspec.Struct, frozen=True):
+    path: str  # the child's path in the tree
+    target: str  # "package.module:function"
+    args: list[str]
+    env: dict[str, str]
+    cwd: str | None
+
+
+class ForkReply(msgspec.Struct, frozen=True):
+    pid: int = 0
+    error: str = ""
+
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode_request = msgspec.msgpack.Decoder(ForkRequest).decode
+_decode_reply = msgspec.msgpack.Decoder(ForkReply).decode
+
+
+class ZygoteUnavailable(Exception):
+    """The worker cannot be forked now; the message says why (it is started cold instead)."""
+
+
+# -- the supervisor's side ----------------------------------------------------------------------
+
+
+class ZygoteClient:
+    """One connection to one zygote, used by the supervisor's loop; one fork at a time."""
+
+    def __init__(self, address: str, pid: int) -> None:
+        self.address = address
+        self.pid = pid
+        self._sock: socket.socket | None = None
+        self._lock = anyio.Lock()
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.connect("\0" + self.address[1:] if self.address.startswith("@") else self.address)
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, _gid = struct.unpack("3i", creds)
+            if pid != self.pid or uid != os.getuid():
+                raise ZygoteUnavailable(f"{self.address} is served by pid {pid} uid {uid}, not the zygote")
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def fork(self, request: ForkRequest, channel_fd: int) -> int:
+        """Fork a worker; returns its pid (already adopted by this process)."""
+        payload = _encode(request)
+        if len(payload) > MAX_REQUEST:
+            raise ZygoteUnavailable(f"fork request of {len(payload)} bytes (environment too large)")
+        async with self._lock:
+            try:
+                with anyio.fail_after(REQUEST_TIMEOUT):
+                    return await self._exchange(payload, channel_fd)
+            except TimeoutError:
+                self.close()
+                raise ZygoteUnavailable(f"no answer within {REQUEST_TIMEOUT}s") from None
+            except OSError as exc:
+                self.close()
+                raise ZygoteUnavailable(f"{exc.strerror or exc}") from None
+
+    async def _exchange(self, payload: bytes, channel_fd: int) -> int:
+        if self._sock is None:
+            self._sock = self._connect()
+        sock = self._sock
+        fds = array.array("i", [channel_fd])
+        while True:
+            try:
+                sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+                break
+            except BlockingIOError:
+                await anyio.wait_writable(sock)
+        while True:
+            try:
+                data = sock.recv(4096)
+                break
+            except BlockingIOError:
+                await anyio.wait_readable(sock)
+        if not data:
+            raise ZygoteUnavailable("the zygote closed the connection")
+        try:
+            reply = _decode_reply(data)
+        except msgspec.DecodeError as exc:
+            raise ZygoteUnavailable(f"undecodable reply: {exc}") from None
+        if reply.error:
+            raise ZygoteUnavailable(reply.error)
+        return reply.pid
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+# -- the zygote process -------------------------------------------------------------------------
+
+
+class _Zygote:
+    def __init__(self, channel: socket.socket, image: str, supervisor: int) -> None:
+        self.channel = channel
+        self.image = image
+        self.supervisor = supervisor
+        self.decoder = FrameDecoder()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.address = f"@otp-agents/zygote/{image}/{os.getpid()}"
+        self.listener.bind("\0" + self.address[1:])
+        self.listener.listen(16)
+        self.conns: list[socket.socket] = []
+        self.forks = 0
+
+    def send(self, msg: msgspec.Struct) -> None:
+        self.channel.sendall(encode(msg))
+
+    def receive(self) -> list[Any]:
+        data = self.channel.recv(65536)
+        if not data:
+            raise EOFError
+        return self.decoder.feed(data)
+
+    def serve(self) -> int:
+        while True:
+            readable, _, _ = select.select([self.channel, self.listener, *self.conns], [], [])
+            for sock in readable:
+                if sock is self.channel:
+                    for msg in self.receive():
+                        if isinstance(msg, Ping):
+                            self.send(Pong(seq=msg.seq, sent_ns=msg.sent_ns))
+                        elif isinstance(msg, DumpRequest):
+                            self.send(Dump(id=msg.id, text=stacks.render()[:MAX_DUMP_TEXT]))
+                        elif isinstance(msg, Shutdown | Drain):
+                            return 0
+                elif sock is self.listener:
+                    conn, _ = self.listener.accept()
+                    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                    if struct.unpack("3i", creds)[1] != os.getuid():
+                        conn.close()  # only our own uid may ask for forks
+                    else:
+                        self.conns.append(conn)
+                else:
+                    self.answer(sock)
+
+    def answer(self, conn: socket.socket) -> None:
+        fds = array.array("i")
+        try:
+            data, ancdata, _flags, _addr = conn.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4 * fds.itemsize))
+        except OSError:
+            data, ancdata = b"", []
+        for level, kind, blob in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(blob[: len(blob) - (len(blob) % fds.itemsize)])
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            self.conns.remove(conn)
+            conn.close()
+            return
+        try:
+            if len(fds) != 1:
+                raise ValueError(f"expected one channel fd, got {len(fds)}")
+            request = _decode_request(data)
+            pid = self.fork(request, fds[0])
+            reply = ForkReply(pid=pid)
+        except Exception as exc:  # every failure is an answer, never a crash
+            reply = ForkReply(error=f"{type(exc).__name__}: {exc}")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            conn.send(_encode(reply))
+
+    def fork(self, request: ForkRequest, channel_fd: int) -> int:
+        if threading.active_count() != 1:
+            raise RuntimeError(f"the zygote has {threading.active_count()} threads; it forks only with one")
+        rd, wr = os.pipe()
+        middle = os.fork()
+        if middle == 0:  # the intermediate: fork the worker, hand over its pid, vanish
+            code = 1
+            try:
+                os.close(rd)
+                worker = os.fork()
+                if worker == 0:
+                    os.close(wr)
+                    self._become(request, channel_fd)  # never returns
+                with contextlib.suppress(OSError):
+                    os.setpgid(worker, worker)
+                os.write(wr, struct.pack("i", worker))
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(wr)
+        try:
+            raw = b""
+            while len(raw) < 4:
+                chunk = os.read(rd, 4 - len(raw))
+                if not chunk:
+                    break
+                raw += chunk
+        finally:
+            os.close(rd)
+            os.waitpid(middle, 0)
+        if len(raw) != 4:
+            raise RuntimeError("the intermediate process died before it forked the worker")
+        self.forks += 1
+        return int(struct.unpack("i", raw)[0])
+
+    def _become(self, request: ForkRequest, channel_fd: int) -> None:
+        """In the new worker: become the child the request describes, run it, exit."""
+        code = 1
+        try:
+            with contextlib.suppress(OSError):
+                os.setpgid(0, 0)
+            deadline = time.monotonic() + ADOPTION_WAIT
+            while os.getppid() != self.supervisor and time.monotonic() < deadline:
+                time.sleep(0.0002)
+            linux.set_parent_death_signal(signal.SIGKILL)
+            if os.getppid() != self.supervisor:  # not adopted (or the supervisor is gone)
+                os._exit(EXIT_NOT_ADOPTED)
+            for sock in (self.channel, self.listener, *self.conns):
+                sock.close()
+            code = _run_worker(request, os.dup(channel_fd))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:  # report it, then leave through os._exit
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+
+
+def _run_worker(request: ForkRequest, fd: int) -> int:
+    from . import worker as worker_lib
+    from .process import DUMP_SIGNAL, ENV_FD
+    from .worker_entry import load
+
+    # What the zygote set up for itself must not leak into the worker.
+    faulthandler.unregister(DUMP_SIGNAL)
+    for kept in worker_lib._keep_open:
+        kept.close()
+    worker_lib._keep_open.clear()
+    for handler in list(logging.root.handlers):
+        logging.root.removeHandler(handler)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    os.environ.clear()
+    os.environ.update(request.env)
+    os.environ[ENV_FD] = str(fd)
+    if request.cwd:
+        os.chdir(request.cwd)
+    sys.path[0] = os.getcwd()
+    sys.argv = [request.target, *request.args]
+    random.seed()  # fork already reseeds random; this covers a zygote that seeded it on purpose
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:  # numpy's global generator is not reseeded by fork
+        numpy.random.seed(int.from_bytes(os.urandom(4), "little"))
+    try:
+        main = load(request.target)
+    except (ImportError, LookupError) as exc:  # as the cold path says it (worker_entry.py)
+        sys.stderr.write(f"otp-agents worker: cannot load {request.target}: {exc}\n")
+        return worker_lib.EXIT_NO_SUPERVISOR
+    try:
+        worker_lib.run(main, request.args)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m otp_agents.zygote")
+    p.add_argument("--image", required=True)
+    p.add_argument("--preload", default="", help="comma-separated modules to import once")
+    args = p.parse_args(argv)
+    from .process import ENV_FD
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    _register_dump()
+    channel = socket.socket(fileno=int(os.environ[ENV_FD]))
+    channel.set_inheritable(False)
+    supervisor = os.getppid()
+    channel.sendall(encode(Hello(versions=list(SUPPORTED_VERSIONS), pid=os.getpid())))
+    decoder = FrameDecoder()
+    frames: list[Any] = []
+    while not frames:
+        data = channel.recv(65536)
+        if not data:
+            return 70
+        frames = decoder.feed(data)
+    if isinstance(frames[0], Reject) or not isinstance(frames[0], Welcome):
+        sys.stderr.write(f"zygote: the supervisor refused us: {frames[0]}\n")
+        return 70
+    started = time.monotonic()
+    for name in [m.strip() for m in args.preload.split(",") if m.strip()]:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            problem = f"zygote {args.image}: cannot preload {name}: {type(exc).__name__}: {exc}"
+            channel.sendall(encode(Log(level=logging.ERROR, message=problem)))
+            sys.stderr.write(problem + "\n")
+            return 2
+        if threading.active_count() != 1:
+            problem = f"zygote {args.image}: importing {name} started a thread (a zygote must have none)"
+            channel.sendall(encode(Log(level=logging.ERROR, message=problem)))
+            sys.stderr.write(problem + "\n")
+            return 2
+    # What every forked worker runs: the worker library and the asyncio backend anyio.run loads.
+    import anyio._backends._asyncio  # noqa: F401
+
+    import otp_agents.worker_entry  # noqa: F401
+
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(0)  # builds numpy's global generator here, once (17 ms), not per fork
+    gc.collect()
+    gc.freeze()
+    zygote = _Zygote(channel, args.image, supervisor)
+    zygote.decoder = decoder
+    zygote.send(Publish(name=SERVICE_PREFIX + args.image, address=zygote.address))
+    took = time.monotonic() - started
+    zygote.send(Log(level=logging.INFO, message=f"zygote {args.image}: preloaded in {took:.3f}s"))
+    zygote.send(Ready())
+    try:
+        return zygote.serve()
+    except (EOFError, OSError, FrameError):
+        return 0  # the supervisor went away
+
+
+def _register_dump() -> None:
+    from .process import DUMP_SIGNAL, ENV_DUMP_FILE
+
+    path = os.environ.get(ENV_DUMP_FILE)
+    if path:
+        from . import worker as worker_lib
+
+        out = open(path, "ab", buffering=0)  # noqa: SIM115 - open for the process' life
+        faulthandler.register(DUMP_SIGNAL, file=out, all_threads=True, chain=False)
+        worker_lib._keep_open.append(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
