@@ -98,6 +98,9 @@ FLEET_VARIANTS: dict[str, dict[str, float]] = {
     "both": {"memory_warn_mb": MEMORY_WARN_MB},  # default intervals: ping 2.5 s, memory 1 s
     "heartbeats": {},  # no memory level: nothing is sampled
     "memory": {"memory_warn_mb": MEMORY_WARN_MB, "ping_interval": NEVER, "ping_timeout": NEVER},
+    # both monitors, and the workers are library workers (workers.chaos:steady, anyio) forked by
+    # a zygote instead of raw_worker.py scripts started as fresh interpreters
+    "zygote": {"memory_warn_mb": MEMORY_WARN_MB},
 }
 FULL_FLEETS = "asyncio:both,trio:both,asyncio:heartbeats,asyncio:memory"
 QUICK_FLEETS = "asyncio:both"
@@ -516,13 +519,17 @@ while True:
 
 
 def fleet_tree(
-    n: int, probes: int, probe_script: Path, probe_dir: Path, health: dict[str, float]
+    n: int, probes: int, probe_script: Path, probe_dir: Path, health: dict[str, float], zygote: bool = False
 ) -> tuple[str, list[str]]:
-    """TOML for n protocol workers, ``probes`` of them probes spread evenly; and the probe ids."""
+    """TOML for n protocol workers, ``probes`` of them probes spread evenly; and the probe ids.
+    With ``zygote``, a zygote child comes first and the other workers are forked by it."""
     every = max(1, n // probes) if probes else 0
     lines = ['id = "root"', 'strategy = "one_for_one"', "intensity = 1000000", "period = 1"]
     if health:
         lines.append("health = { " + ", ".join(f"{k} = {v:g}" for k, v in health.items()) + " }")
+    if zygote:
+        lines += ["", "[[children]]", 'id = "zygote"', 'image = "fleet"', 'preload = ["workers.chaos"]']
+        lines.append(f"cwd = {json.dumps(str(ROOT))}")
     probe_ids: list[str] = []
     for i in range(n):
         cid = f"w{i:05d}"
@@ -533,6 +540,8 @@ def fleet_tree(
                 f"script = {json.dumps(str(probe_script))}",
                 f"args = [{json.dumps(str(probe_dir / (cid + '.txt')))}]",
             ]
+        elif zygote:
+            lines += ['module = "workers.chaos:steady"', 'zygote = "fleet"', f"cwd = {json.dumps(str(ROOT))}"]
         else:
             lines.append(f"script = {json.dumps(str(RAW_WORKER))}")
     return "\n".join(lines) + "\n", probe_ids
@@ -642,7 +651,8 @@ def run_fleet(
     probe_dir.mkdir()
     probe_script = tmp / "probe_worker.py"
     probe_script.write_text(PROBE_WORKER)
-    text, probe_ids = fleet_tree(n, probes, probe_script, probe_dir, FLEET_VARIANTS[variant])
+    zygote = variant == "zygote"
+    text, probe_ids = fleet_tree(n, probes, probe_script, probe_dir, FLEET_VARIANTS[variant], zygote)
     tree = tmp / "tree.toml"
     tree.write_text(text)
     events_file = tmp / "events.jsonl"
@@ -699,7 +709,9 @@ def run_fleet(
                 break
             time.sleep(0.25)
             events = read_events(events_file)
-            started = {e["path"]: e for e in events if e["kind"] == "child_started"}
+            started = {
+                e["path"]: e for e in events if e["kind"] == "child_started" and e["path"] != "root/zygote"
+            }
         worker_pids = [int(e["pid"]) for e in started.values()]
         result["started"] = len(started)
         if "error" in result:
@@ -765,6 +777,10 @@ def run_fleet(
             "events_in_window": dict(Counter(e["kind"] for e in window_events)),
         }
         result["mem_available_running_gib"] = round(meminfo()["MemAvailable"] / GIB, 2)
+        result["worker_memory"] = _worker_memory(
+            [int(e["pid"]) for path, e in started.items() if path.rsplit("/", 1)[-1] not in probe_ids]
+        )
+        result["forked"] = sum(1 for e in started.values() if (e.get("detail") or "").startswith("forked"))
         result["heartbeat"] = _probe_stats(probe_dir, HEALTH_DEFAULTS.ping_interval, w0_ns, w1_ns)
         # orderly stop: SIGTERM, reverse start order
         t_stop = time.monotonic()
@@ -787,10 +803,22 @@ def run_fleet(
                 proc.wait(10)
         err.close()
         for wp in worker_pids:  # anything left (there should be nothing): only our workers, by pid
-            if b"raw_worker.py" in cmdline(wp) or b"probe_worker.py" in cmdline(wp):
+            line = cmdline(wp)
+            if b"raw_worker.py" in line or b"probe_worker.py" in line or b"otp_agents.zygote" in line:
                 kill_pid(wp)
         result.setdefault("stderr_tail_on_exit", _tail(err_file, 3))
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _worker_memory(pids: list[int], sample: int = 20) -> dict[str, Any]:
+    """USS and PSS of up to ``sample`` workers spread over the fleet (smaps_rollup), in MiB."""
+    chosen = pids[:: max(1, len(pids) // sample)][:sample]
+    uss, pss = [], []
+    for pid in chosen:
+        with contextlib.suppress(OSError):
+            uss.append(memory.precise_bytes(pid, "uss") / MIB)
+            pss.append(memory.precise_bytes(pid, "pss") / MIB)
+    return {"sampled": len(uss), "uss_mib": summary(uss, "MiB", 2), "pss_mib": summary(pss, "MiB", 2)}
 
 
 async def _wake_loop(rate: float, seconds: float) -> tuple[int, float]:
@@ -971,6 +999,21 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {_f(late.get('median_ms'))} / {_f(late.get('p90_ms'))} / {_f(late.get('max_ms'))} "
                 f"| {_f(dl.get('median_ms'))} / {_f(dl.get('p90_ms'))} / {_f(dl.get('max_ms'))} "
                 f"| {_f(r['stop'].get('seconds'), '.1f')} |"
+            )
+        out += [
+            "",
+            "| backend | monitors on | workers forked by a zygote | worker USS median / max MiB "
+            "| worker PSS median / max MiB |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for r in fleet:
+            if "error" in r or "worker_memory" not in r:
+                continue
+            uss, pss = r["worker_memory"]["uss_mib"], r["worker_memory"]["pss_mib"]
+            out.append(
+                f"| {r['backend']} | {r['variant']} | {r['forked']} "
+                f"| {_f(uss.get('median_MiB'))} / {_f(uss.get('max_MiB'))} "
+                f"| {_f(pss.get('median_MiB'))} / {_f(pss.get('max_MiB'))} |"
             )
     wake = results.get("wake_floor")
     if wake:

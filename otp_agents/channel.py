@@ -1,16 +1,26 @@
-"""An async, framed, duplex channel over one end of a socketpair (anyio: asyncio or trio)."""
+"""An async, framed, duplex channel over one end of a socketpair (anyio: asyncio or trio).
+
+The channel drives the non-blocking socket itself: it tries the ``send``/``recv`` system call
+first and waits for readiness (``anyio.wait_readable`` / ``wait_writable``) only when the call
+would block. A round trip therefore costs two system calls and one wake-up per side, with no
+stream or transport layer in between (BENCHMARKS.md, "Wire speed").
+"""
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
 
 import anyio
-import anyio.abc
+import anyio.lowlevel
 
 from . import wire
 from .messages import MAX_FRAME, Message
 
 _READ_SIZE = 65536
+# A receive or send that never has to wait does not yield to the event loop; after this many in
+# a row it yields once anyway, so a busy channel cannot starve the other tasks.
+_YIELD_EVERY = 64
 
 
 class ChannelClosed(Exception):
@@ -23,36 +33,82 @@ class Channel:
     Sends are serialised by a lock, so several tasks may send. Only one task may receive.
     Receiving raises :class:`ChannelClosed` at a clean end of stream and
     :class:`~otp_agents.wire.FrameError` on anything malformed, oversized or truncated.
+    After :meth:`aclose`, a task waiting in :meth:`receive` or :meth:`send` gets
+    ``anyio.ClosedResourceError``; a peer that vanished gives ``anyio.BrokenResourceError``.
     """
 
-    def __init__(self, stream: anyio.abc.SocketStream, max_frame: int = MAX_FRAME) -> None:
-        self._stream = stream
+    def __init__(self, sock: socket.socket, max_frame: int = MAX_FRAME) -> None:
+        sock.setblocking(False)
+        self._sock = sock
         self._decoder = wire.FrameDecoder(max_frame)
         self._pending: list[Message] = []
-        self._send_lock = anyio.Lock()
+        self._send_lock = anyio.Lock(fast_acquire=True)
+        self._closed = False
+        self._streak = 0
 
     @classmethod
     async def from_socket(cls, sock: socket.socket, max_frame: int = MAX_FRAME) -> Channel:
-        sock.setblocking(False)
-        stream = await anyio.abc.SocketStream.from_socket(sock)
-        return cls(stream, max_frame)
+        return cls(sock, max_frame)
 
     async def send(self, msg: Message) -> None:
-        data = wire.encode(msg)
+        await self._send([wire.encode(msg)])
+
+    async def send_many(self, msgs: Sequence[Message]) -> None:
+        """Send several frames with as few system calls as the socket allows (one, usually)."""
+        await self._send([wire.encode(m) for m in msgs])
+
+    async def _send(self, frames: list[bytes]) -> None:
         async with self._send_lock:
-            await self._stream.send(data)
+            views = [memoryview(f) for f in frames]
+            while views:
+                if self._closed:
+                    raise anyio.ClosedResourceError
+                try:
+                    sent = self._sock.sendmsg(views)
+                except BlockingIOError:
+                    await anyio.wait_writable(self._sock)
+                    continue
+                except (BrokenPipeError, ConnectionResetError) as exc:
+                    raise anyio.BrokenResourceError from exc
+                while sent:
+                    if sent >= len(views[0]):
+                        sent -= len(views[0])
+                        views.pop(0)
+                    else:
+                        views[0] = views[0][sent:]
+                        sent = 0
+            await self._maybe_yield()
 
     async def receive(self) -> Message:
         while not self._pending:
             self._decoder.check()
+            if self._closed:
+                raise anyio.ClosedResourceError
             try:
-                data = await self._stream.receive(_READ_SIZE)
-            except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionResetError):
+                data = self._sock.recv(_READ_SIZE)
+            except BlockingIOError:
+                self._streak = 0
+                await anyio.wait_readable(self._sock)
+                continue
+            except ConnectionResetError:
+                data = b""
+            if not data:
                 self._decoder.close()  # raises FrameError if a frame was cut short
-                raise ChannelClosed("peer closed the channel") from None
+                raise ChannelClosed("peer closed the channel")
             self._pending = self._decoder.feed(data)
             self._pending.reverse()
+            await self._maybe_yield()
         return self._pending.pop()
 
+    async def _maybe_yield(self) -> None:
+        self._streak += 1
+        if self._streak >= _YIELD_EVERY:
+            self._streak = 0
+            await anyio.lowlevel.checkpoint()
+
     async def aclose(self) -> None:
-        await self._stream.aclose()
+        if not self._closed:
+            self._closed = True
+            anyio.notify_closing(self._sock)  # wakes a task waiting on it, with ClosedResourceError
+            self._sock.close()
+        await anyio.lowlevel.checkpoint()

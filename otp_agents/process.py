@@ -438,7 +438,18 @@ def _argv(spec: ProcessSpec) -> list[str]:
         return list(spec.command)
     python = spec.python or sys.executable
     if isinstance(spec, ZygoteSpec):
-        return [python, "-m", "otp_agents.zygote", "--image", spec.image, "--preload", ",".join(spec.preload)]
+        preload = ",".join(spec.preload)
+        return [
+            python,
+            "-m",
+            "otp_agents.zygote",
+            "--image",
+            spec.image,
+            "--preload",
+            preload,
+            "--idle",
+            str(spec.idle),
+        ]
     if spec.module is not None:
         return [python, "-m", "otp_agents.worker_entry", spec.module, *spec.args]
     assert spec.script is not None

@@ -179,6 +179,9 @@ class ZygoteSpec(WorkerSpec, kw_only=True, frozen=True, tag_field="kind", tag="z
 
     image: ImageName
     preload: list[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][\w.]*$")]] = []
+    # Workers forked ahead of need, waiting for their request: a (re)start then costs a hand-over,
+    # not a fork. Each costs its unshared memory (a few MB); a dead one is replaced at once.
+    idle: Annotated[int, msgspec.Meta(ge=0, le=64)] = 1
 
 
 class SupervisorSpec(_ChildBase, kw_only=True, frozen=True, tag_field="kind", tag="supervisor"):

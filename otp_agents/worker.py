@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+from anyio.abc import TaskStatus
 
 from . import stacks
 from .channel import Channel, ChannelClosed
@@ -247,7 +248,7 @@ async def _supervised(main: Main, worker: Worker, channel: Channel) -> int:
     async with anyio.create_task_group() as tg:
         tg.start_soon(_serve_channel, worker, channel, lag)
         tg.start_soon(lag.run)
-        tg.start_soon(_serve_signals, worker)
+        await tg.start(_serve_signals, worker)  # before main: a stop signal must never find SIG_DFL
         main_scope = anyio.CancelScope()
         tg.start_soon(_enforce_deadline, worker, main_scope)
         with main_scope:
@@ -353,10 +354,13 @@ def _register_signal_dump() -> None:
 _keep_open: list[Any] = []
 
 
-async def _serve_signals(worker: Worker) -> None:
+async def _serve_signals(
+    worker: Worker, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         # What trio restores (and re-delivers still-pending signals to) when the receiver closes.
         signal.signal(sig, signal.SIG_IGN)
+    task_status.started()
     try:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for sig in signals:

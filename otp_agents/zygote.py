@@ -30,6 +30,7 @@ import argparse
 import array
 import contextlib
 import faulthandler
+import functools
 import gc
 import importlib
 import logging
@@ -42,7 +43,8 @@ import struct
 import sys
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import anyio
 import msgspec
@@ -173,18 +175,27 @@ class ZygoteClient:
 # -- the zygote process -------------------------------------------------------------------------
 
 
+class _Spare:
+    """A worker forked ahead of need, already adopted, waiting on ``sock`` for its request."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self.sock = sock
+
+
 class _Zygote:
-    def __init__(self, channel: socket.socket, image: str, supervisor: int) -> None:
+    def __init__(self, channel: socket.socket, image: str, supervisor: int, idle: int) -> None:
         self.channel = channel
         self.image = image
         self.supervisor = supervisor
+        self.idle = idle
         self.decoder = FrameDecoder()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.address = f"@otp-agents/zygote/{image}/{os.getpid()}"
         self.listener.bind("\0" + self.address[1:])
         self.listener.listen(16)
         self.conns: list[socket.socket] = []
-        self.forks = 0
+        self.spares: list[_Spare] = []
 
     def send(self, msg: msgspec.Struct) -> None:
         self.channel.sendall(encode(msg))
@@ -197,7 +208,9 @@ class _Zygote:
 
     def serve(self) -> int:
         while True:
-            readable, _, _ = select.select([self.channel, self.listener, *self.conns], [], [])
+            self.refill()
+            spares = {s.sock: s for s in self.spares}
+            readable, _, _ = select.select([self.channel, self.listener, *self.conns, *spares], [], [])
             for sock in readable:
                 if sock is self.channel:
                     for msg in self.receive():
@@ -214,6 +227,10 @@ class _Zygote:
                         conn.close()  # only our own uid may ask for forks
                     else:
                         self.conns.append(conn)
+                elif sock in spares:  # a spare only speaks when it dies: evict it at once
+                    if spares[sock] in self.spares:
+                        self.spares.remove(spares[sock])
+                    sock.close()
                 else:
                     self.answer(sock)
 
@@ -246,22 +263,58 @@ class _Zygote:
         with contextlib.suppress(OSError):
             conn.send(_encode(reply))
 
+    # -- forking -------------------------------------------------------------------------------
+
     def fork(self, request: ForkRequest, channel_fd: int) -> int:
+        """A worker for ``request``: a spare if one is waiting, else a fresh fork."""
         if threading.active_count() != 1:
             raise RuntimeError(f"the zygote has {threading.active_count()} threads; it forks only with one")
+        while self.spares:
+            spare = self.spares.pop(0)
+            if self._hand_over(spare, request, channel_fd):
+                return spare.pid
+        return self._double_fork(lambda: self._become(request, channel_fd), own_group=True)
+
+    def refill(self) -> None:
+        while len(self.spares) < self.idle:
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                pid = self._double_fork(functools.partial(self._wait_as_spare, theirs, mine), own_group=False)
+            except (OSError, RuntimeError):
+                mine.close()
+                return
+            finally:
+                theirs.close()
+            self.spares.append(_Spare(pid, mine))
+
+    def _hand_over(self, spare: _Spare, request: ForkRequest, channel_fd: int) -> bool:
+        try:
+            fds = array.array("i", [channel_fd])
+            spare.sock.sendmsg([_encode(request)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            ready, _, _ = select.select([spare.sock], [], [], 1.0)
+            return bool(ready) and spare.sock.recv(16) == b"ok"
+        except OSError:
+            return False
+        finally:
+            spare.sock.close()
+
+    def _double_fork(self, child: Callable[[], None], own_group: bool) -> int:
+        """Fork through an intermediate that exits at once, so the new process is adopted by the
+        supervisor (a child subreaper) rather than staying the zygote's child. Returns its pid."""
         rd, wr = os.pipe()
         middle = os.fork()
-        if middle == 0:  # the intermediate: fork the worker, hand over its pid, vanish
+        if middle == 0:
             code = 1
             try:
                 os.close(rd)
-                worker = os.fork()
-                if worker == 0:
+                pid = os.fork()
+                if pid == 0:
                     os.close(wr)
-                    self._become(request, channel_fd)  # never returns
-                with contextlib.suppress(OSError):
-                    os.setpgid(worker, worker)
-                os.write(wr, struct.pack("i", worker))
+                    _exit_after(child)
+                if own_group:
+                    with contextlib.suppress(OSError):
+                        os.setpgid(pid, pid)
+                os.write(wr, struct.pack("i", pid))
                 code = 0
             finally:
                 os._exit(code)
@@ -278,35 +331,63 @@ class _Zygote:
             os.waitpid(middle, 0)
         if len(raw) != 4:
             raise RuntimeError("the intermediate process died before it forked the worker")
-        self.forks += 1
         return int(struct.unpack("i", raw)[0])
 
-    def _become(self, request: ForkRequest, channel_fd: int) -> None:
-        """In the new worker: become the child the request describes, run it, exit."""
-        code = 1
-        try:
-            with contextlib.suppress(OSError):
-                os.setpgid(0, 0)
-            deadline = time.monotonic() + ADOPTION_WAIT
-            while os.getppid() != self.supervisor and time.monotonic() < deadline:
-                time.sleep(0.0002)
-            linux.set_parent_death_signal(signal.SIGKILL)
-            if os.getppid() != self.supervisor:  # not adopted (or the supervisor is gone)
-                os._exit(EXIT_NOT_ADOPTED)
-            for sock in (self.channel, self.listener, *self.conns):
-                sock.close()
-            code = _run_worker(request, os.dup(channel_fd))
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:  # report it, then leave through os._exit
-            import traceback
+    # -- in the new process ----------------------------------------------------------------------
 
-            traceback.print_exc()
-        finally:
-            with contextlib.suppress(Exception):
-                sys.stdout.flush()
-                sys.stderr.flush()
-            os._exit(code)
+    def _adopted(self) -> None:
+        """Wait until the supervisor has adopted us, then die with it; close what is the zygote's."""
+        deadline = time.monotonic() + ADOPTION_WAIT
+        while os.getppid() != self.supervisor and time.monotonic() < deadline:
+            time.sleep(0.0002)
+        linux.set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() != self.supervisor:  # not adopted (or the supervisor is gone)
+            os._exit(EXIT_NOT_ADOPTED)
+        for sock in (self.channel, self.listener, *self.conns, *(s.sock for s in self.spares)):
+            sock.close()
+
+    def _become(self, request: ForkRequest, channel_fd: int) -> None:
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)
+        self._adopted()
+        raise SystemExit(_run_worker(request, os.dup(channel_fd)))
+
+    def _wait_as_spare(self, sock: socket.socket, zygote_end: socket.socket) -> None:
+        zygote_end.close()
+        self._adopted()
+        fds = array.array("i")
+        data, ancdata, _flags, _addr = sock.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(fds.itemsize))
+        if not data:  # the zygote is gone or stopping: so are we
+            raise SystemExit(0)
+        for level, kind, blob in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(blob[: len(blob) - (len(blob) % fds.itemsize)])
+        request = _decode_request(data)
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)  # before "ok": the supervisor signals our group from then on
+        sock.send(b"ok")
+        sock.close()
+        raise SystemExit(_run_worker(request, fds[0]))
+
+
+def _exit_after(body: Callable[[], None]) -> NoReturn:
+    """Run ``body`` in a forked process and leave through ``os._exit``: never back into the
+    zygote's own frames."""
+    code = 1
+    try:
+        body()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    except BaseException:  # report it, then leave
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
 
 
 def _run_worker(request: ForkRequest, fd: int) -> int:
@@ -350,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m otp_agents.zygote")
     p.add_argument("--image", required=True)
     p.add_argument("--preload", default="", help="comma-separated modules to import once")
+    p.add_argument("--idle", type=int, default=1, help="workers forked ahead of need")
     args = p.parse_args(argv)
     from .process import ENV_FD
 
@@ -388,13 +470,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import otp_agents.worker_entry  # noqa: F401
 
+    _warm_up()
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         numpy.random.seed(0)  # builds numpy's global generator here, once (17 ms), not per fork
     gc.collect()
     gc.freeze()
-    zygote = _Zygote(channel, args.image, supervisor)
+    zygote = _Zygote(channel, args.image, supervisor, args.idle)
     zygote.decoder = decoder
+    zygote.refill()
     zygote.send(Publish(name=SERVICE_PREFIX + args.image, address=zygote.address))
     took = time.monotonic() - started
     zygote.send(Log(level=logging.INFO, message=f"zygote {args.image}: preloaded in {took:.3f}s"))
@@ -403,6 +487,24 @@ def main(argv: list[str] | None = None) -> int:
         return zygote.serve()
     except (EOFError, OSError, FrameError):
         return 0  # the supervisor went away
+
+
+def _warm_up() -> None:
+    """Run what every worker runs first — an event loop with a channel — once here, so the lazy
+    imports and caches it fills are in the shared, frozen heap rather than copied per worker."""
+    from .channel import Channel
+
+    async def exchange() -> None:
+        a, b = socket.socketpair()
+        left, right = await Channel.from_socket(a), await Channel.from_socket(b)
+        await left.send(Ping(seq=0, sent_ns=0))
+        await right.receive()
+        await left.aclose()
+        await right.aclose()
+
+    anyio.run(exchange, backend="asyncio")
+    if threading.active_count() != 1:  # the loop's default executor, had anything used it
+        raise RuntimeError("warming up the event loop left a thread behind")
 
 
 def _register_dump() -> None:

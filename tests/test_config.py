@@ -98,14 +98,15 @@ max_children = 4
         ),
         (
             '[[children]]\nid="a"\n',
-            "tree.toml: children[0]: a child needs exactly one of: `command` (plain process), `module` or "
-            "`script` (protocol worker), `children` (nested supervisor); found none of them",
+            "tree.toml: children[0]: a child needs exactly one of: `command` (plain process), `module` "
+            "or `script` (protocol worker), `image` (zygote), `children` (nested supervisor); "
+            "found none of them",
         ),
         (
             '[[children]]\nid="a"\ncommand=["x"]\nmodule="m:f"\n',
-            "tree.toml: children[0]: a child needs exactly one of: `command` (plain process), `module` or "
-            "`script` (protocol worker), `children` (nested supervisor); found command and protocol worker "
-            "(module/script)",
+            "tree.toml: children[0]: a child needs exactly one of: `command` (plain process), `module` "
+            "or `script` (protocol worker), `image` (zygote), `children` (nested supervisor); found "
+            "command and protocol worker (module/script)",
         ),
         (
             '[[children]]\nid="a"\nmodule="not a module"\n',

@@ -4,6 +4,7 @@ is down or stuck, workers start cold with a ``zygote_fallback`` event saying why
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ from typing import Any
 import anyio
 import pytest
 
+from otp_agents import linux
 from otp_agents.config import ConfigError, from_dict
 from otp_agents.events import Event, EventBus, Kind
 from otp_agents.process import ChildProcess, StartError
@@ -181,3 +183,46 @@ def test_two_zygotes_for_one_image_are_refused() -> None:
     config = {"children": [zygote(), {**zygote(), "id": "zygote2"}]}
     with pytest.raises(ConfigError, match=r"children\[1\]\.image: image 'probe' already has a zygote"):
         from_dict(config)
+
+
+def spares(zygote_pid: int) -> set[int]:
+    """Workers the zygote forked ahead of need: adopted by this process, in the zygote's group."""
+    found = set()
+    for pid in linux.child_pids():
+        with contextlib.suppress(OSError):
+            if pid != zygote_pid and os.getpgid(pid) == zygote_pid:
+                found.add(pid)
+    return found
+
+
+async def test_a_dead_spare_is_replaced_at_once_and_forks_still_work(tmp_path: Path) -> None:
+    config = {"intensity": 5, "children": [zygote(idle=2), probe("w", tmp_path / "w.log")]}
+    async with tree_of(config) as (tree, rec):
+        zygote_pid = tree.pid("root/zygote")
+        assert zygote_pid is not None
+        with anyio.fail_after(WAIT):
+            while len(spares(zygote_pid)) < 2:  # noqa: ASYNC110 - /proc has no wakeup
+                await anyio.sleep(0.02)
+        victim = min(spares(zygote_pid))
+        os.kill(victim, signal.SIGKILL)
+        with anyio.fail_after(WAIT):
+            while victim in spares(zygote_pid) or len(spares(zygote_pid)) < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        first = tree.pid("root/w")
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        with anyio.fail_after(WAIT):
+            again = await rec.wait_for(
+                lambda e: e.kind is Kind.CHILD_STARTED and e.path == "root/w" and e.pid != first
+            )
+        assert again.detail == "forked by zygote probe" and again.pid != victim
+
+
+async def test_without_spares_every_worker_is_forked_on_demand(tmp_path: Path) -> None:
+    config = {"children": [zygote(idle=0), probe("a", tmp_path / "a.log"), probe("b", tmp_path / "b.log")]}
+    async with tree_of(config) as (tree, rec):
+        zygote_pid = tree.pid("root/zygote")
+        assert zygote_pid is not None and spares(zygote_pid) == set()
+        assert [e.detail for e in started(rec, "root/a") + started(rec, "root/b")] == [
+            "forked by zygote probe"
+        ] * 2
