@@ -590,10 +590,14 @@ async def _fork(
     try:
         client = _zygote_client(image, host)
         request = ForkRequest(path=path, target=spec.module, args=list(spec.args), env=env, cwd=spec.cwd)
-        return await client.fork(request, fd)
+        pid = await client.fork(request, fd)
     except ZygoteUnavailable as exc:
         host.bus.emit(Kind.ZYGOTE_FALLBACK, path, reason=image, detail=str(exc))
         return None
+    # Its own process group before we ever signal it (a spare also sets it; the first one wins).
+    with contextlib.suppress(OSError):
+        os.setpgid(pid, pid)
+    return pid
 
 
 def _zygote_client(image: str, host: Host) -> ZygoteClient:
