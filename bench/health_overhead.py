@@ -1047,6 +1047,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"(default {FULL_FLEETS}; --quick {QUICK_FLEETS})",
     )
     p.add_argument("--seed", type=int, default=1, help="seed of the random fault moments")
+    p.add_argument("--fleet-only", action="store_true", help="only the fleet runs (skip a and b)")
     args = p.parse_args(argv)
     quick = args.quick
     args.workers = args.workers if args.workers is not None else (100 if quick else 1000)
@@ -1097,15 +1098,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         uss = memory.precise_bytes(raw.pid, "uss")
         results["fleet_memory_check"] = memory_budget(args.workers, uss)
-        log(f"memory sampling cost ({args.sample_reps} calls per cell, sweeps over {args.sweep_children})")
-        results["memory_sampling"] = measure_sampling(raw, args.sample_reps, args.sweep_children, args.sweeps)
+        if not args.fleet_only:
+            log(
+                f"memory sampling cost ({args.sample_reps} calls per cell, sweeps over {args.sweep_children})"
+            )
+            results["memory_sampling"] = measure_sampling(
+                raw, args.sample_reps, args.sweep_children, args.sweeps
+            )
     finally:
         raw.close()
-    plan = ", ".join(f"{i:g}/{t:g} s x{r}" for i, t, r in args.hang)
-    log(f"hang detection ({plan}; the settings run side by side, one child each)")
-    results["hang_detection"] = measure_hangs(args.hang, args.seed)
-    log("wake-up floor")
-    results["wake_floor"] = measure_wake_floor(args.wake_backends, args.wake_seconds)
+    if not args.fleet_only:
+        plan = ", ".join(f"{i:g}/{t:g} s x{r}" for i, t, r in args.hang)
+        log(f"hang detection ({plan}; the settings run side by side, one child each)")
+        results["hang_detection"] = measure_hangs(args.hang, args.seed)
+        log("wake-up floor")
+        results["wake_floor"] = measure_wake_floor(args.wake_backends, args.wake_seconds)
     fds = fd_budget(args.workers)
     results["fleet"] = []
     for backend, variant in args.fleets:
