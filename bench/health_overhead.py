@@ -528,7 +528,14 @@ def fleet_tree(
     if health:
         lines.append("health = { " + ", ".join(f"{k} = {v:g}" for k, v in health.items()) + " }")
     if zygote:
-        lines += ["", "[[children]]", 'id = "zygote"', 'image = "fleet"', 'preload = ["workers.chaos"]']
+        lines += [
+            "",
+            "[[children]]",
+            'id = "zygote"',
+            'image = "fleet"',
+            'preload = ["workers.chaos"]',
+            "idle = 4",
+        ]
         lines.append(f"cwd = {json.dumps(str(ROOT))}")
     probe_ids: list[str] = []
     for i in range(n):

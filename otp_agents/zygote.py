@@ -211,7 +211,9 @@ class _Zygote:
     def serve(self) -> int:
         while True:
             wait: float | None = None
-            if len(self.spares) < self.idle:
+            if self.spares and len(self.spares) < self.idle:
+                self.refill(1)  # a burst is being served: keep the pool going, one at a time
+            elif len(self.spares) < self.idle:
                 # Not right after a hand-over: the new worker is starting now, and on a small
                 # machine a fork here would take the CPU it needs (measured: +2 to 4 ms).
                 wait = self.last_handover + REFILL_DELAY - time.monotonic()
@@ -285,8 +287,8 @@ class _Zygote:
                 return spare.pid
         return self._double_fork(lambda: self._become(request, channel_fd), own_group=True)
 
-    def refill(self) -> None:
-        while len(self.spares) < self.idle:
+    def refill(self, at_most: int = 64) -> None:
+        for _ in range(min(at_most, self.idle - len(self.spares))):
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
                 pid = self._double_fork(functools.partial(self._wait_as_spare, theirs, mine), own_group=False)
