@@ -80,8 +80,7 @@ async def _heartbeat(proc: ChildProcess, host: Host) -> None:
             seq += 1
             next_ping = _slot(max(next_ping + s.ping_interval, now))
             try:
-                with anyio.move_on_after(s.ping_interval):
-                    await channel.send(Ping(seq=seq, sent_ns=time.monotonic_ns()))
+                await channel.send(Ping(seq=seq, sent_ns=time.monotonic_ns()), timeout=s.ping_interval)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 return  # the process is going away; its exit says how
         # Wake for the next ping, or exactly when the silence would reach ping_timeout.
