@@ -10,7 +10,7 @@ events.jsonl when its audio input started again. Reported per round:
 * handshake: SIGKILL -> the supervisor handing the checkpoint back (RESUMED event);
 * the next answer after the restart still uses the checkpointed context (checked).
 
-    .venv/bin/python bench/voice_resume_gap.py [--rounds 5] [--backend asyncio]
+    .venv/bin/python bench/voice_resume_gap.py [--rounds 5] [--backend asyncio] [--zygote]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _events(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-async def measure(rounds: int) -> dict[str, Any]:
+async def measure(rounds: int, zygote: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="otp-voice-gap-") as tmp_name:
         tmp = Path(tmp_name)
         script = tmp / "call.txt"
@@ -63,9 +63,14 @@ async def measure(rounds: int) -> dict[str, Any]:
                     "shutdown": 10,
                     "start_timeout": 60,
                     "cwd": str(ROOT),
+                    **({"zygote": "voice"} if zygote else {}),
                 }
             ],
         }
+        if zygote:  # the leaf is forked by a zygote that imported the voice stack once
+            config["children"].insert(  # type: ignore[attr-defined]
+                0, {"id": "zygote", "image": "voice", "preload": ["workers.voice_agent"], "cwd": str(ROOT)}
+            )
         bus = EventBus()
         seen: list[Event] = []
         bus.listen(seen.append)
@@ -117,9 +122,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"])
+    parser.add_argument("--zygote", action="store_true", help="fork the leaf from a zygote")
     args = parser.parse_args()
-    result = anyio.run(measure, args.rounds, backend=args.backend)
+    result = anyio.run(measure, args.rounds, args.zygote, backend=args.backend)
     result["backend"] = args.backend
+    result["zygote"] = args.zygote
     print(json.dumps(result))
 
 
