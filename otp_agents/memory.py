@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import anyio
@@ -37,6 +37,9 @@ MB = 1024 * 1024
 HYSTERESIS = 0.9
 MAX_TREE = 4096  # processes per child tree, a bound for pathological fork storms
 BATCH = 0.1  # seconds: samples due this close together are taken in one wake-up
+# A child's descendants are listed again every this many samples (every 5 s at the default
+# interval); in between, the same processes are read. A new subprocess is counted within that.
+TREE_EVERY = 5
 
 
 def tree_pids(pid: int) -> list[int]:
@@ -82,9 +85,10 @@ def precise_bytes(pid: int, metric: str) -> int:
     return total
 
 
-def sample(pid: int, metric: str, floor_mb: float) -> tuple[float, bool]:
-    """Memory of the tree under ``pid`` in MB, and whether the precise metric was read."""
-    pids = tree_pids(pid)
+def sample(pid: int, metric: str, floor_mb: float, pids: list[int] | None = None) -> tuple[float, bool]:
+    """Memory of the tree under ``pid`` (or of ``pids``) in MB, and whether the precise metric
+    was read."""
+    pids = tree_pids(pid) if pids is None else pids
     cheap = sum(rss_bytes(p) for p in pids) / MB
     if cheap < floor_mb or metric == "rss":
         return cheap, metric == "rss"
@@ -101,6 +105,8 @@ class _Watch:
     soft_sent: bool = False
     over: int = 0
     last_mb: float = 0.0
+    tree: list[int] = field(default_factory=list)  # the child and its descendants, as last listed
+    samples: int = 0
 
 
 class MemoryWatch:
@@ -149,7 +155,10 @@ class MemoryWatch:
             return
         levels = [v for v in (s.memory_warn_mb, s.memory_soft_mb, s.memory_limit_mb) if v is not None]
         floor = min(levels) * HYSTERESIS if levels else math.inf
-        mb, _ = sample(w.proc.pid, s.memory_metric, floor)
+        if w.samples % TREE_EVERY == 0:  # listing descendants costs more than reading statm
+            w.tree = tree_pids(w.proc.pid)
+        w.samples += 1
+        mb, _ = sample(w.proc.pid, s.memory_metric, floor, w.tree)
         w.last_mb = mb
         path, pid = w.proc.path, w.proc.pid
         value = round(mb, 1)
