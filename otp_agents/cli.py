@@ -20,7 +20,7 @@ import msgspec
 from . import control, guard
 from .config import ConfigError, load_file
 from .runtime import EXIT_CONFIG, run
-from .spec import HEALTH_DEFAULTS, ChildSpec, CommandSpec, SupervisorSpec, WorkerSpec
+from .spec import HEALTH_DEFAULTS, ChildSpec, CommandSpec, SupervisorSpec, WorkerSpec, ZygoteSpec
 
 DEFAULT_TREE = "supervisors/default.toml"
 
@@ -200,9 +200,13 @@ def describe(spec: SupervisorSpec, path: str | None = None, depth: int = 0) -> l
             lines.extend(describe(child, cpath, depth + 1))
         elif isinstance(child, CommandSpec):
             lines.append(f"{pad}  {cpath}  command {' '.join(child.command)}{_common(child)}")
+        elif isinstance(child, ZygoteSpec):
+            what = f"image={child.image} preload={','.join(child.preload) or '-'} idle={child.idle}"
+            lines.append(f"{pad}  {cpath}  zygote {what}{_common(child)}")
         else:
             target = child.module or child.script
-            lines.append(f"{pad}  {cpath}  worker {target}{_common(child)}")
+            forked = f" zygote={child.zygote}" if child.zygote else ""
+            lines.append(f"{pad}  {cpath}  worker {target}{forked}{_common(child)}")
     return lines
 
 
