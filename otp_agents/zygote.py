@@ -212,9 +212,7 @@ class _Zygote:
         while True:
             wait: float | None = None
             if self.spares and len(self.spares) < self.idle:
-                # A burst is being served: keep the pool going, one at a time, and skip the
-                # rehearsal (it would double the CPU each start costs while the CPU is short).
-                self.refill(1, rehearse=False)
+                self.refill(1)  # a burst is being served: keep the pool going, one at a time
             elif len(self.spares) < self.idle:
                 # Not right after a hand-over: the new worker is starting now, and on a small
                 # machine a fork here would take the CPU it needs (measured: +2 to 4 ms).
@@ -289,12 +287,11 @@ class _Zygote:
                 return spare.pid
         return self._double_fork(lambda: self._become(request, channel_fd), own_group=True)
 
-    def refill(self, at_most: int = 64, rehearse: bool = True) -> None:
+    def refill(self, at_most: int = 64) -> None:
         for _ in range(min(at_most, self.idle - len(self.spares))):
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
-                spare = functools.partial(self._wait_as_spare, theirs, mine, rehearse)
-                pid = self._double_fork(spare, own_group=False)
+                pid = self._double_fork(functools.partial(self._wait_as_spare, theirs, mine), own_group=False)
             except (OSError, RuntimeError):
                 mine.close()
                 return
@@ -369,14 +366,13 @@ class _Zygote:
         self._adopted()
         raise SystemExit(_run_worker(request, os.dup(channel_fd)))
 
-    def _wait_as_spare(self, sock: socket.socket, zygote_end: socket.socket, rehearse: bool) -> None:
+    def _wait_as_spare(self, sock: socket.socket, zygote_end: socket.socket) -> None:
         zygote_end.close()
         self._adopted()
         _drop_zygote_state()  # now rather than when it is needed
-        if rehearse:
-            # The first event loop in a forked process copies the pages it writes (reference
-            # counts of shared objects): 2.3 ms against 0.6 ms in the zygote. Pay it while idle.
-            _warm_up()
+        # The first event loop in a forked process copies the pages it writes (reference counts
+        # of shared objects): 2.3 ms against 0.6 ms in the zygote. Pay that now, while idle.
+        _warm_up()
         fds = array.array("i")
         data, ancdata, _flags, _addr = sock.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(fds.itemsize))
         if not data:  # the zygote is gone or stopping: so are we
