@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -196,6 +197,64 @@ def test_supervisor_killed_with_sigkill_leaves_no_process_behind(tmp_path: Path,
     pids = started(wait_events(events_file, lambda ev: len(started(ev)) == 3, proc))
     family = descendants(proc.pid)
     assert set(pids.values()) <= family
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=WAIT)
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline and any(alive(p) for p in family):
+        time.sleep(0.02)
+    survivors = {p: _cmdline(p) for p in family if alive(p)}
+    assert survivors == {}
+
+
+ZYGOTE_TREE = f"""
+id = "root"
+[[children]]
+id = "zygote"
+image = "steady"
+preload = ["workers.chaos"]
+idle = 2
+cwd = "{ROOT}"
+[[children]]
+id = "a"
+module = "workers.chaos:steady"
+zygote = "steady"
+cwd = "{ROOT}"
+[[children]]
+id = "b"
+module = "workers.chaos:steady"
+zygote = "steady"
+cwd = "{ROOT}"
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_supervisor_killed_with_sigkill_leaves_no_zygote_worker_or_spare_behind(
+    tmp_path: Path, backend: str
+) -> None:
+    """Forked workers and spares are the supervisor's adopted children, not the zygote's: each
+    arms its own death signal once adopted."""
+    tree = write_tree(tmp_path, ZYGOTE_TREE)
+    events_file = tmp_path / "events.jsonl"
+    proc = start_cli(tree, backend, events_file, subprocess.DEVNULL)
+    events = wait_events(events_file, lambda ev: len(started(ev)) == 3, proc)
+    assert [
+        e.get("detail") for e in events if e["kind"] == "child_started" and e["path"] != "root/zygote"
+    ] == ["forked by zygote steady"] * 2
+    zygote_pid = started(events)["root/zygote"]
+
+    def spares() -> set[int]:
+        found = set()
+        for pid in descendants(proc.pid):
+            with contextlib.suppress(OSError):
+                if pid != zygote_pid and os.getpgid(pid) == zygote_pid:
+                    found.add(pid)
+        return found
+
+    deadline = time.monotonic() + WAIT
+    while len(spares()) < 2 and time.monotonic() < deadline:  # refilled after the two hand-overs
+        time.sleep(0.02)
+    family = descendants(proc.pid)
+    assert len(spares()) == 2 and set(started(events).values()) | spares() <= family
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=WAIT)
     deadline = time.monotonic() + WAIT
