@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,17 @@ async def signal_child(tree: Tree, path: str, sig: int) -> int:
     pid = await armed(tree.pid(path))
     os.kill(pid, sig)
     return pid
+
+
+def spares_of(zygote_pid: int, candidates: Iterable[int]) -> set[int]:
+    """The zygote's spares among ``candidates``: workers forked ahead of need, adopted by the
+    supervisor, still in the zygote's process group."""
+    found = set()
+    for pid in candidates:
+        with contextlib.suppress(OSError):
+            if pid != zygote_pid and os.getpgid(pid) == zygote_pid:
+                found.add(pid)
+    return found
 
 
 def descendants(pid: int) -> set[int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from .helpers import FAULTY, ROOT, WAIT, alive, descendants
+from .helpers import FAULTY, ROOT, WAIT, alive, descendants, spares_of
 
 CLI = [sys.executable, "-m", "otp_agents.cli"]
 BACKENDS = ["asyncio", "trio"]
@@ -197,13 +196,17 @@ def test_supervisor_killed_with_sigkill_leaves_no_process_behind(tmp_path: Path,
     pids = started(wait_events(events_file, lambda ev: len(started(ev)) == 3, proc))
     family = descendants(proc.pid)
     assert set(pids.values()) <= family
+    assert sigkill_survivors(proc, family) == {}
+
+
+def sigkill_survivors(proc: subprocess.Popen[bytes], family: set[int]) -> dict[int, str]:
+    """SIGKILL the supervisor; what of ``family`` is still alive after a bounded wait."""
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=WAIT)
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline and any(alive(p) for p in family):
         time.sleep(0.02)
-    survivors = {p: _cmdline(p) for p in family if alive(p)}
-    assert survivors == {}
+    return {p: _cmdline(p) for p in family if alive(p)}
 
 
 ZYGOTE_TREE = f"""
@@ -241,27 +244,13 @@ def test_supervisor_killed_with_sigkill_leaves_no_zygote_worker_or_spare_behind(
         e.get("detail") for e in events if e["kind"] == "child_started" and e["path"] != "root/zygote"
     ] == ["forked by zygote steady"] * 2
     zygote_pid = started(events)["root/zygote"]
-
-    def spares() -> set[int]:
-        found = set()
-        for pid in descendants(proc.pid):
-            with contextlib.suppress(OSError):
-                if pid != zygote_pid and os.getpgid(pid) == zygote_pid:
-                    found.add(pid)
-        return found
-
     deadline = time.monotonic() + WAIT
-    while len(spares()) < 2 and time.monotonic() < deadline:  # refilled after the two hand-overs
-        time.sleep(0.02)
+    while len(spares_of(zygote_pid, descendants(proc.pid))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)  # refilled after the two hand-overs
     family = descendants(proc.pid)
-    assert len(spares()) == 2 and set(started(events).values()) | spares() <= family
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=WAIT)
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline and any(alive(p) for p in family):
-        time.sleep(0.02)
-    survivors = {p: _cmdline(p) for p in family if alive(p)}
-    assert survivors == {}
+    spares = spares_of(zygote_pid, family)
+    assert len(spares) == 2 and set(started(events).values()) | spares <= family
+    assert sigkill_survivors(proc, family) == {}
 
 
 def _cmdline(pid: int) -> str:

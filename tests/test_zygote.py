@@ -4,7 +4,6 @@ is down or stuck, workers start cold with a ``zygote_fallback`` event saying why
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
@@ -18,9 +17,9 @@ from otp_agents import linux
 from otp_agents.config import ConfigError, from_dict
 from otp_agents.events import Event, EventBus, Kind
 from otp_agents.process import ChildProcess, StartError
-from otp_agents.runtime import running
+from otp_agents.runtime import Tree, running
 
-from .helpers import ROOT, WAIT, Recorder, tree_of, worker
+from .helpers import ROOT, WAIT, Recorder, spares_of, tree_of, worker
 
 pytestmark = pytest.mark.anyio
 
@@ -44,6 +43,15 @@ def said(rec: Recorder, path: str) -> dict[str, str]:
 
 def started(rec: Recorder, path: str) -> list[Event]:
     return rec.of(Kind.CHILD_STARTED, path)
+
+
+async def kill_and_replace(tree: Tree, rec: Recorder, path: str) -> Event:
+    """SIGKILL ``path``'s process; its replacement's child_started event."""
+    old = tree.pid(path)
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    with anyio.fail_after(WAIT):
+        return await rec.wait_for(lambda e: e.kind is Kind.CHILD_STARTED and e.path == path and e.pid != old)
 
 
 def socket_inodes(pid: int) -> set[str]:
@@ -88,14 +96,9 @@ async def test_forked_worker_answers_heartbeats_and_is_reforked_after_a_crash(
         with anyio.fail_after(WAIT):
             while proc.rtt is None:  # noqa: ASYNC110 - the pong updates a field, no event
                 await anyio.sleep(0.02)
-        first = proc.pid
-        os.kill(first, signal.SIGKILL)
-        exited = await rec.wait_kind(Kind.CHILD_EXITED, "root/w")
+        again = await kill_and_replace(tree, rec, "root/w")
+        exited = rec.of(Kind.CHILD_EXITED, "root/w")[0]
         assert exited.signal == "SIGKILL"  # its exit status, read by the supervisor that adopted it
-        with anyio.fail_after(WAIT):
-            again = await rec.wait_for(
-                lambda e: e.kind is Kind.CHILD_STARTED and e.path == "root/w" and e.pid != first
-            )
         assert again.detail == "forked by zygote probe"
         assert rec.of(Kind.HANG) == [] and rec.of(Kind.ZYGOTE_FALLBACK) == []
 
@@ -127,13 +130,7 @@ async def test_stopped_zygote_makes_workers_start_cold_with_a_reason(tmp_path: P
         assert zygote_pid is not None
         os.kill(zygote_pid, signal.SIGSTOP)  # stuck: it takes no fork request
         try:
-            first = tree.pid("root/w")
-            assert first is not None
-            os.kill(first, signal.SIGKILL)
-            with anyio.fail_after(WAIT):
-                again = await rec.wait_for(
-                    lambda e: e.kind is Kind.CHILD_STARTED and e.path == "root/w" and e.pid != first
-                )
+            again = await kill_and_replace(tree, rec, "root/w")
         finally:
             os.kill(zygote_pid, signal.SIGCONT)
         assert again.detail is None  # a fresh interpreter
@@ -144,21 +141,10 @@ async def test_stopped_zygote_makes_workers_start_cold_with_a_reason(tmp_path: P
 async def test_killed_zygote_is_restarted_and_forks_again(tmp_path: Path) -> None:
     config = {"intensity": 5, "children": [zygote(), probe("w", tmp_path / "w.log")]}
     async with tree_of(config) as (tree, rec):
-        zygote_pid = tree.pid("root/zygote")
-        assert zygote_pid is not None
         worker_pid = tree.pid("root/w")
-        os.kill(zygote_pid, signal.SIGKILL)
-        with anyio.fail_after(WAIT):
-            await rec.wait_for(
-                lambda e: e.kind is Kind.CHILD_STARTED and e.path == "root/zygote" and e.pid != zygote_pid
-            )
+        await kill_and_replace(tree, rec, "root/zygote")
         assert tree.pid("root/w") == worker_pid  # its workers do not die with it
-        assert worker_pid is not None
-        os.kill(worker_pid, signal.SIGKILL)
-        with anyio.fail_after(WAIT):
-            again = await rec.wait_for(
-                lambda e: e.kind is Kind.CHILD_STARTED and e.path == "root/w" and e.pid != worker_pid
-            )
+        again = await kill_and_replace(tree, rec, "root/w")
         assert again.detail == "forked by zygote probe"
 
 
@@ -186,13 +172,7 @@ def test_two_zygotes_for_one_image_are_refused() -> None:
 
 
 def spares(zygote_pid: int) -> set[int]:
-    """Workers the zygote forked ahead of need: adopted by this process, in the zygote's group."""
-    found = set()
-    for pid in linux.child_pids():
-        with contextlib.suppress(OSError):
-            if pid != zygote_pid and os.getpgid(pid) == zygote_pid:
-                found.add(pid)
-    return found
+    return spares_of(zygote_pid, linux.child_pids())
 
 
 async def test_a_dead_spare_is_replaced_at_once_and_forks_still_work(tmp_path: Path) -> None:
@@ -208,13 +188,7 @@ async def test_a_dead_spare_is_replaced_at_once_and_forks_still_work(tmp_path: P
         with anyio.fail_after(WAIT):
             while victim in spares(zygote_pid) or len(spares(zygote_pid)) < 2:  # noqa: ASYNC110
                 await anyio.sleep(0.02)
-        first = tree.pid("root/w")
-        assert first is not None
-        os.kill(first, signal.SIGKILL)
-        with anyio.fail_after(WAIT):
-            again = await rec.wait_for(
-                lambda e: e.kind is Kind.CHILD_STARTED and e.path == "root/w" and e.pid != first
-            )
+        again = await kill_and_replace(tree, rec, "root/w")
         assert again.detail == "forked by zygote probe" and again.pid != victim
 
 
