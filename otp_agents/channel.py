@@ -48,6 +48,7 @@ class Channel:
         self._waiting = 0
         self._idle = anyio.Event()
         self._closed = False
+        self._broken = False  # a send stopped inside a frame
         self._streak = 0
 
     @classmethod
@@ -56,8 +57,9 @@ class Channel:
 
     async def send(self, msg: Message, timeout: float | None = None) -> None:  # noqa: ASYNC109 - slow path only
         """Send one frame. With ``timeout``, stop waiting for a peer that does not read after
-        that long (the frame may then be cut short: the channel is only good for closing). The
-        timer exists only on that slow path, not for every send."""
+        that long: nothing sent, the call returns; part of the frame sent, it raises
+        ``anyio.BrokenResourceError`` and so does every later send. The timer exists only on that
+        slow path, not for every send."""
         await self._send([wire.encode(msg)], timeout)
 
     async def send_many(self, msgs: Sequence[Message]) -> None:
@@ -71,7 +73,11 @@ class Channel:
                 await self._idle.wait()
             finally:
                 self._waiting -= 1
+        if self._broken:
+            raise anyio.BrokenResourceError("an earlier send was cut short inside a frame")
         self._busy = True
+        total = sum(len(f) for f in frames)
+        left = total
         try:
             views = [memoryview(f) for f in frames]
             while views:
@@ -86,10 +92,13 @@ class Channel:
                         with anyio.move_on_after(timeout) as scope:
                             await anyio.wait_writable(self._sock)
                         if scope.cancelled_caught:
-                            return
+                            if left != total:
+                                raise anyio.BrokenResourceError("send timed out inside a frame") from None
+                            return  # nothing of it was sent: the channel is still whole
                     continue
                 except (BrokenPipeError, ConnectionResetError) as exc:
                     raise anyio.BrokenResourceError from exc
+                left -= sent
                 while sent:
                     if sent >= len(views[0]):
                         sent -= len(views[0])
@@ -97,6 +106,12 @@ class Channel:
                     else:
                         views[0] = views[0][sent:]
                         sent = 0
+        except BaseException:
+            # Cut short inside a frame (a timeout, a cancellation): whatever follows would be
+            # read as the rest of it, so this channel sends nothing more.
+            if left not in (0, total):
+                self._broken = True
+            raise
         finally:
             self._busy = False
             if self._waiting:

@@ -64,7 +64,7 @@ from .messages import (
 )
 from .spec import CommandSpec, ProcessSpec, WorkerSpec, ZygoteSpec
 from .wire import FrameError
-from .zygote import SERVICE_PREFIX, ForkRequest, ZygoteClient, ZygoteUnavailable
+from .zygote import ENV_SUPERVISOR_PID, SERVICE_PREFIX, ForkRequest, ZygoteClient, ZygoteUnavailable
 
 log = logging.getLogger("otp_agents")
 
@@ -110,6 +110,7 @@ class Host:
     # Zygotes: image -> the path of its zygote child; and our connection to each running one.
     zygotes: dict[str, str] = field(default_factory=dict)
     zygote_clients: dict[str, ZygoteClient] = field(default_factory=dict)
+    forks_in_flight: int = 0  # zygote forks not yet tracked: the orphan sweep waits for them
     dumper: Dumper = field(init=False)
     memory: MemoryWatch = field(init=False)
     checkpoints: CheckpointStore = field(init=False)
@@ -531,28 +532,37 @@ async def spawn(
         proc.ready = True
         return proc
 
-    try:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    except OSError as exc:
-        raise StartError(f"cannot create the worker channel: {exc.strerror or exc}") from None
+    ours, theirs = _channel_pair()
     forked: int | None = None
     popen: subprocess.Popen[bytes] | None = None
+    env[ENV_PATH] = path
+    env[ENV_BACKEND] = spec.backend
+    if isinstance(spec, ZygoteSpec):
+        env[ENV_SUPERVISOR_PID] = str(os.getpid())
+    host.forks_in_flight += 1  # a forked worker is our child before we track it: no orphan sweep
     try:
-        env[ENV_PATH] = path
-        env[ENV_BACKEND] = spec.backend
         if spec.zygote is not None and spec.module is not None:
             forked = await _fork(path, spec, spec.zygote, env, theirs.fileno(), host)
+            if forked is None:
+                # The zygote may still act on the request it was sent: give the cold start a
+                # channel that no late fork can share.
+                ours.close()
+                theirs.close()
+                ours, theirs = _channel_pair()
         if forked is None:
             env[ENV_FD] = str(theirs.fileno())
             popen = _popen(argv, spec, env, (theirs.fileno(),))
+        started: subprocess.Popen[bytes] | int | None = popen if popen is not None else forked
+        assert started is not None
+        proc = _track(path, spec, started, host, on_exit)
     except BaseException:
         ours.close()
         raise
     finally:
         theirs.close()
-    started: subprocess.Popen[bytes] | int | None = popen if popen is not None else forked
-    assert started is not None
-    proc = _track(path, spec, started, host, on_exit)
+        host.forks_in_flight -= 1
+        if forked is not None:
+            host.after_reap()  # whatever the sweep left alone meanwhile
     if forked is not None:
         proc.forked_from = spec.zygote
     if isinstance(spec, ZygoteSpec):
@@ -616,6 +626,13 @@ def _zygote_client(image: str, host: Host) -> ZygoteClient:
     return client
 
 
+def _channel_pair() -> tuple[socket.socket, socket.socket]:
+    try:
+        return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise StartError(f"cannot create the worker channel: {exc.strerror or exc}") from None
+
+
 def _track(
     path: str,
     spec: ProcessSpec,
@@ -633,9 +650,9 @@ def _track(
             os.killpg(pid, signal.SIGKILL)
         if popen is not None:
             popen.wait()
-        else:  # forked by a zygote and adopted by us: reap it (it may already be reaped)
+        else:  # forked by a zygote and adopted by us: reap it if it is already gone (never block)
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+                os.waitpid(pid, os.WNOHANG)
         raise StartError(f"cannot watch the new process: {exc.strerror or exc}") from None
     proc = ChildProcess(path, spec, pid, popen, pidfd, host, on_exit)
     host.tg.start_soon(proc._watch, name=f"watch {path}")

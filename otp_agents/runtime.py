@@ -95,8 +95,11 @@ async def running(
     """Start the tree; yield it; stop it (reverse start order) when the block exits.
 
     Raises :class:`~otp_agents.process.StartError` if the root cannot start (nothing is left
-    running then). ``subreaper`` makes this process adopt and reap orphaned grandchildren; only
-    the CLI turns it on, since it takes over reaping for the whole process. ``state_dir`` holds
+    running then). ``subreaper`` makes this process adopt and reap orphaned grandchildren; the
+    CLI turns it on, and so does a tree with a zygote (its workers are adopted by this process).
+    It takes over reaping for the whole process: untracked children that exit are reaped, and
+    untracked children left at the end are killed, so an application embedding such a tree must
+    not rely on waiting for subprocesses of its own. ``state_dir`` holds
     stack dumps (``dumps/``) and checkpoints (``checkpoints/``); by default a new temporary
     directory, which is kept.
     """
@@ -276,6 +279,8 @@ class _SignalControl:
 
 
 def _sweep_orphans(host: Host, root: str) -> None:
+    if host.forks_in_flight:  # a forked worker may be ours already but not tracked yet
+        return
     for pid, pgid, status in linux.reap_orphans(host.tracked):
         # An orphan still in a child's process group is attributed to that child.
         owner = host.tracked.get(pgid, root) if pgid is not None else root

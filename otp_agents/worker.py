@@ -314,6 +314,9 @@ async def _probed_pong(worker: Worker, channel: Channel, ping: Ping, lag: _LoopL
     start = time.monotonic()
     try:
         await worker.liveness()
+    except Exception:  # a broken probe is a missing pong (the supervisor's hang check), not a crash
+        log.exception("%s: liveness probe failed", worker.path)
+        return
     finally:
         worker._probing = False
     probe_ms = (time.monotonic() - start) * 1000

@@ -69,6 +69,7 @@ from .messages import (
 from .wire import FrameDecoder, FrameError, encode
 
 SERVICE_PREFIX = "zygote."
+ENV_SUPERVISOR_PID = "OTP_AGENTS_SUPERVISOR_PID"
 MAX_REQUEST = 256 * 1024  # environment + arguments of one worker
 REQUEST_TIMEOUT = 2.0  # the supervisor gives up on a fork (and starts the worker cold) after this
 ADOPTION_WAIT = 2.0  # how long a new worker waits to be adopted by the supervisor
@@ -139,6 +140,9 @@ class ZygoteClient:
             except OSError as exc:
                 self.close()
                 raise ZygoteUnavailable(f"{exc.strerror or exc}") from None
+            except BaseException:  # cancelled mid-request: a late reply must not meet the next one
+                self.close()
+                raise
 
     async def _exchange(self, payload: bytes, channel_fd: int) -> int:
         if self._sock is None:
@@ -169,6 +173,7 @@ class ZygoteClient:
 
     def close(self) -> None:
         if self._sock is not None:
+            anyio.notify_closing(self._sock)
             self._sock.close()
             self._sock = None
 
@@ -242,6 +247,7 @@ class _Zygote:
                     if spares[sock] in self.spares:
                         self.spares.remove(spares[sock])
                     sock.close()
+                    self.last_handover = time.monotonic()  # and replace it after a pause, not in a loop
                 else:
                     self.answer(sock)
 
@@ -316,7 +322,12 @@ class _Zygote:
         """Fork through an intermediate that exits at once, so the new process is adopted by the
         supervisor (a child subreaper) rather than staying the zygote's child. Returns its pid."""
         rd, wr = os.pipe()
-        middle = os.fork()
+        try:
+            middle = os.fork()
+        except OSError:
+            os.close(rd)
+            os.close(wr)
+            raise
         if middle == 0:
             code = 1
             try:
@@ -364,7 +375,7 @@ class _Zygote:
         with contextlib.suppress(OSError):
             os.setpgid(0, 0)
         self._adopted()
-        raise SystemExit(_run_worker(request, os.dup(channel_fd)))
+        raise SystemExit(_run_worker(request, channel_fd))  # this process never returns to close it
 
     def _wait_as_spare(self, sock: socket.socket, zygote_end: socket.socket) -> None:
         zygote_end.close()
@@ -463,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     _register_dump()
     channel = socket.socket(fileno=int(os.environ[ENV_FD]))
     channel.set_inheritable(False)
-    supervisor = os.getppid()
+    # Who adopts our workers: named by the supervisor (a `python` wrapper may sit in between).
+    supervisor = int(os.environ.get(ENV_SUPERVISOR_PID, os.getppid()))
     channel.sendall(encode(Hello(versions=list(SUPPORTED_VERSIONS), pid=os.getpid())))
     decoder = FrameDecoder()
     frames: list[Any] = []

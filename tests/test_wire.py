@@ -567,3 +567,19 @@ async def test_channel_truncated_at_close() -> None:
     finally:
         a.close()
         await channel.aclose()
+
+
+async def test_a_send_timing_out_inside_a_frame_breaks_the_channel_for_good() -> None:
+    """A peer that does not read: a send that times out halfway through a frame would leave the
+    stream corrupt for whatever follows, so the channel refuses every later send."""
+    left, right = await _pair()
+    try:
+        big = Log(level=10, message="z" * 500_000)  # more than the socket buffers hold
+        with anyio.fail_after(10):
+            with pytest.raises(anyio.BrokenResourceError, match="inside a frame"):
+                await left.send(big, timeout=0.2)
+            with pytest.raises(anyio.BrokenResourceError, match="cut short inside a frame"):
+                await left.send(Ping(seq=1, sent_ns=0))
+    finally:
+        await left.aclose()
+        await right.aclose()
