@@ -213,28 +213,38 @@ class Manager:
 
     def stop(self) -> None:
         """SIGTERM (both managers stop their children on it), bounded; SIGKILL if needed."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.proc.pid, signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(5)
-        # Children the manager may have left behind (only if it had to be killed): same pid
-        # *and* same start time as a sleep child we saw, so a recycled pid is never touched.
-        for pid, started in self.seen.items():
-            if started is not None and start_time(pid) == started and cmdline(pid) == SLEEP_CMDLINE:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        if self.proc is not None:
+            stop_manager(self.proc, self.seen, lambda pid: cmdline(pid) == SLEEP_CMDLINE)
         if self._log is not None:
             self._log.close()
             self._log = None
 
     def cleanup(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def stop_manager(
+    proc: subprocess.Popen[bytes],
+    seen: dict[int, int | None],
+    also: Callable[[int], bool] = lambda _pid: True,
+) -> None:
+    """SIGTERM the manager, wait (bounded), SIGKILL it if it is still there; then SIGKILL what
+    it left behind: a process with the same pid *and* start time as one we saw (and ``also``),
+    so a recycled pid is never touched."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+    for pid, started_at in seen.items():
+        if started_at is not None and start_time(pid) == started_at and also(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager

@@ -76,7 +76,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from restart_latency import machine as base_machine
-from restart_latency import start_time, summary_ms
+from restart_latency import start_time, stop_manager, summary_ms
 
 from otp_agents.memory import precise_bytes, tree_pids
 
@@ -95,7 +95,6 @@ SLOW = (SUPERVISORD, CIRCUS)  # restart on a polling timer: fewer samples
 # seconds
 START_TIMEOUT = 60.0  # manager start until the first worker is ready (cold imports, shared CPU)
 RESTART_TIMEOUT = 20.0  # a restart slower than this is a failure, not a sample
-STOP_TIMEOUT = 15.0
 PAUSE = 0.3  # between samples, plus a random part as long as the manager's polling period
 PHASE = {SUPERVISORD: 1.0, CIRCUS: 5.0}  # the managers' own polling periods (see the docstring)
 DEFAULT_PHASE = 0.05
@@ -331,21 +330,7 @@ class Manager:
             if self.proc.poll() is None:
                 with contextlib.suppress(OSError):
                     self.remember_tree()
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.proc.pid, signal.SIGTERM)
-                try:
-                    self.proc.wait(STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(self.proc.pid, signal.SIGKILL)
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        self.proc.wait(5)
-            # What the manager left behind: same pid *and* same start time as a process we saw,
-            # so a recycled pid is never touched.
-            for pid, started in self.seen.items():
-                if started is not None and start_time(pid) == started:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
+            stop_manager(self.proc, self.seen)
         if self._log is not None:
             self._log.close()
             self._log = None
