@@ -789,6 +789,7 @@ def run_fleet(
         )
         result["forked"] = sum(1 for e in started.values() if (e.get("detail") or "").startswith("forked"))
         result["heartbeat"] = _probe_stats(probe_dir, HEALTH_DEFAULTS.ping_interval, w0_ns, w1_ns)
+        result["rtt"] = _rtt_snapshots(tmp / "state", snapshots=3, apart=HEALTH_DEFAULTS.ping_interval)
         # orderly stop: SIGTERM, reverse start order
         t_stop = time.monotonic()
         os.kill(pid, signal.SIGTERM)
@@ -815,6 +816,43 @@ def run_fleet(
                 kill_pid(wp)
         result.setdefault("stderr_tail_on_exit", _tail(err_file, 3))
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rtt_snapshots(state_dir: Path, snapshots: int, apart: float) -> dict[str, Any]:
+    """The supervisor's own last ping round trip of every child, from ``otp-agents status
+    --json``, taken ``snapshots`` times ``apart`` seconds apart (after the CPU window, so the
+    status requests do not count in it)."""
+    rtts: list[float] = []
+    for k in range(snapshots):
+        if k:
+            time.sleep(apart)
+        done = subprocess.run(
+            [sys.executable, "-m", "otp_agents.cli", "status", "--json", "--state-dir", str(state_dir)],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        if done.returncode != 0:
+            return {"error": done.stderr.decode(errors="replace")[-500:]}
+        todo = [json.loads(done.stdout).get("data") or {}]  # the reply: {"ok": ..., "data": tree}
+        while todo:
+            node = todo.pop()
+            for child in node.get("children", []):
+                if child.get("rtt_ms") is not None:
+                    rtts.append(float(child["rtt_ms"]))
+                if "children" in child:
+                    todo.append(child)
+    v = sorted(rtts)
+    if not v:
+        return {"n": 0}
+    q = statistics.quantiles(v, n=100, method="inclusive") if len(v) > 1 else [v[0]] * 99
+    return {
+        "n": len(v),
+        "p50_ms": round(statistics.median(v), 3),
+        "p90_ms": round(q[89], 3),
+        "p99_ms": round(q[98], 3),
+        "max_ms": round(v[-1], 3),
+    }
 
 
 def _worker_memory(pids: list[int], sample: int = 20) -> dict[str, Any]:
@@ -1006,6 +1044,20 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {_f(late.get('median_ms'))} / {_f(late.get('p90_ms'))} / {_f(late.get('max_ms'))} "
                 f"| {_f(dl.get('median_ms'))} / {_f(dl.get('p90_ms'))} / {_f(dl.get('max_ms'))} "
                 f"| {_f(r['stop'].get('seconds'), '.1f')} |"
+            )
+        out += [
+            "",
+            "| backend | monitors on | supervisor's ping RTT, all children, 3 snapshots: n | p50 ms "
+            "| p90 ms | p99 ms | max ms |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in fleet:
+            rtt = r.get("rtt")
+            if "error" in r or not rtt or "p50_ms" not in rtt:
+                continue
+            out.append(
+                f"| {r['backend']} | {r['variant']} | {rtt['n']} | {rtt['p50_ms']:.2f} | {rtt['p90_ms']:.2f} "
+                f"| {rtt['p99_ms']:.2f} | {rtt['max_ms']:.2f} |"
             )
         out += [
             "",
