@@ -331,8 +331,9 @@ class _LoopLag:
     pong, in milliseconds."""
 
     # Each wake-up costs an idle worker about 0.1 ms of CPU: at 4 a second, 1,000 idle workers
-    # took 40 % of a core between them (BENCHMARKS.md, "Zygote"). Once a second still catches
-    # any stall longer than the supervisor's slow-ping threshold.
+    # took 40 % of a core between them (BENCHMARKS.md, "Zygote fleet"). Once a second, a stall
+    # is measured in full when it covers a wake-up; one that starts and ends between two
+    # wake-ups is missed here, but if a ping arrives during it, it shows in that ping's RTT.
     INTERVAL = 1.0
 
     def __init__(self) -> None:
