@@ -62,6 +62,26 @@ class Channel:
         slow path, not for every send."""
         await self._send([wire.encode(msg)], timeout)
 
+    def send_nowait(self, msg: Message) -> bool:
+        """Send one small frame only if the socket takes it now; ``False`` (nothing sent) when
+        another send is in progress or the socket is full. For frames that fit one socket buffer
+        unit (a ping): a Unix stream socket takes such a frame whole or not at all."""
+        if self._broken:
+            raise anyio.BrokenResourceError("an earlier send was cut short inside a frame")
+        if self._busy or self._closed:
+            return False
+        frame = wire.encode(msg)
+        try:
+            sent = self._sock.send(frame)
+        except BlockingIOError:
+            return False
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise anyio.BrokenResourceError from exc
+        if sent != len(frame):
+            self._broken = True
+            raise anyio.BrokenResourceError("a frame was cut short")
+        return True
+
     async def send_many(self, msgs: Sequence[Message]) -> None:
         """Send several frames with as few system calls as the socket allows (one, usually)."""
         await self._send([wire.encode(m) for m in msgs])

@@ -9,16 +9,17 @@ supervisor. What they do is seen by the supervisor only as the way the process e
   and exit; its exit is a *recycle*: restarted by its restart type, not counted as a crash.
 
 Heartbeats: the supervisor pings each protocol worker every ``ping_interval``, starting at a
-random phase so a fleet's pings are spread over the interval. The worker echoes the ping's own
+random phase so a fleet's pings are spread over the interval; one task serves every worker
+(:class:`Heartbeats`). The worker echoes the ping's own
 timestamp from its event loop, so the round-trip time is measured on the supervisor's clock and
 a stalled worker loop shows up as a missing pong, not as a wrong number.
 """
 
 from __future__ import annotations
 
-import math
 import random
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import anyio
@@ -26,8 +27,10 @@ import anyio
 from . import linux
 from .events import Kind
 from .messages import Drain, Ping, Pong
+from .timewheel import TimeWheel
 
 if TYPE_CHECKING:
+    from .channel import Channel
     from .process import ChildProcess, Host
 
 SLOW_PING_EVERY = 30.0  # at most one slow_ping event per child in this many seconds
@@ -39,7 +42,7 @@ async def watch(proc: ChildProcess, host: Host) -> None:
     s = proc.spec.settings
     async with anyio.create_task_group() as tg:
         if proc.channel is not None:
-            tg.start_soon(_heartbeat, proc, host)
+            host.heartbeats.add(proc)
         if s.max_lifetime is not None:
             tg.start_soon(_lifetime, proc, host)
         if s.watches_memory:
@@ -50,20 +53,67 @@ async def watch(proc: ChildProcess, host: Host) -> None:
             await proc.exited.wait()
         finally:
             host.memory.remove(proc)
+            host.heartbeats.remove(proc)
             tg.cancel_scope.cancel()
 
 
 # -- heartbeat ---------------------------------------------------------------------------------
 
 
-async def _heartbeat(proc: ChildProcess, host: Host) -> None:
-    s = proc.spec.settings
-    channel = proc.channel
-    assert channel is not None
-    next_ping = _slot(time.monotonic() + random.uniform(0, s.ping_interval))  # spread a fleet's pings
-    seq = 0
-    while proc.exit is None:
-        now = time.monotonic()
+@dataclass(eq=False)
+class _Beat:
+    proc: ChildProcess
+    next_ping: float
+    seq: int = 0
+    sending: bool = False  # a ping is waiting for room in the socket
+    gone: bool = False
+
+
+class Heartbeats:
+    """The one heartbeat task: it pings every protocol worker when its ping is due and calls a
+    hang when a worker's silence reaches ``ping_timeout``. Workers are filed in a timer wheel of
+    PING_SLOT slots, so the loop wakes once per slot for all the pings of that slot, and a ping
+    is one non-blocking ``send`` (a task is started only for a worker whose socket is full)."""
+
+    def __init__(self, host: Host) -> None:
+        self._host = host
+        self._wheel: TimeWheel[_Beat] = TimeWheel(PING_SLOT)
+        self._beats: dict[int, _Beat] = {}
+        self._changed = anyio.Event()
+
+    def add(self, proc: ChildProcess) -> None:
+        # A random first ping spreads a fleet started together over the interval.
+        beat = _Beat(proc, time.monotonic() + random.uniform(0, proc.spec.settings.ping_interval))
+        self._beats[id(proc)] = beat
+        self._file(beat)
+        self._changed.set()
+
+    def remove(self, proc: ChildProcess) -> None:
+        beat = self._beats.pop(id(proc), None)
+        if beat is not None:
+            beat.gone = True  # its wheel entry is dropped when its slot comes
+
+    async def run(self) -> None:
+        while True:
+            now = time.monotonic()
+            for beat in self._wheel.take_due(now):
+                if not beat.gone:
+                    self._serve(beat, now)
+            self._changed = anyio.Event()
+            delay = self._wheel.next_time() - time.monotonic()
+            with anyio.move_on_after(min(max(delay, 0.0), 3600.0)):
+                await self._changed.wait()
+
+    def _file(self, beat: _Beat) -> None:
+        # Wake for the next ping, or when the silence would reach ping_timeout (whichever first).
+        s = beat.proc.spec.settings
+        self._wheel.add(beat, min(beat.next_ping, beat.proc.last_pong + s.ping_timeout))
+
+    def _serve(self, beat: _Beat, now: float) -> None:
+        proc, host = beat.proc, self._host
+        if proc.exit is not None:
+            return
+        s = proc.spec.settings
         silent = now - proc.last_pong
         if silent >= s.ping_timeout:
             host.bus.emit(
@@ -74,25 +124,36 @@ async def _heartbeat(proc: ChildProcess, host: Host) -> None:
                 threshold=s.ping_timeout,
                 detail=f"no pong for {silent:.1f}s ({linux_state(proc.pid)})",
             )
-            await kill_for(proc, host, "hang")
+            self.remove(proc)
+            host.tg.start_soon(kill_for, proc, host, "hang")
             return
-        if now >= next_ping:
-            seq += 1
-            next_ping = _slot(max(next_ping + s.ping_interval, now))
-            try:
-                await channel.send(Ping(seq=seq, sent_ns=time.monotonic_ns()), timeout=s.ping_interval)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                return  # the process is going away; its exit says how
-        # Wake for the next ping, or exactly when the silence would reach ping_timeout.
-        wake = min(next_ping, proc.last_pong + s.ping_timeout)
-        await anyio.sleep(max(0.0, wake - time.monotonic()))
+        if now >= beat.next_ping:
+            beat.seq += 1
+            beat.next_ping = max(beat.next_ping + s.ping_interval, now)
+            self._ping(beat)
+        self._file(beat)
 
+    def _ping(self, beat: _Beat) -> None:
+        channel = beat.proc.channel
+        if channel is None or beat.sending:
+            return  # the last ping still waits for room: a missing pong will tell
+        ping = Ping(seq=beat.seq, sent_ns=time.monotonic_ns())
+        try:
+            if channel.send_nowait(ping):
+                return
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            return  # the process is going away; its exit says how
+        beat.sending = True
+        self._host.tg.start_soon(self._ping_slowly, beat, channel, ping)
 
-def _slot(t: float) -> float:
-    """Round a ping time up to the next PING_SLOT boundary: pings of a large fleet are still
-    spread over the interval, but fall into a few shared instants, so the event loop wakes once
-    per slot for many children instead of once per child."""
-    return math.ceil(t / PING_SLOT) * PING_SLOT
+    @staticmethod
+    async def _ping_slowly(beat: _Beat, channel: Channel, ping: Ping) -> None:
+        try:
+            await channel.send(ping, timeout=beat.proc.spec.settings.ping_interval)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        finally:
+            beat.sending = False
 
 
 def on_pong(proc: ChildProcess, pong: Pong, host: Host) -> None:

@@ -6,6 +6,11 @@ cheap total reaches the lowest configured threshold is the configured metric rea
 ``/proc/PID/smaps_rollup`` (``pss`` by default; ``uss`` = private pages; or ``rss``). Since
 RSS >= PSS >= USS, skipping the precise read below the threshold never misses a breach.
 
+The sampler keeps ``/proc/PID/statm`` of every process it watches open and re-reads it with one
+``pread`` per sample (a fifth of an open-read-close). The open file stays bound to the process it
+was opened for: once that process is gone, reads fail, so a reused pid is never misread. At most
+a quarter of the fd limit is spent on these; beyond it, files are opened per read.
+
 Levels, per child (``health`` settings):
 
 * ``memory_warn_mb``: a ``memory_warn`` event when crossed, ``memory_ok`` once back under 90 %;
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -28,6 +34,7 @@ import anyio
 
 from . import linux
 from .events import EventBus, Kind
+from .timewheel import TimeWheel
 
 if TYPE_CHECKING:
     from .process import ChildProcess
@@ -64,7 +71,11 @@ def rss_bytes(pid: int) -> int:
         return 0
     finally:
         os.close(fd)
-    parts = data.split()
+    return _resident(data)
+
+
+def _resident(statm: bytes) -> int:
+    parts = statm.split()
     return int(parts[1]) * PAGE if len(parts) > 1 else 0
 
 
@@ -107,6 +118,8 @@ class _Watch:
     last_mb: float = 0.0
     tree: list[int] = field(default_factory=list)  # the child and its descendants, as last listed
     samples: int = 0
+    statm: dict[int, int] = field(default_factory=dict)  # pid -> open /proc/PID/statm
+    gone: bool = False
 
 
 class MemoryWatch:
@@ -115,7 +128,11 @@ class MemoryWatch:
     def __init__(self, bus: EventBus) -> None:
         self.bus = bus
         self._watches: dict[int, _Watch] = {}
+        self._wheel: TimeWheel[_Watch] = TimeWheel(BATCH)
         self._changed = anyio.Event()
+        self._open_files = 0
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._max_open = 1 << 16 if soft == resource.RLIM_INFINITY else soft // 4
 
     def add(
         self,
@@ -123,11 +140,16 @@ class MemoryWatch:
         on_soft: Callable[[ChildProcess, float], None],
         on_limit: Callable[[ChildProcess, float], None],
     ) -> None:
-        self._watches[id(proc)] = _Watch(proc, on_soft, on_limit, next_due=anyio.current_time())
+        w = _Watch(proc, on_soft, on_limit)
+        self._watches[id(proc)] = w
+        self._wheel.add(w, 0.0)  # sampled at once
         self._changed.set()
 
     def remove(self, proc: ChildProcess) -> None:
-        self._watches.pop(id(proc), None)
+        w = self._watches.pop(id(proc), None)
+        if w is not None:
+            w.gone = True  # its wheel entry is dropped when its slot comes
+            self._close_all(w)
 
     def last_mb(self, proc: ChildProcess) -> float | None:
         w = self._watches.get(id(proc))
@@ -135,19 +157,57 @@ class MemoryWatch:
 
     async def run(self) -> None:
         while True:
+            # Children due within the same BATCH slot are sampled in one wake-up.
             now = anyio.current_time()
-            wake = math.inf
-            # Children due within the next BATCH seconds are sampled now, together: one wake-up
-            # serves many children, instead of one wake-up (and one scan) per child.
-            for w in list(self._watches.values()):
-                if w.next_due <= now + BATCH:
+            for w in self._wheel.take_due(now):
+                if not w.gone:
                     self._check(w)
-                    w.next_due = now + w.proc.spec.settings.memory_interval
-                wake = min(wake, w.next_due)
+                    if not w.gone:
+                        self._wheel.add(w, now + w.proc.spec.settings.memory_interval)
             self._changed = anyio.Event()
-            delay = max(BATCH, wake - anyio.current_time()) if wake != math.inf else 3600
-            with anyio.move_on_after(delay):
+            delay = self._wheel.next_time() - anyio.current_time()
+            with anyio.move_on_after(min(max(delay, 0.0), 3600.0)):
                 await self._changed.wait()
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _relist(self, w: _Watch) -> None:
+        w.tree = tree_pids(w.proc.pid)
+        listed = set(w.tree)
+        for pid in [p for p in w.statm if p not in listed]:
+            self._close(w, pid)
+        for pid in w.tree:
+            if pid not in w.statm and self._open_files < self._max_open:
+                try:
+                    w.statm[pid] = os.open(f"/proc/{pid}/statm", os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    continue
+                self._open_files += 1
+
+    def _resident_mb(self, w: _Watch) -> float:
+        total = 0
+        for pid in w.tree:
+            fd = w.statm.get(pid)
+            if fd is None:
+                total += rss_bytes(pid)
+                continue
+            try:
+                total += _resident(os.pread(fd, 256, 0))
+            except OSError:  # that process is gone
+                self._close(w, pid)
+        return total / MB
+
+    def _close(self, w: _Watch, pid: int) -> None:
+        fd = w.statm.pop(pid, None)
+        if fd is not None:
+            os.close(fd)
+            self._open_files -= 1
+
+    def _close_all(self, w: _Watch) -> None:
+        for pid in list(w.statm):
+            self._close(w, pid)
+
+    # -- levels ----------------------------------------------------------------------------------
 
     def _check(self, w: _Watch) -> None:
         s = w.proc.spec.settings
@@ -156,9 +216,11 @@ class MemoryWatch:
         levels = [v for v in (s.memory_warn_mb, s.memory_soft_mb, s.memory_limit_mb) if v is not None]
         floor = min(levels) * HYSTERESIS if levels else math.inf
         if w.samples % TREE_EVERY == 0:  # listing descendants costs more than reading statm
-            w.tree = tree_pids(w.proc.pid)
+            self._relist(w)
         w.samples += 1
-        mb, _ = sample(w.proc.pid, s.memory_metric, floor, w.tree)
+        mb = self._resident_mb(w)
+        if mb >= floor and s.memory_metric != "rss":
+            mb = sum(precise_bytes(p, s.memory_metric) for p in w.tree) / MB
         w.last_mb = mb
         path, pid = w.proc.path, w.proc.pid
         value = round(mb, 1)

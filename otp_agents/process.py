@@ -113,11 +113,13 @@ class Host:
     forks_in_flight: int = 0  # zygote forks not yet tracked: the orphan sweep waits for them
     dumper: Dumper = field(init=False)
     memory: MemoryWatch = field(init=False)
+    heartbeats: health.Heartbeats = field(init=False)
     checkpoints: CheckpointStore = field(init=False)
 
     def __post_init__(self) -> None:
         self.dumper = Dumper(self.state_dir, self.bus, self.tracked)
         self.memory = MemoryWatch(self.bus)
+        self.heartbeats = health.Heartbeats(self)
         self.checkpoints = CheckpointStore(self.state_dir, self.bus, self.tg)
 
 

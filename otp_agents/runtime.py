@@ -108,6 +108,7 @@ async def running(
         state = Path(state_dir) if state_dir is not None else Path(tempfile.mkdtemp(prefix="otp-agents-"))
         host = Host(tg=tg, bus=bus, guard=guard, state_dir=state)
         tg.start_soon(host.memory.run, name="memory sampler")
+        tg.start_soon(host.heartbeats.run, name="heartbeats")
         if on_host is not None:
             on_host(host)
         writer_done = anyio.Event()
