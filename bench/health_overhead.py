@@ -101,7 +101,10 @@ FLEET_VARIANTS: dict[str, dict[str, float]] = {
     # both monitors, and the workers are library workers (workers.chaos:steady, anyio) forked by
     # a zygote instead of raw_worker.py scripts started as fresh interpreters
     "zygote": {"memory_warn_mb": MEMORY_WARN_MB},
+    # the zygote fleet with the root's start_concurrency = 8 (not OTP's one-after-another start)
+    "zygote8": {"memory_warn_mb": MEMORY_WARN_MB},
 }
+START_CONCURRENCY = {"zygote8": 8}
 FULL_FLEETS = "asyncio:both,trio:both,asyncio:heartbeats,asyncio:memory"
 QUICK_FLEETS = "asyncio:both"
 WAKE_RATES = (10, 400, 1000)  # 400/s: 1000 heartbeats every 2.5 s; 1000/s: 1000 samplers every 1 s
@@ -519,12 +522,20 @@ while True:
 
 
 def fleet_tree(
-    n: int, probes: int, probe_script: Path, probe_dir: Path, health: dict[str, float], zygote: bool = False
+    n: int,
+    probes: int,
+    probe_script: Path,
+    probe_dir: Path,
+    health: dict[str, float],
+    zygote: bool = False,
+    start_concurrency: int = 1,
 ) -> tuple[str, list[str]]:
     """TOML for n protocol workers, ``probes`` of them probes spread evenly; and the probe ids.
     With ``zygote``, a zygote child comes first and the other workers are forked by it."""
     every = max(1, n // probes) if probes else 0
     lines = ['id = "root"', 'strategy = "one_for_one"', "intensity = 1000000", "period = 1"]
+    if start_concurrency > 1:
+        lines.append(f"start_concurrency = {start_concurrency}")
     if health:
         lines.append("health = { " + ", ".join(f"{k} = {v:g}" for k, v in health.items()) + " }")
     if zygote:
@@ -658,8 +669,10 @@ def run_fleet(
     probe_dir.mkdir()
     probe_script = tmp / "probe_worker.py"
     probe_script.write_text(PROBE_WORKER)
-    zygote = variant == "zygote"
-    text, probe_ids = fleet_tree(n, probes, probe_script, probe_dir, FLEET_VARIANTS[variant], zygote)
+    zygote = variant.startswith("zygote")
+    text, probe_ids = fleet_tree(
+        n, probes, probe_script, probe_dir, FLEET_VARIANTS[variant], zygote, START_CONCURRENCY.get(variant, 1)
+    )
     tree = tmp / "tree.toml"
     tree.write_text(text)
     events_file = tmp / "events.jsonl"

@@ -348,4 +348,10 @@ def _supervisor(data: dict[str, Any], source: str, keypath: str, inherited: Heal
         raise ConfigError(
             source, _join(keypath, "max_children"), "only simple_one_for_one supervisors take it"
         )
+    if head.start_concurrency > 1 and head.strategy is Strategy.REST_FOR_ONE:
+        raise ConfigError(
+            source,
+            _join(keypath, "start_concurrency"),
+            "rest_for_one children depend on the ones before them: they start one at a time",
+        )
     return msgspec.structs.replace(head, children=children)

@@ -194,6 +194,9 @@ class SupervisorSpec(_ChildBase, kw_only=True, frozen=True, tag_field="kind", ta
     shutdown: Shutdown = "infinity"
     # Only for simple_one_for_one: cap on dynamic children (None: no cap).
     max_children: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    # Not in OTP: how many worker/command children may start at once (1: one after another,
+    # each started before the next). Zygotes and supervisors still start alone, in order.
+    start_concurrency: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
     children: list[ChildSpec] = []
 
 

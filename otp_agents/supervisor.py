@@ -37,6 +37,7 @@ from .spec import (
     Strategy,
     SupervisorSpec,
     WorkerSpec,
+    ZygoteSpec,
 )
 
 log = logging.getLogger("otp_agents")
@@ -49,6 +50,18 @@ class ExitLike(Protocol):
     def normal(self) -> bool: ...
 
     def describe(self) -> str: ...
+
+
+class _SlotFailed(Exception):
+    def __init__(self, slot: Slot, error: StartError) -> None:
+        super().__init__(str(error))
+        self.slot = slot
+        self.error = error
+
+
+def _starts_alone(spec: ChildSpec) -> bool:
+    """Zygotes and supervisors are what later children may need: they never start alongside."""
+    return isinstance(spec, SupervisorSpec | ZygoteSpec)
 
 
 @dataclass(frozen=True)
@@ -216,24 +229,76 @@ class Supervisor:
             # before it could delete its children) belong to nobody and must not be handed to a
             # new child that happens to get the same id.
             await self.host.checkpoints.clear_under(self.path)
-        for slot in list(self.slots.values()):
-            try:
+        try:
+            await self._start_children()
+        except StartAborted:
+            await self._terminate_all()
+            self.exit = SupervisorExit("shutdown", requested=True)
+            self.finished.set()
+            self.host.bus.emit(Kind.SUPERVISOR_STOPPED, self.path, reason="shutdown", requested=True)
+            raise
+        except _SlotFailed as failed:
+            slot, exc = failed.slot, failed.error
+            await self._terminate_all()
+            self.exit = SupervisorExit("start_failed", requested=False, child=slot.path, cause=str(exc))
+            self.finished.set()
+            self.host.bus.emit(Kind.SUPERVISOR_STOPPED, self.path, reason="start_failed", child=slot.path)
+            raise StartError(f"{slot.path}: {exc}") from None
+        self.host.tg.start_soon(self._loop, name=f"supervisor {self.path}")
+
+    async def _start_children(self) -> None:
+        """Start the children in list order. With ``start_concurrency`` N > 1, up to N worker and
+        command children start at once, still launched in list order; a zygote or a supervisor
+        child starts alone, after everything before it is started and before anything after it.
+        The first failure stops further launches; the starts in flight are let finish."""
+        width = self.spec.start_concurrency
+        slots = list(self.slots.values())
+        i = 0
+        while i < len(slots):
+            run = [slots[i]]
+            if width > 1 and not _starts_alone(slots[i].spec):
+                while i + len(run) < len(slots) and not _starts_alone(slots[i + len(run)].spec):
+                    run.append(slots[i + len(run)])
+            i += len(run)
+            if len(run) == 1:
                 if self.host.stopping:
                     raise StartAborted("the tree is stopping")
+                try:
+                    await self._start_slot(run[0])
+                except StartAborted:
+                    raise
+                except StartError as exc:
+                    raise _SlotFailed(run[0], exc) from None
+            else:
+                await self._start_concurrently(run, width)
+
+    async def _start_concurrently(self, run: list[Slot], width: int) -> None:
+        failed: _SlotFailed | None = None
+        aborted: StartAborted | None = None
+        room = anyio.Semaphore(width)
+
+        async def start_one(slot: Slot) -> None:
+            nonlocal failed, aborted
+            try:
                 await self._start_slot(slot)
-            except StartAborted:
-                await self._terminate_all()
-                self.exit = SupervisorExit("shutdown", requested=True)
-                self.finished.set()
-                self.host.bus.emit(Kind.SUPERVISOR_STOPPED, self.path, reason="shutdown", requested=True)
-                raise
+            except StartAborted as exc:
+                aborted = aborted or exc
             except StartError as exc:
-                await self._terminate_all()
-                self.exit = SupervisorExit("start_failed", requested=False, child=slot.path, cause=str(exc))
-                self.finished.set()
-                self.host.bus.emit(Kind.SUPERVISOR_STOPPED, self.path, reason="start_failed", child=slot.path)
-                raise StartError(f"{slot.path}: {exc}") from None
-        self.host.tg.start_soon(self._loop, name=f"supervisor {self.path}")
+                failed = failed or _SlotFailed(slot, exc)
+            finally:
+                room.release()
+
+        async with anyio.create_task_group() as tg:
+            for slot in run:
+                await room.acquire()
+                if failed is not None or aborted is not None or self.host.stopping:
+                    room.release()
+                    break
+                tg.start_soon(start_one, slot, name=f"start {slot.path}")
+        if aborted is not None or (self.host.stopping and failed is None):
+            raise aborted or StartAborted("the tree is stopping")
+        if failed is not None:
+            raise failed
 
     async def stop(self) -> None:
         """Terminate all children in reverse start order, then end (the parent's request)."""

@@ -126,6 +126,15 @@ max_children = 4
             "tree.toml: intensity: expected `int` >= 0, got -1",
         ),
         (
+            'strategy="rest_for_one"\nstart_concurrency=4\n',
+            "tree.toml: start_concurrency: rest_for_one children depend on the ones before them: they "
+            "start one at a time",
+        ),
+        (
+            "[[children]]\nid='s'\nstart_concurrency=0\n[[children.children]]\nid='a'\ncommand=['x']\n",
+            "tree.toml: children[0].start_concurrency: expected `int` >= 1, got 0",
+        ),
+        (
             '[[children]]\nid="a/b"\ncommand=["x"]\n',
             "tree.toml: children[0].id: expected an id of 1-63 letters, digits, '_', '.' or '-' (no '/'), "
             "got 'a/b'",

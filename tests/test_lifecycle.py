@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import anyio
 import pytest
 
-from otp_agents.events import Kind
+from otp_agents.config import from_dict
+from otp_agents.events import EventBus, Kind
 from otp_agents.process import StartError
+from otp_agents.runtime import running
 
-from .helpers import alive, armed, cmd, settle, signal_child, tree_of, worker
+from .helpers import Recorder, alive, armed, cmd, settle, signal_child, tree_of, worker
 
 pytestmark = pytest.mark.anyio
 
@@ -232,3 +235,72 @@ async def test_spawn_without_setpriv_uses_the_preexec_fallback(monkeypatch: pyte
         await signal_child(tree, "root/a", 0)
         assert tree.pid("root/w") is not None
     assert [e.path for e in rec.of(Kind.CHILD_TERMINATED)] == ["root/w", "root/a"]
+
+
+async def test_start_concurrency_starts_workers_together(tmp_path: Path) -> None:
+    """Four barrier workers each wait for all four to be starting: one after another (OTP's
+    default) they could never start; with start_concurrency = 4 they all do."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    barrier = [worker(f"w{i}", "workers.chaos:barrier", args=["4", str(gate)]) for i in range(4)]
+    config = {"start_concurrency": 4, "children": barrier}
+    async with tree_of(config) as (tree, rec):
+        assert all(alive(tree.pid(f"root/w{i}") or 0) for i in range(4))
+        assert len(rec.of(Kind.CHILD_STARTED)) == 4
+    assert len(list(gate.iterdir())) == 4
+
+
+async def test_start_concurrency_one_is_otp_order(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    config = {
+        "children": [
+            worker("w0", "workers.chaos:barrier", args=["2", str(gate)], start_timeout=1),
+            worker("w1", "workers.chaos:barrier", args=["2", str(gate)], start_timeout=1),
+        ]
+    }
+    with pytest.raises(StartError, match=r"root/w0: not ready within start_timeout"):
+        async with tree_of(config):
+            pass
+    assert len(list(gate.iterdir())) == 1  # w1 was never started
+
+
+async def test_start_concurrency_keeps_supervisors_and_zygotes_as_barriers() -> None:
+    steady = "workers.chaos:steady"
+    config = {
+        "start_concurrency": 8,
+        "children": [
+            worker("a", steady),
+            worker("b", steady),
+            {"id": "sub", "children": [worker("x", steady)]},
+            worker("c", steady),
+            worker("d", steady),
+        ],
+    }
+    async with tree_of(config) as (_tree, rec):
+        started = [e.path for e in rec.of(Kind.CHILD_STARTED)]
+    assert set(started[:2]) == {"root/a", "root/b"}
+    assert started[2] == "root/sub/x"
+    assert set(started[3:]) == {"root/c", "root/d"}
+
+
+async def test_start_concurrency_failure_stops_the_started_and_names_the_child() -> None:
+    config = {
+        "start_concurrency": 3,
+        "children": [
+            worker("a", "workers.chaos:steady"),
+            worker("bad", "workers.chaos:exit_before_ready"),
+            worker("c", "workers.chaos:steady"),
+            *[worker(f"later{i}", "workers.chaos:steady") for i in range(6)],
+        ],
+    }
+    bus = EventBus()
+    rec = Recorder(bus)
+    with pytest.raises(StartError, match=r"root/bad: "):
+        async with running(from_dict(config), bus=bus):
+            pass
+    started = {e.pid for e in rec.of(Kind.CHILD_STARTED)}
+    terminated = {e.pid for e in rec.of(Kind.CHILD_TERMINATED)}
+    assert started and started <= terminated  # whatever started was stopped again
+    assert not any(alive(p) for p in started if p)
+    assert rec.of(Kind.START_FAILED, "root/bad")

@@ -28,6 +28,18 @@ async def slow_start(worker: Worker) -> None:
     await worker.wait_stopping()
 
 
+async def barrier(worker: Worker) -> None:
+    """Says Ready only once N workers (first arg) have checked in to the directory (second arg):
+    it can start only if N of them are starting at the same time. Gives up after 10 s."""
+    count, where = int(worker.args[0]), worker.args[1]
+    os.close(os.open(os.path.join(where, str(os.getpid())), os.O_CREAT | os.O_WRONLY, 0o600))
+    with anyio.fail_after(10):
+        while len(os.listdir(where)) < count:  # noqa: ASYNC110 - a directory has no wakeup
+            await anyio.sleep(0.01)
+    await worker.ready()
+    await worker.wait_stopping()
+
+
 async def exit_before_ready(worker: Worker) -> None:
     """Fails during setup (exit code 1 through the library's crash path)."""
     raise RuntimeError("setup failed")
