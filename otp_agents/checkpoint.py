@@ -226,7 +226,7 @@ class CheckpointStore:
         assert self.dir is not None
         failures: list[tuple[str, str, str]] = []
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             return [(path, str(self.dir), exc.strerror or str(exc)) for path in batch]
         for path, data in batch.items():

@@ -17,9 +17,9 @@ import anyio
 import click
 import msgspec
 
-from . import control, guard
+from . import control, guard, statedir
 from .config import ConfigError, load_file
-from .runtime import EXIT_CONFIG, run
+from .runtime import EXIT_CONFIG, EXIT_START_FAILED, run
 from .spec import HEALTH_DEFAULTS, ChildSpec, CommandSpec, SupervisorSpec, WorkerSpec, ZygoteSpec
 
 DEFAULT_TREE = "supervisors/default.toml"
@@ -109,7 +109,16 @@ def run_cmd(
     )
     logging.basicConfig(level=getattr(logging, log_level.upper()), handlers=[handler])
     _raise_fd_limit()
+    try:
+        lock = statedir.claim(state_dir)  # held until this process ends, however it ends
+    except (statedir.StateDirBusy, OSError) as exc:
+        click.echo(f"otp-agents: {exc}", err=True)
+        sys.exit(EXIT_START_FAILED)
     keeper = guard.start()  # before the event loop: forking is only safe without threads
+    keeper.contain()  # into a cgroup of our own, if this machine lets us make one
+    logging.getLogger("otp_agents").info(
+        "supervisor pid %d; a death is contained by %s", os.getpid(), keeper.containment
+    )
     try:
         outcome = anyio.run(
             lambda: run(
@@ -125,6 +134,7 @@ def run_cmd(
         )
     finally:
         keeper.close()
+        os.close(lock)
     click.echo(f"otp-agents: {outcome.message}", err=True)
     sys.exit(outcome.code)
 

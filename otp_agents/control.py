@@ -278,6 +278,8 @@ def status(tree: Tree) -> dict[str, Any]:
 
     root = sup_row(tree.root)
     root["pid"] = os.getpid()
+    guard = tree.host.guard
+    root["containment"] = guard.containment if guard is not None else "process groups"
     root["uptime"] = round(now - tree.root.started_at, 3)
     return root
 

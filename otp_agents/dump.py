@@ -62,7 +62,8 @@ def slug(path: str) -> str:
 class Dumper:
     def __init__(self, state_dir: Path, bus: EventBus, tracked: dict[int, str]) -> None:
         self.dir = state_dir / "dumps"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _remove_stale_signal_files(self.dir)
         self.bus = bus
         self.tracked = tracked
         self._seq = itertools.count(1)
@@ -107,6 +108,16 @@ class Dumper:
             return None
         self.bus.emit(Kind.DUMP_TAKEN, proc.path, pid=proc.pid, reason=reason, detail=route, file=str(target))
         return target
+
+
+def _remove_stale_signal_files(where: Path) -> None:
+    """Signal files left by a supervisor that died before reaping its children (its pid is in
+    the name): nobody will read them."""
+    for file in where.glob(".signal.*"):
+        owner = file.name.rsplit(".", 2)[-2]
+        if owner.isdigit() and int(owner) != os.getpid() and not Path(f"/proc/{owner}").exists():
+            with contextlib.suppress(OSError):
+                file.unlink()
 
 
 def _process_state(pid: int) -> str:

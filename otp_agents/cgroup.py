@@ -1,0 +1,126 @@
+"""Containment in a cgroup (v2): every process of the tree, however it was started, in one group.
+
+Process groups miss a grandchild that calls ``setsid()``; adoption (the supervisor is a child
+subreaper) catches orphans only while the supervisor lives. A cgroup catches both: membership is
+inherited by every descendant and cannot be left without privileges, and ``cgroup.kill`` ends
+all members at once. This is what systemd's ``KillMode=control-group`` does.
+
+The supervisor moves itself into a new cgroup ``otp-agents.PID`` beside the one it was started
+in, after the guard was forked (the guard stays outside, so it can kill the group when the
+supervisor dies). Where no writable cgroup2 hierarchy exists (no permission, cgroup v1 only)
+the tree runs without one; process groups, the guard and adoption still apply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+
+KILL_WAIT = 5.0  # seconds to wait for a killed cgroup to empty
+
+
+def _mount() -> Path | None:
+    """Where the cgroup2 hierarchy is mounted (None without one)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                if right.split(" ", 1)[0] == "cgroup2":
+                    return Path(left.split(" ")[4])
+    except OSError:
+        pass
+    return None
+
+
+def _own_path() -> str | None:
+    """This process's cgroup2 path (the ``0::`` line of /proc/self/cgroup)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return line[3:].strip()
+    except OSError:
+        pass
+    return None
+
+
+class Cgroup:
+    """A cgroup made for this tree. ``enter`` moves the calling process into it."""
+
+    def __init__(self, path: Path, parent: Path) -> None:
+        self.path = path
+        self.parent = parent
+
+    @classmethod
+    def create(cls) -> tuple[Cgroup | None, str]:
+        """A new cgroup beside this process's own; or None and the reason there is none."""
+        mount, own = _mount(), _own_path()
+        if mount is None or own is None:
+            return None, "no cgroup2 hierarchy mounted"
+        parent = mount / own.lstrip("/")
+        path = parent / f"otp-agents.{os.getpid()}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            pass  # our pid's stale group from an earlier life of this pid: reuse it
+        except OSError as exc:
+            return None, f"cannot create a cgroup in {parent}: {exc.strerror or exc}"
+        return cls(path, parent), str(path)
+
+    def enter(self) -> str | None:
+        """Move this process in (its future children follow); an error text if it could not."""
+        try:
+            (self.path / "cgroup.procs").write_text(f"{os.getpid()}\n")
+        except OSError as exc:
+            self.remove()
+            return f"cannot join {self.path}: {exc.strerror or exc}"
+        return None
+
+    def leave(self) -> bool:
+        """Move this process back to the parent group (before the group is killed)."""
+        try:
+            (self.path.parent / "cgroup.procs").write_text(f"{os.getpid()}\n")
+        except OSError:
+            return False
+        return True
+
+    def pids(self) -> list[int]:
+        try:
+            return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
+        except (OSError, ValueError):
+            return []
+
+    def kill(self) -> None:
+        """SIGKILL every member (``cgroup.kill``; one by one on kernels without it)."""
+        try:
+            (self.path / "cgroup.kill").write_text("1\n")
+            return
+        except OSError:
+            pass
+        for _ in range(100):  # bounded: members forking while we kill them
+            pids = self.pids()
+            if not pids:
+                return
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def wait_empty(self, limit: float = KILL_WAIT) -> bool:
+        deadline = time.monotonic() + limit
+        while self.pids():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def remove(self) -> bool:
+        try:
+            self.path.rmdir()
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return True
