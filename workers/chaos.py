@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import struct
+import subprocess
 import sys
 import time
 
 import anyio
+import anyio.abc
 import msgspec
 
 from otp_agents.process import ENV_FD
@@ -205,3 +208,76 @@ async def ready_then_exit0(worker: Worker) -> None:
     """A very short job: says Ready, finishes at once, exits 0."""
     await worker.ready()
     os._exit(0)
+
+
+# -- the chaos soak's target ----------------------------------------------------------------------
+
+CHAOS_FAULTS = (
+    "garbage",
+    "oversized",
+    "truncated",
+    "close",
+    "fork_exit",
+    "leak",
+    "hang",
+    "crash",
+    "ignore_term",
+)
+
+
+async def target(worker: Worker) -> None:
+    """Ready; then, on each SIGUSR2, commits the fault named in ``$CHAOS_DIR/<pid>`` (one of
+    CHAOS_FAULTS): bad frames, a closed channel, grandchildren left behind, a memory leak, a
+    stuck event loop, a crash, or ignoring the stop request. Used by bench/chaos_soak.py."""
+    where = os.environ.get("CHAOS_DIR", "")
+    deaf = False
+    hoard: list[bytes] = []
+
+    async def leak() -> None:
+        while len(hoard) < 100:  # bounded: 2 GB, far over any limit the soak sets
+            hoard.append(os.urandom(1) * (20 << 20))
+            await anyio.sleep(0.1)
+
+    def commit(fault: str, tg: anyio.abc.TaskGroup) -> None:
+        nonlocal deaf
+        if fault == "garbage":
+            _raw(struct.pack(">I", 5) + b"\xc1" * 5)
+        elif fault == "oversized":
+            _raw(struct.pack(">I", 1 << 30))
+        elif fault == "truncated":
+            _raw(struct.pack(">I", 100) + b"\x81")
+            os._exit(4)
+        elif fault == "close":
+            with socket.socket(fileno=os.dup(int(os.environ[ENV_FD]))) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        elif fault == "fork_exit":
+            subprocess.Popen(["sleep", "3"], start_new_session=True)  # escapes the group
+            subprocess.Popen(["sleep", "30"])  # stays in it
+            os._exit(1)
+        elif fault == "leak":
+            tg.start_soon(leak)
+        elif fault == "hang":
+            time.sleep(3600)  # deliberately stuck: no more pongs
+        elif fault == "crash":
+            raise RuntimeError("chaos: crash")
+        elif fault == "ignore_term":
+            deaf = True
+
+    await worker.ready()
+    with anyio.open_signal_receiver(signal.SIGUSR2) as signals:
+        async with anyio.create_task_group() as tg:
+
+            async def faults() -> None:
+                async for _ in signals:
+                    try:
+                        with open(os.path.join(where, str(os.getpid()))) as f:  # noqa: ASYNC230 - tiny
+                            fault = f.read().strip()
+                    except OSError:
+                        continue
+                    commit(fault, tg)
+
+            tg.start_soon(faults)
+            await worker.wait_stopping()
+            while deaf:  # only SIGKILL ends this
+                time.sleep(0.05)  # noqa: ASYNC251 - deliberately deaf
+            tg.cancel_scope.cancel()
