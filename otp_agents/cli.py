@@ -19,6 +19,7 @@ import msgspec
 
 from . import control, guard, statedir
 from .config import ConfigError, load_file
+from .redact import REDACTOR
 from .runtime import EXIT_CONFIG, EXIT_START_FAILED, run
 from .spec import HEALTH_DEFAULTS, ChildSpec, CommandSpec, SupervisorSpec, WorkerSpec, ZygoteSpec
 
@@ -102,6 +103,7 @@ def run_cmd(
     metrics_address = _address(metrics_at) if metrics_at else None
     group_id = _group(control_group) if control_group else None
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_redact_record)
     handler.setFormatter(
         _JsonFormatter()
         if log_format == "json"
@@ -137,6 +139,15 @@ def run_cmd(
         os.close(lock)
     click.echo(f"otp-agents: {outcome.message}", err=True)
     sys.exit(outcome.code)
+
+
+def _redact_record(record: logging.LogRecord) -> bool:
+    """Secret values never reach the log, whatever logged them."""
+    message = record.getMessage()
+    clean = REDACTOR.scrub(message)
+    if clean != message:
+        record.msg, record.args = clean, None
+    return True
 
 
 def _raise_fd_limit() -> None:
@@ -209,7 +220,8 @@ def describe(spec: SupervisorSpec, path: str | None = None, depth: int = 0) -> l
         if isinstance(child, SupervisorSpec):
             lines.extend(describe(child, cpath, depth + 1))
         elif isinstance(child, CommandSpec):
-            lines.append(f"{pad}  {cpath}  command {' '.join(child.command)}{_common(child)}")
+            argv = REDACTOR.scrub(" ".join(child.command))
+            lines.append(f"{pad}  {cpath}  command {argv}{_common(child)}")
         elif isinstance(child, ZygoteSpec):
             what = f"image={child.image} preload={','.join(child.preload) or '-'} idle={child.idle}"
             lines.append(f"{pad}  {cpath}  zygote {what}{_common(child)}")
@@ -227,6 +239,9 @@ def _common(child: ChildSpec) -> str:
     if child.backoff is not None:
         text += f" backoff={child.backoff.initial:g}..{child.backoff.max:g}s"
     if isinstance(child, CommandSpec | WorkerSpec):
+        # What environment it gets, by name only (values may be secret).
+        names = ",".join(sorted(child.env)) or "-"
+        text += f" env=only({names})" if child.clear_env else (f" env=+({names})" if child.env else "")
         changed = {
             name: getattr(child.settings, name)
             for name in child.settings.__struct_fields__

@@ -32,6 +32,8 @@ from .config import ConfigError, load_file
 from .events import Event
 from .memory import MB, rss_bytes, tree_pids
 from .process import ChildProcess, StartError
+from .redact import REDACTOR
+from .spec import CommandSpec, WorkerSpec, walk
 from .supervisor import ChildNotFound, Refused, Supervisor
 
 if TYPE_CHECKING:
@@ -193,6 +195,7 @@ class ControlServer:
                 raise Refused(
                     f"reload refused, nothing changed: the root id changed ({tree.root.spec.id} -> {new.id})"
                 )
+            REDACTOR.learn_all(c.env for _, c in walk(new) if isinstance(c, CommandSpec | WorkerSpec))
             changes = await tree.root.apply_spec(new)
             return Reply(ok=True, message="\n".join(changes) or "no changes", data={"changes": changes})
         if req.op == "start-child":

@@ -34,6 +34,7 @@ import anyio
 
 from . import linux
 from .events import EventBus, Kind
+from .redact import REDACTOR
 
 if TYPE_CHECKING:
     from .process import ChildProcess
@@ -100,7 +101,7 @@ class Dumper:
             f"route: {route}\nattempts: {', '.join(attempts) or 'none available'}\n"
             f"time: {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC\n\n"
         )
-        body = text if text is not None else "no stack dump could be obtained\n"
+        body = REDACTOR.scrub(text) if text is not None else "no stack dump could be obtained\n"
         try:
             await anyio.to_thread.run_sync(target.write_text, header + body)
         except OSError as exc:

@@ -19,6 +19,8 @@ from typing import Any
 import anyio
 import msgspec
 
+from .redact import REDACTOR
+
 log = logging.getLogger("otp_agents")
 
 
@@ -135,6 +137,10 @@ class EventBus:
         self._listeners.append(fn)
 
     def emit(self, kind: Kind, path: str, **fields: Any) -> Event:
+        for name in ("detail", "reason"):  # text that may come from a worker
+            value = fields.get(name)
+            if value:
+                fields[name] = REDACTOR.scrub(value)
         event = Event(kind=kind, path=path, ts=time.time(), **fields)
         for fn in self._listeners:
             try:

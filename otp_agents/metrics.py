@@ -32,6 +32,7 @@ from .events import Event, Kind
 from .memory import MB, rss_bytes, tree_pids
 from .messages import Report
 from .process import ChildProcess
+from .redact import REDACTOR
 from .spec import Strategy
 from .supervisor import Supervisor
 
@@ -200,8 +201,8 @@ class Metrics:
         elif name == "voice_turns" and value >= 0:
             self.turns.labels(self.label(path)).inc(value)
         elif name == "voice_provider_errors" and value >= 0:
-            provider = report.labels.get("provider", "")[:_LABEL_CHARS]
-            kind = report.labels.get("kind", "")[:_LABEL_CHARS]
+            provider = REDACTOR.scrub(report.labels.get("provider", ""))[:_LABEL_CHARS]
+            kind = REDACTOR.scrub(report.labels.get("kind", ""))[:_LABEL_CHARS]
             if (provider, kind) not in self._label_sets:
                 if len(self._label_sets) >= _LABEL_SETS:  # a worker inventing labels: bounded
                     provider, kind = "other", "other"

@@ -27,7 +27,8 @@ from .metrics import Metrics
 from .metrics import serve as serve_metrics
 from .notify import Notifier
 from .process import Host, StartAborted, StartError
-from .spec import SupervisorSpec, ZygoteSpec, walk
+from .redact import REDACTOR
+from .spec import CommandSpec, SupervisorSpec, WorkerSpec, ZygoteSpec, walk
 from .supervisor import ChildNotFound, Slot, Supervisor
 
 log = logging.getLogger("otp_agents")
@@ -104,6 +105,7 @@ async def running(
     directory, which is kept.
     """
     bus = bus or EventBus()
+    REDACTOR.learn_all(child.env for _, child in walk(spec) if isinstance(child, CommandSpec | WorkerSpec))
     async with anyio.create_task_group() as tg:
         state = Path(state_dir) if state_dir is not None else Path(tempfile.mkdtemp(prefix="otp-agents-"))
         host = Host(tg=tg, bus=bus, guard=guard, state_dir=state)

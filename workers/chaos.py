@@ -281,3 +281,13 @@ async def target(worker: Worker) -> None:
             while deaf:  # only SIGKILL ends this
                 time.sleep(0.05)  # noqa: ASYNC251 - deliberately deaf
             tg.cancel_scope.cancel()
+
+
+async def tell_secrets(worker: Worker) -> None:
+    """Ready, then puts its LiveKit secret in a log line and a report label (as a careless app
+    might): the supervisor must not pass either on."""
+    secret = os.environ.get("LIVEKIT_API_SECRET", "")
+    await worker.ready()
+    await worker.log(f"connecting with api secret {secret}")
+    await worker.report("voice_provider_errors", 1, provider=secret, kind="auth")
+    await worker.wait_stopping()
