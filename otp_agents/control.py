@@ -29,7 +29,7 @@ import msgspec
 
 from . import wire
 from .config import ConfigError, load_file
-from .events import Event
+from .events import Event, Kind
 from .memory import MB, rss_bytes, tree_pids
 from .process import ChildProcess, StartError
 from .redact import REDACTOR
@@ -63,6 +63,7 @@ class Reply(msgspec.Struct, tag_field="type", tag="reply", omit_defaults=True):
 ControlMessage = Request | Reply
 _decoder: msgspec.msgpack.Decoder[ControlMessage] = msgspec.msgpack.Decoder(ControlMessage)
 MAX_CONTROL_FRAME = 4 << 20
+RETRY = 5.0  # seconds between attempts to create the control socket
 
 
 def socket_path(state_dir: str | Path) -> Path:
@@ -115,27 +116,61 @@ class ControlServer:
         self.uid = os.getuid()
 
     async def serve(self) -> None:
+        """Serve the socket. If it cannot be made (a full disk, a read-only state dir) the tree
+        runs on without it: a ``state_write_failed`` event says why, and it is tried again every
+        RETRY seconds. Running out of descriptors while accepting delays connections, never
+        ends the server."""
+        failed = False
+        while True:
+            try:
+                listener = await self._listen()
+                break
+            except OSError as exc:
+                if not failed:
+                    self.tree.bus.emit(
+                        Kind.STATE_WRITE_FAILED,
+                        self.tree.root.path,
+                        reason="control_socket",
+                        file=str(self.path),
+                        detail=f"no control socket ({exc.strerror or exc}); retrying every {RETRY:g}s",
+                    )
+                failed = True
+                await anyio.sleep(RETRY)
+        # Workers that drive the tree (a job dispatcher) find the socket like any service, once
+        # it exists; it answers only this user (and the operators' group).
+        self.tree.host.services[CONTROL_SERVICE] = (str(self.path.resolve()), self.tree.root.path, 0)
+        try:
+            async with listener, anyio.create_task_group() as tg:
+                while True:
+                    try:
+                        stream = await listener.accept()
+                    except OSError as exc:  # EMFILE and the like: the connection waits, we go on
+                        log.warning("control socket: cannot accept (%s)", exc.strerror or exc)
+                        await anyio.sleep(0.1)
+                        continue
+                    tg.start_soon(self._connection, stream)
+        finally:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+    async def _listen(self) -> anyio.abc.SocketListener:
         with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()  # a stale socket from a previous run
+            self.path.unlink()  # a stale socket from a previous run (the state dir is ours)
         old = os.umask(0o177)
         try:
             listener = await anyio.create_unix_listener(self.path)
         finally:
             os.umask(old)
-        if self.group is not None:
-            os.chown(self.path, -1, self.group)
-            os.chmod(self.path, 0o660)
-        else:
-            os.chmod(self.path, 0o600)
-        # Workers that drive the tree (a job dispatcher) find the socket like any service, once
-        # it exists; it answers only this user (and the operators' group).
-        self.tree.host.services[CONTROL_SERVICE] = (str(self.path.resolve()), self.tree.root.path, 0)
         try:
-            async with listener:
-                await listener.serve(self._connection)
-        finally:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
+            if self.group is not None:
+                os.chown(self.path, -1, self.group)
+                os.chmod(self.path, 0o660)
+            else:
+                os.chmod(self.path, 0o600)
+        except OSError:
+            await listener.aclose()
+            raise
+        return listener
 
     async def _connection(self, stream: anyio.abc.SocketStream) -> None:
         async with stream:

@@ -105,7 +105,14 @@ class Dumper:
         try:
             await anyio.to_thread.run_sync(target.write_text, header + body)
         except OSError as exc:
-            log.error("%s: could not write stack dump %s: %s", proc.path, target, exc)
+            self.bus.emit(
+                Kind.STATE_WRITE_FAILED,
+                proc.path,
+                pid=proc.pid,
+                reason="dump",
+                file=str(target),
+                detail=f"stack dump for {reason} not written: {exc.strerror or exc}",
+            )
             return None
         self.bus.emit(Kind.DUMP_TAKEN, proc.path, pid=proc.pid, reason=reason, detail=route, file=str(target))
         return target

@@ -8,6 +8,7 @@ metrics) are subscribers.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -59,6 +60,7 @@ class Kind(enum.StrEnum):
     LIFETIME = "lifetime"
     DUMP_TAKEN = "dump_taken"
     HEALTH_KILL = "health_kill"
+    STATE_WRITE_FAILED = "state_write_failed"  # reason: dump | control_socket; detail: the error
     RECYCLED = "recycled"
 
 
@@ -160,19 +162,62 @@ async def write_jsonl(sub: Subscription, path: str) -> None:
     """Append events to ``path`` as JSON lines until the subscription closes.
 
     Writes happen in a worker thread, batched, so the supervisor's loop never waits on the disk.
+    A write that fails (a full disk) drops that batch, never the supervisor: the log says so
+    once, and again with the number dropped when writing works again. What part of the batch
+    was written is cut off again, so the file holds whole lines only.
     """
     fd = await anyio.to_thread.run_sync(
         lambda: os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
     )
+    dropped = 0
     try:
         while True:
             events = await sub.batch()
             if not events:
                 break
             data = b"".join(to_json_line(e) for e in events)
-            await anyio.to_thread.run_sync(os.write, fd, data)
+            if await anyio.to_thread.run_sync(_write_all, fd, data):
+                if dropped:
+                    log.warning("event stream %s: writing again; %d events were dropped", path, dropped)
+                dropped = 0
+                continue
+            if not dropped:
+                log.error(
+                    "event stream %s: cannot write (%s); events are dropped until it can", path, _why(fd)
+                )
+            dropped += len(events)
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> bool:
+    """Append all of ``data``, or nothing (a partial write is truncated away)."""
+    view = memoryview(data)
+    done = 0
+    try:
+        start = os.fstat(fd).st_size
+    except OSError as exc:
+        _errors[fd] = exc.strerror or str(exc)
+        return False
+    while done < len(data):
+        try:
+            done += os.write(fd, view[done:])
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            _errors[fd] = exc.strerror or str(exc)
+            if done:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+            return False
+    return True
+
+
+_errors: dict[int, str] = {}
+
+
+def _why(fd: int) -> str:
+    return _errors.pop(fd, "unknown error")
 
 
 _LEVELS = {
@@ -191,6 +236,7 @@ _LEVELS = {
     Kind.AUTO_SHUTDOWN: logging.WARNING,
     Kind.CHECKPOINT_DROPPED: logging.WARNING,
     Kind.ZYGOTE_FALLBACK: logging.WARNING,
+    Kind.STATE_WRITE_FAILED: logging.ERROR,
     # Frequent by design (one per checkpoint or measurement): not for the stderr log at INFO.
     Kind.CHECKPOINT: logging.DEBUG,
     Kind.WORKER_REPORT: logging.DEBUG,

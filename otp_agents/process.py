@@ -504,6 +504,11 @@ def _popen(
                 f"the supervisor is out of file descriptors ({exc.strerror}); "
                 "raise its limit (about 2 per protocol worker)"
             ) from None
+        if exc.errno in (errno.EAGAIN, errno.ENOMEM) and exc.filename is None:
+            raise StartError(
+                f"cannot create a process ({exc.strerror}): the limit on processes is reached "
+                "(pids.max of the cgroup, RLIMIT_NPROC, or kernel.pid_max) or memory is short"
+            ) from None
         raise StartError(f"cannot execute {argv[0]!r}: {exc.strerror or exc}") from None
     except subprocess.SubprocessError as exc:
         raise StartError(f"cannot start {argv[0]!r}: {exc}") from None
