@@ -67,6 +67,7 @@ HANDLE_BOUND = 30.0  # s: a fault must be handled (process gone, event seen) wit
 RESTART_BOUND = 30.0  # s: and its child started again within this after that
 RSS_SLACK_MB = 8.0  # growth of the supervisor's RSS allowed after warm-up
 STOP_BOUND = 90.0  # s: the ordered stop of the whole tree
+KILL_BOUND = 10.0  # s: after the supervisor's SIGKILL, every process of the tree gone
 
 # Fault kinds and their weights. "internal" ones are committed by the target worker itself.
 FAULTS: dict[str, float] = {
@@ -307,6 +308,7 @@ class Soak:
         text, self.leaves = chaos_tree(self.chaos_dir)
         tree = self.tmp / "tree.toml"
         tree.write_text(text)
+        mark = len(self.tail.events)
         env = {**os.environ, "OTP_CHAOS_RUN": self.marker, "CHAOS_DIR": str(self.chaos_dir)}
         with open(self.tmp / "supervisor.log", "wb") as log:
             self.proc = subprocess.Popen(
@@ -334,7 +336,10 @@ class Soak:
             self.tail.poll()
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the supervisor exited at start with {self.proc.returncode}")
-            if len({e["path"] for e in self.tail.events if e["kind"] == "child_started"}) >= self.leaves:
+            if (
+                len({e["path"] for e in self.tail.events[mark:] if e["kind"] == "child_started"})
+                >= self.leaves
+            ):
                 return
             time.sleep(0.1)
         raise RuntimeError("the tree did not start within 180 s")
@@ -536,8 +541,35 @@ class Soak:
             time.sleep(1.0)
         self.observe()
         self.judge(time.monotonic(), final=True)
+        if self.args.end == "kill":
+            self.kill_and_restart()
         self.stop()
         return self.report()
+
+    def kill_and_restart(self) -> None:
+        """SIGKILL the supervisor; time until no process of the tree is left; then start it
+        again on the same state dir (it must come up and answer)."""
+        assert self.proc is not None
+        before = len(marked(self.marker))
+        began = time.monotonic()
+        os.kill(self.pid, signal.SIGKILL)
+        self.proc.wait()
+        while (left := marked(self.marker)) and time.monotonic() - began < KILL_BOUND:
+            time.sleep(0.01)
+        self.death = {
+            "processes": before,
+            "all_gone_s": round(time.monotonic() - began, 3),
+            "left": len(left),
+        }
+        for pid, cmd in left.items():
+            self.breach(f"left after the supervisor's SIGKILL: pid {pid} {cmd}")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        began = time.monotonic()
+        self.start()  # same state dir, same events file
+        self.death["restart_all_started_s"] = round(time.monotonic() - began, 2)
+        if self.status() is None:
+            self.breach("the restarted supervisor does not answer status")
 
     def stop(self) -> None:
         began = time.monotonic()
@@ -616,6 +648,7 @@ class Soak:
             },
             "longest_zombie_s": round(self.zombie_max, 2),
             "stop_s": round(getattr(self, "stop_s", 0.0), 2),
+            "supervisor_sigkill": getattr(self, "death", None),
             "aborted": aborted,
             "violations": self.violations,
             "faults": [
@@ -663,9 +696,20 @@ def markdown(r: dict[str, Any]) -> str:
         f"* health kills of processes no fault was aimed at: {len(r['unprovoked_health_kills'])}"
         + "".join(f"\n  * {u}" for u in r["unprovoked_health_kills"])
         + "\n"
-        f"* violations: {len(r['violations'])}"
+        + _death_line(r.get("supervisor_sigkill"))
+        + f"* violations: {len(r['violations'])}"
         + ("".join(f"\n  * {v}" for v in r["violations"]) if r["violations"] else " (none)")
         + "\n"
+    )
+
+
+def _death_line(death: dict[str, Any] | None) -> str:
+    if not death:
+        return ""
+    return (
+        f"* supervisor SIGKILLed with {death['processes']} processes in the tree: all gone in "
+        f"{death['all_gone_s']} s; started again on the same state dir, all children up in "
+        f"{death.get('restart_all_started_s')} s\n"
     )
 
 
@@ -676,6 +720,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-faults", type=int, default=100_000, help="stop injecting after this many")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    p.add_argument(
+        "--end",
+        choices=("stop", "kill"),
+        default="stop",
+        help="end with an ordered stop, or SIGKILL the supervisor, restart it on the same state "
+        "dir, then stop (default stop)",
+    )
     p.add_argument("--output", help="write the result as JSON here")
     p.add_argument("--markdown", help="write a Markdown summary here")
     return p.parse_args(argv)

@@ -1,5 +1,6 @@
 """A short run of the chaos soak (bench/chaos_soak.py): 200 processes, random faults, every
-invariant checked. The long run is a documented command (RELIABILITY.md)."""
+invariant checked, then the supervisor SIGKILLed mid-tree and started again on the same state
+dir. The long run is a documented command (RELIABILITY.md)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def test_short_chaos_soak_breaks_no_invariant(tmp_path: Path, backend: str) -> N
             "7",
             "--backend",
             backend,
+            "--end",
+            "kill",
             "--output",
             str(out),
         ],
@@ -49,3 +52,7 @@ def test_short_chaos_soak_breaks_no_invariant(tmp_path: Path, backend: str) -> N
         assert events.get(kind, 0) > 0, kind
     assert result["dumps_for_hang_or_memory_kills"] > 0
     assert result["unprovoked_health_kills"] == []
+    # Ended by SIGKILL of the supervisor: nothing of the tree outlived it, and a new supervisor
+    # on the same state dir brought the whole tree back (then stopped it in order).
+    death = result["supervisor_sigkill"]
+    assert death["processes"] >= 200 and death["left"] == 0
