@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.process_collector import ProcessCollector
@@ -55,6 +55,7 @@ class Metrics:
         self.tree: Tree | None = None
         self._dynamic_parents: set[str] = set()
         self._last_reason: dict[str, str] = {}
+        self._dispatchers: set[str] = set()
         r = self.registry
         self.restarts = Counter(
             "otp_agents_restarts", "Child restarts, by child and reason.", ["path", "reason"], registry=r
@@ -130,6 +131,18 @@ class Metrics:
             ["path", "provider", "kind"],
             registry=r,
         )
+        self.dispatcher_connected = Gauge(
+            "otp_agents_dispatcher_connected",
+            "LiveKit dispatchers: 1 while registered with the server, else 0 (0 once it exits).",
+            ["path"],
+            registry=r,
+        )
+        self.dispatcher_load = Gauge(
+            "otp_agents_dispatcher_load",
+            "LiveKit dispatchers: running jobs / max_jobs (the load it reports to the server).",
+            ["path"],
+            registry=r,
+        )
         self.turns = Counter(
             "otp_agents_voice_turns", "Voice agents: conversation turns.", ["path"], registry=r
         )
@@ -186,6 +199,8 @@ class Metrics:
             self.resumes.labels(self.label(event.path)).inc()
         if kind in (Kind.CHILD_EXITED, Kind.SUPERVISOR_STOPPED):
             self._last_reason[event.path] = _restart_reason(event)
+        if kind in (Kind.CHILD_EXITED, Kind.CHILD_TERMINATED) and event.path in self._dispatchers:
+            self.dispatcher_connected.labels(self.label(event.path)).set(0.0)  # it cannot be connected
 
     def observe_rtt(self, path: str, rtt: float) -> None:
         self.rtt_seconds.labels(self.label(path)).observe(rtt)
@@ -198,6 +213,11 @@ class Metrics:
         name = report.name
         if name == "voice_turn_latency_seconds" and value >= 0:
             self.turn_latency.labels(self.label(path)).observe(value)
+        elif name == "dispatcher_connected":
+            self._dispatchers.add(path)
+            self.dispatcher_connected.labels(self.label(path)).set(1.0 if value else 0.0)
+        elif name == "dispatcher_load" and 0 <= value <= 1:
+            self.dispatcher_load.labels(self.label(path)).set(value)
         elif name == "voice_turns" and value >= 0:
             self.turns.labels(self.label(path)).inc(value)
         elif name == "voice_provider_errors" and value >= 0:
@@ -241,11 +261,33 @@ class _TreeCollector(Collector):
             "Memory of each child's process tree (the breaker's metric when watched, else RSS).",
             labels=["path"],
         )
+        load = GaugeMetricFamily(
+            "otp_agents_pool_load",
+            "simple_one_for_one pools with max_children: running children / max_children "
+            "(the fleet's load, e.g. for a HorizontalPodAutoscaler).",
+            labels=["supervisor"],
+        )
+        capacity = GaugeMetricFamily(
+            "otp_agents_pool_capacity", "simple_one_for_one pools: max_children.", labels=["supervisor"]
+        )
         if tree is not None:
             self._walk(tree.root, tree, by_state, up, memory)
+            self._pools(tree.root, load, capacity)
         yield by_state
         yield up
         yield memory
+        yield load
+        yield capacity
+
+    def _pools(self, sup: Supervisor, load: GaugeMetricFamily, capacity: GaugeMetricFamily) -> None:
+        cap = sup.spec.max_children
+        if sup.spec.strategy is Strategy.SIMPLE_ONE_FOR_ONE and cap:
+            running = sum(1 for info in sup.which_children() if info.status == "running")
+            load.add_metric([sup.path], running / cap)
+            capacity.add_metric([sup.path], cap)
+        for slot in sup.slots.values():
+            if isinstance(slot.instance, Supervisor):
+                self._pools(slot.instance, load, capacity)
 
     def _walk(
         self,

@@ -186,3 +186,31 @@ async def test_restart_reasons_in_process(anyio_backend: str) -> None:
     assert 'otp_agents_restarts_total{path="root/a",reason="operator"} 1.0' in text
     assert 'otp_agents_restarts_total{path="root/sub",reason="escalation"} 1.0' in text
     assert 'otp_agents_intensity_exhausted_total{supervisor="root/sub"} 1.0' in text
+
+
+async def test_pool_load_and_dispatcher_gauges(anyio_backend: str) -> None:
+    from otp_agents.events import Kind
+    from otp_agents.metrics import Metrics
+
+    from .helpers import ROOT, cmd, tree_of
+
+    config = {
+        "children": [
+            {"id": "disp", "module": "workers.chaos:fake_dispatcher", "cwd": str(ROOT)},
+            {"id": "calls", "strategy": "simple_one_for_one", "max_children": 4, "children": [cmd("call")]},
+        ]
+    }
+    async with tree_of(config) as (tree, rec):
+        metrics = Metrics()
+        metrics.attach(tree)
+        await tree.supervisor("root/calls").start_child([])
+        await rec.wait_for(lambda e: e.kind is Kind.WORKER_REPORT and e.reason == "dispatcher_load")
+        text = metrics.exposition().decode()
+        assert 'otp_agents_pool_load{supervisor="root/calls"} 0.25' in text
+        assert 'otp_agents_pool_capacity{supervisor="root/calls"} 4.0' in text
+        assert 'otp_agents_dispatcher_connected{path="root/disp"} 1.0' in text
+        assert 'otp_agents_dispatcher_load{path="root/disp"} 0.25' in text
+        mark = rec.mark()
+        await tree.root.terminate_child("disp")
+        await rec.wait_kind(Kind.CHILD_TERMINATED, "root/disp", mark)
+        assert 'otp_agents_dispatcher_connected{path="root/disp"} 0.0' in metrics.exposition().decode()

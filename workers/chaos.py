@@ -291,3 +291,11 @@ async def tell_secrets(worker: Worker) -> None:
     await worker.log(f"connecting with api secret {secret}")
     await worker.report("voice_provider_errors", 1, provider=secret, kind="auth")
     await worker.wait_stopping()
+
+
+async def fake_dispatcher(worker: Worker) -> None:
+    """Reports what a LiveKit dispatcher reports (connected, then its load), then waits."""
+    await worker.ready()
+    await worker.report("dispatcher_connected", 1.0)
+    await worker.report("dispatcher_load", 0.25)
+    await worker.wait_stopping()

@@ -80,9 +80,16 @@ async def main(worker: Worker) -> None:
         tg.start_soon(dispatcher.run)
 
         async def forward_log() -> None:
+            said: tuple[bool, float] | None = None
             while True:
                 while worker_log:
                     await worker.log(worker_log.pop(0))
+                # For metrics and alerts: connected to the server? how loaded (running / max)?
+                state = (dispatcher.registered, round(dispatcher.load, 3))
+                if state != said:
+                    await worker.report("dispatcher_connected", float(state[0]))
+                    await worker.report("dispatcher_load", state[1])
+                    said = state
                 await anyio.sleep(0.1)
 
         tg.start_soon(forward_log)

@@ -89,6 +89,7 @@ class Dispatcher:
     jobs: dict[str, _Job] = field(default_factory=dict)
     draining: bool = False
     registrations: int = 0
+    registered: bool = False  # registered on the current connection
     worker_id: str = ""
     _ws: aiohttp.ClientWebSocketResponse | None = None
     _by_child: dict[str, _Job] = field(default_factory=dict)
@@ -164,6 +165,7 @@ class Dispatcher:
                     tg.cancel_scope.cancel()
             finally:
                 self._ws = None
+                self.registered = False
 
     async def _send(self, msg: lk.WorkerMessage) -> None:
         """Best effort: a message that cannot go out now is lost with its connection (the
@@ -199,6 +201,7 @@ class Dispatcher:
         which = msg.WhichOneof("message")
         if which == "register":
             self.registrations += 1
+            self.registered = True
             self.worker_id = msg.register.worker_id
             self.log(f"registered as {self.worker_id}")
             running = [j.id for j in self.jobs.values() if j.status in (lk.JS_PENDING, lk.JS_RUNNING)]
