@@ -17,7 +17,7 @@ import anyio
 import click
 import msgspec
 
-from . import control, guard, statedir
+from . import control, guard, preflight, statedir
 from .config import ConfigError, load_file
 from .redact import REDACTOR
 from .runtime import EXIT_CONFIG, EXIT_START_FAILED, run
@@ -100,6 +100,11 @@ def run_cmd(
     Exit codes: 0 stopped, 1 the root supervisor gave up, 2 bad tree file, 3 start failed.
     """
     spec = _load(tree)
+    try:
+        preflight.check_env(spec, _tree_path(tree))
+    except preflight.PreflightError as exc:
+        click.echo(f"otp-agents: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
     metrics_address = _address(metrics_at) if metrics_at else None
     group_id = _group(control_group) if control_group else None
     handler = logging.StreamHandler(sys.stderr)

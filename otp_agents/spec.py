@@ -197,6 +197,9 @@ class SupervisorSpec(_ChildBase, kw_only=True, frozen=True, tag_field="kind", ta
     # Not in OTP: how many worker/command children may start at once (1: one after another,
     # each started before the next). Zygotes and supervisors still start alone, in order.
     start_concurrency: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
+    # Environment variables the tree cannot run without: `otp-agents run` refuses to start,
+    # naming the first one missing, before anything starts (LIVEKIT_* are also checked for sense).
+    require_env: list[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = []
     children: list[ChildSpec] = []
 
 

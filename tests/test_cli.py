@@ -449,3 +449,33 @@ def linux_child(pid: int) -> int:
             return kids[0]
         time.sleep(0.02)
     raise AssertionError(f"{pid} has no child")
+
+
+def test_required_environment_is_checked_before_anything_starts(tmp_path: Path) -> None:
+    tree = write_tree(
+        tmp_path,
+        'require_env = ["LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"]\n'
+        '[[children]]\nid = "a"\ncommand = ["sleep", "300"]\n',
+    )
+    state = tmp_path / "state"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("LIVEKIT_")}
+
+    def run(**env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*CLI, "run", str(tree), "--state-dir", str(state)],
+            cwd=ROOT,
+            env={**base, **env},
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            check=False,
+        )
+
+    missing = run(LIVEKIT_URL="ws://127.0.0.1:7880", LIVEKIT_API_KEY="devkey")
+    assert missing.returncode == 2
+    assert "tree.toml: root.require_env: LIVEKIT_API_SECRET is not set (or empty)" in missing.stderr
+    wrong = run(LIVEKIT_URL="127.0.0.1:7880", LIVEKIT_API_KEY="devkey", LIVEKIT_API_SECRET="secret")
+    assert wrong.returncode == 2 and "LIVEKIT_URL has no scheme" in wrong.stderr
+    spaced = run(LIVEKIT_URL="ws://h:7880", LIVEKIT_API_KEY="dev key", LIVEKIT_API_SECRET="secret")
+    assert spaced.returncode == 2 and "LIVEKIT_API_KEY contains whitespace" in spaced.stderr
+    assert not state.exists()  # refused before anything started

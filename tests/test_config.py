@@ -126,6 +126,11 @@ max_children = 4
             "tree.toml: intensity: expected `int` >= 0, got -1",
         ),
         (
+            'require_env=["LIVEKIT_URL", "not a name"]\n',
+            "tree.toml: require_env[1]: expected `str` matching regex '^[A-Za-z_][A-Za-z0-9_]*$', got "
+            "'not a name'",
+        ),
+        (
             'strategy="rest_for_one"\nstart_concurrency=4\n',
             "tree.toml: start_concurrency: rest_for_one children depend on the ones before them: they "
             "start one at a time",
