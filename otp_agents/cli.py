@@ -78,6 +78,14 @@ def main() -> None:
     help="Also let members of this group use the control socket (mode 0660).",
 )
 @click.option(
+    "--watch-tree",
+    type=click.FloatRange(min=0.5),
+    metavar="SECONDS",
+    envvar="OTP_AGENTS_WATCH_TREE",
+    help="Reload the tree file by itself when its content changes, checked this often "
+    "(for a Kubernetes ConfigMap); an invalid file is refused and logged, nothing changes.",
+)
+@click.option(
     "--log-format",
     type=click.Choice(["text", "json"]),
     default="text",
@@ -93,6 +101,7 @@ def run_cmd(
     log_format: str,
     metrics_at: str | None,
     control_group: str | None,
+    watch_tree: float | None,
 ) -> None:
     """Run TREE (default: $OTP_AGENTS_TREE or supervisors/default.toml) until stopped.
 
@@ -136,6 +145,7 @@ def run_cmd(
                 metrics_address=metrics_address,
                 tree_file=os.path.abspath(_tree_path(tree)),
                 control_group=group_id,
+                watch_tree=watch_tree,
             ),
             backend=backend,
         )

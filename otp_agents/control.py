@@ -222,16 +222,7 @@ class ControlServer:
         if req.op == "reload":
             if self.tree_file is None:
                 raise Refused("this tree was not started from a file: nothing to reload")
-            try:
-                new = load_file(self.tree_file)
-            except ConfigError as exc:
-                raise Refused(f"reload refused, nothing changed: {exc}") from None
-            if new.id != tree.root.spec.id:
-                raise Refused(
-                    f"reload refused, nothing changed: the root id changed ({tree.root.spec.id} -> {new.id})"
-                )
-            REDACTOR.learn_all(c.env for _, c in walk(new) if isinstance(c, CommandSpec | WorkerSpec))
-            changes = await tree.root.apply_spec(new)
+            changes = await reload_tree(tree, self.tree_file)
             return Reply(ok=True, message="\n".join(changes) or "no changes", data={"changes": changes})
         if req.op == "start-child":
             child = await tree.supervisor(req.path).start_child(req.args)
@@ -320,6 +311,51 @@ def status(tree: Tree) -> dict[str, Any]:
     root["containment"] = guard.containment if guard is not None else "process groups"
     root["uptime"] = round(now - tree.root.started_at, 3)
     return root
+
+
+# -- reload ----------------------------------------------------------------------------------------
+
+
+async def reload_tree(tree: Tree, tree_file: str) -> list[str]:
+    """Re-read ``tree_file`` and apply only the difference; :class:`Refused` (nothing changed)
+    if the file is invalid or renames the root."""
+    try:
+        new = load_file(tree_file)
+    except ConfigError as exc:
+        raise Refused(f"reload refused, nothing changed: {exc}") from None
+    if new.id != tree.root.spec.id:
+        raise Refused(
+            f"reload refused, nothing changed: the root id changed ({tree.root.spec.id} -> {new.id})"
+        )
+    REDACTOR.learn_all(c.env for _, c in walk(new) if isinstance(c, CommandSpec | WorkerSpec))
+    return await tree.root.apply_spec(new)
+
+
+async def watch_tree_file(tree: Tree, tree_file: str, every: float) -> None:
+    """Reload when the file's content changes (a Kubernetes ConfigMap update swaps it in
+    place). Checked every ``every`` seconds; a file that does not load is refused like a
+    ``reload`` request, and the tree keeps running as it was."""
+    last = _content(tree_file)
+    while True:
+        await anyio.sleep(every)
+        now = await anyio.to_thread.run_sync(_content, tree_file)
+        if now is None or now == last:
+            continue
+        last = now
+        try:
+            changes = await reload_tree(tree, tree_file)
+        except Refused as exc:
+            log.error("%s changed: %s", tree_file, exc)
+            continue
+        log.info("%s changed, reloaded: %s", tree_file, "; ".join(changes) or "no changes")
+
+
+def _content(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 # -- client ------------------------------------------------------------------------------------

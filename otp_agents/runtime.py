@@ -20,7 +20,7 @@ import anyio
 import anyio.abc
 
 from . import linux
-from .control import ControlServer, socket_path
+from .control import ControlServer, socket_path, watch_tree_file
 from .events import EventBus, Kind, log_event, write_jsonl
 from .guard import Guard
 from .metrics import Metrics
@@ -175,6 +175,7 @@ async def run(
     metrics_address: tuple[str, int] | None = None,
     tree_file: str | None = None,
     control_group: int | None = None,
+    watch_tree: float | None = None,
 ) -> Outcome:
     """Run until the root ends or a stop signal arrives; the CLI's main loop.
 
@@ -218,6 +219,8 @@ async def run(
                         tree, socket_path(tree.host.state_dir), stop_requested, tree_file, control_group
                     )
                     tg.start_soon(control.serve, name="control socket")
+                    if watch_tree is not None and tree_file is not None:
+                        tg.start_soon(watch_tree_file, tree, tree_file, watch_tree, name="tree file watch")
                     tg.start_soon(notifier.watchdog, name="sd_notify watchdog")
                     if metrics is not None:
                         metrics.attach(tree)

@@ -296,3 +296,46 @@ def test_authorisation_rules() -> None:
     assert allowed(1001, 50, set(), own_uid=1000, group=50)  # primary group
     assert allowed(1001, 1001, {7, 50}, own_uid=1000, group=50)  # supplementary group
     assert not allowed(1001, 1001, {7}, own_uid=1000, group=50)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_watch_tree_reloads_a_configmap_style_swap(tmp_path: Path, backend: str) -> None:
+    """Kubernetes updates a mounted ConfigMap by swapping a ..data symlink: the file's path
+    stays, its content changes. --watch-tree applies the difference; a broken file is refused."""
+    data1, data2, data3 = tmp_path / "v1", tmp_path / "v2", tmp_path / "v3"
+    for d in (data1, data2, data3):
+        d.mkdir()
+    (data1 / "tree.toml").write_text(f'[[children]]\nid = "a"\ncommand = ["{FAULTY[0]}"]\n')
+    one = f'[[children]]\nid = "a"\ncommand = ["{FAULTY[0]}"]\n'
+    (data2 / "tree.toml").write_text(one + one.replace('"a"', '"b"'))
+    (data3 / "tree.toml").write_text('[[children]]\nid = "a"\ncommand = "not a list"\n')
+    link = tmp_path / "..data"
+    link.symlink_to(data1)
+    tree = tmp_path / "tree.toml"
+    tree.symlink_to(link / "tree.toml")
+    state = tmp_path / "state"
+    with open(tmp_path / "log", "wb") as err:
+        proc = subprocess.Popen(
+            [*CLI, "run", str(tree), "--backend", backend, "--state-dir", str(state), "--watch-tree", "0.5"],
+            cwd=ROOT,
+            stderr=err,
+        )
+    try:
+        wait_until(lambda: (state / "control.sock").exists() and cli(state, "status").returncode == 0)
+        a = flat(status(state))["root/a"]["pid"]
+
+        def swap(to: Path) -> None:
+            tmp = tmp_path / "..data_tmp"
+            tmp.symlink_to(to)
+            os.replace(tmp, link)  # atomic, as the kubelet does
+
+        swap(data2)
+        wait_until(lambda: "root/b" in flat(status(state)))
+        assert flat(status(state))["root/a"]["pid"] == a  # unchanged child untouched
+        swap(data3)
+        wait_until(lambda: "reload refused, nothing changed" in (tmp_path / "log").read_text())
+        assert set(flat(status(state))) == {"root/a", "root/b"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=WAIT)
+    assert proc.returncode == 0
