@@ -21,7 +21,15 @@ from . import control, guard, preflight, statedir
 from .config import ConfigError, load_file
 from .redact import REDACTOR
 from .runtime import EXIT_CONFIG, EXIT_START_FAILED, run
-from .spec import HEALTH_DEFAULTS, ChildSpec, CommandSpec, SupervisorSpec, WorkerSpec, ZygoteSpec
+from .spec import (
+    HEALTH_DEFAULTS,
+    ChildSpec,
+    CommandSpec,
+    SupervisorSpec,
+    WorkerSpec,
+    ZygoteSpec,
+    stop_bound,
+)
 
 DEFAULT_TREE = "supervisors/default.toml"
 
@@ -214,6 +222,12 @@ def check_cmd(tree: str | None) -> None:
     click.echo(f"{_tree_path(tree)}: ok")
     for line in describe(spec):
         click.echo(line)
+    bound = stop_bound(spec)
+    click.echo(
+        f"ordered stop: at most {bound:g}s (give a container or service manager at least this before SIGKILL)"
+        if bound is not None
+        else 'ordered stop: unbounded (a process child has shutdown = "infinity")'
+    )
     for warning in _warnings(spec):
         click.echo(f"warning: {warning}", err=True)
 

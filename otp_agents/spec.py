@@ -218,3 +218,29 @@ def walk(spec: SupervisorSpec, path: str | None = None) -> list[tuple[str, Child
         else:
             out.append((child_path, child))
     return out
+
+
+KILL_MARGIN = 1.0  # seconds allowed for a SIGKILLed child to be gone and reaped
+
+
+def stop_bound(node: ChildSpec) -> float | None:
+    """The longest an ordered stop of ``node`` can take, in seconds (None: unbounded, some
+    ``shutdown = "infinity"`` on a process). Static children stop one after another, dynamic
+    ones (simple_one_for_one) together; a supervisor's own ``shutdown`` caps its subtree.
+    Container and service managers must wait at least this long before their SIGKILL."""
+    if not isinstance(node, SupervisorSpec):
+        if node.shutdown == "infinity":
+            return None
+        return (0.0 if node.shutdown == "brutal_kill" else float(node.shutdown)) + KILL_MARGIN
+    bounds = [stop_bound(c) for c in node.children]
+    inner: float | None
+    if any(b is None for b in bounds):
+        inner = None
+    elif node.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
+        inner = max((b for b in bounds if b is not None), default=0.0)
+    else:
+        inner = sum(b for b in bounds if b is not None)
+    if node.shutdown == "infinity":
+        return inner
+    cap = (0.0 if node.shutdown == "brutal_kill" else float(node.shutdown)) + KILL_MARGIN
+    return cap if inner is None else min(inner, cap)

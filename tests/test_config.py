@@ -252,3 +252,29 @@ def test_fuzz_from_dict_only_raises_config_error(data: dict[str, Any]) -> None:
 def test_fuzz_toml_text_only_raises_config_error(text: str) -> None:
     with contextlib.suppress(ConfigError):
         loads(text)
+
+
+def test_stop_bound_follows_the_stop_order() -> None:
+    from otp_agents.spec import stop_bound
+
+    spec = from_dict(
+        {
+            "children": [
+                {"id": "a", "command": ["x"], "shutdown": 2},  # 2 + 1
+                {
+                    "id": "capped",
+                    "shutdown": 3,
+                    "children": [{"id": "x", "command": ["x"], "shutdown": 10}],
+                },  # 4
+                {
+                    "id": "pool",
+                    "strategy": "simple_one_for_one",
+                    "children": [{"id": "t", "command": ["x"], "shutdown": 5}],  # together: 6
+                },
+                {"id": "b", "command": ["x"], "shutdown": "brutal_kill"},  # 1
+            ]
+        }
+    )
+    assert stop_bound(spec) == 3 + 4 + 6 + 1
+    forever = from_dict({"children": [{"id": "a", "command": ["x"], "shutdown": "infinity"}]})
+    assert stop_bound(forever) is None
