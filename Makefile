@@ -10,7 +10,7 @@ TREE ?= supervisors/default.toml
 $(VENV)/.installed: pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c requirements.lock -e '.[voice,agents,test,bench,fuzz]'
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[voice,agents,test,bench,fuzz,deploy]'
 	touch $@
 
 setup: $(VENV)/.installed

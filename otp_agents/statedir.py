@@ -8,14 +8,19 @@ never leaves a stale lock: the next one claims the dir and clears what is stale 
 socket; a dead run's signal files), keeping dumps and checkpoints.
 
 The dir is kept inaccessible to other users: mode 0700 when created here, and any
-permission for "others" removed from an existing one (a group the operator gave is kept).
+permission for "others" removed from an existing one (a group the operator gave is kept; a
+mounted volume we do not own is left as it is, with a warning). The files inside are made
+private anyway (dumps and checkpoints 0700 dirs, the socket 0600).
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger("otp_agents")
 
 LOCK_NAME = "supervisor.lock"
 
@@ -30,7 +35,10 @@ def claim(state_dir: str | Path) -> int:
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     mode = path.stat().st_mode & 0o777
     if mode & 0o007:  # dumps and the control socket are nobody else's business
-        path.chmod(mode & ~0o007)
+        try:
+            path.chmod(mode & ~0o007)
+        except PermissionError:  # not ours (a volume mounted by someone else): say so, go on
+            log.warning("state dir %s is open to other users (mode %o) and is not ours to change", path, mode)
     lock = path / LOCK_NAME
     fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
