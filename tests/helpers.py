@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -144,3 +146,20 @@ def descendants(pid: int) -> set[int]:
         out.update(kids)
         todo.extend(kids)
     return out
+
+
+def run_cli(
+    tree: Path,
+    state: Path,
+    events: Path,
+    backend: str,
+    log: Path,
+    *extra: str,
+    prefix: tuple[str, ...] = (),
+    **popen: Any,
+) -> subprocess.Popen[bytes]:
+    """``otp-agents run`` as a real process with its own state dir, events file and stderr log."""
+    argv = [*prefix, sys.executable, "-m", "otp_agents.cli", "run", str(tree), "--backend", backend]
+    argv += ["--state-dir", str(state), "--events", str(events), *extra]
+    with open(log, "wb") as err:
+        return subprocess.Popen(argv, cwd=ROOT, stderr=err, **popen)

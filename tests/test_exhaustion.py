@@ -19,7 +19,7 @@ import pytest
 
 from otp_agents import control
 
-from .helpers import ROOT, WAIT
+from .helpers import ROOT, WAIT, run_cli
 
 CLI = [sys.executable, "-m", "otp_agents.cli"]
 POOL = f"""
@@ -88,29 +88,6 @@ def tree_file(tmp_path: Path) -> Path:
     tree = tmp_path / "tree.toml"
     tree.write_text(POOL)
     return tree
-
-
-def run_cli(
-    tree: Path, state: Path, events: Path, backend: str, log: Path, prefix: list[str] | None = None, **kw: Any
-) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as err:
-        return subprocess.Popen(
-            [
-                *(prefix or []),
-                *CLI,
-                "run",
-                str(tree),
-                "--backend",
-                backend,
-                "--state-dir",
-                str(state),
-                "--events",
-                str(events),
-            ],
-            cwd=ROOT,
-            stderr=err,
-            **kw,
-        )
 
 
 def stop(proc: subprocess.Popen[bytes], state: Path | None = None) -> int:
@@ -213,7 +190,7 @@ def test_full_disk_for_the_state_dir(tree_file: Path, tmp_path: Path, backend: s
         events,
         backend,
         tmp_path / "log",
-        prefix=["unshare", "-m", "sh", "-c", script, "sh"],
+        prefix=("unshare", "-m", "sh", "-c", script, "sh"),
     )
 
     def inside(*argv: str) -> subprocess.CompletedProcess[bytes]:  # in the supervisor's namespace

@@ -17,7 +17,7 @@ import pytest
 
 from otp_agents import control
 
-from .helpers import ROOT, WAIT
+from .helpers import ROOT, WAIT, run_cli
 
 CLI = [sys.executable, "-m", "otp_agents.cli"]
 
@@ -58,29 +58,21 @@ env = {{ DB_PASSWORD = "{token}x" }}
     port = free_port()
     env = {"PATH": "/usr/bin:/bin", "LIVEKIT_API_SECRET": secret, "LIVEKIT_API_KEY": key}
     log = tmp_path / "supervisor.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            [
-                *CLI,
-                "run",
-                str(tree),
-                "--backend",
-                backend,
-                "--state-dir",
-                str(state),
-                "--events",
-                str(events),
-                "--log-format",
-                "json",
-                "--log-level",
-                "debug",
-                "--metrics",
-                f"127.0.0.1:{port}",
-            ],
-            cwd=ROOT,
-            env=env,
-            stderr=err,
-        )
+    metrics = f"127.0.0.1:{port}"
+    proc = run_cli(
+        tree,
+        state,
+        events,
+        backend,
+        log,
+        "--log-format",
+        "json",
+        "--log-level",
+        "debug",
+        "--metrics",
+        metrics,
+        env=env,
+    )
     try:
         wait_for(lambda: events.exists() and "worker_report" in events.read_text(), "the worker's report")
         outputs = {

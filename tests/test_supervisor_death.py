@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import ROOT, WAIT
+from .helpers import ROOT, WAIT, run_cli
 from .test_cli import CLI, read_events, wait_events
 
 BACKENDS = ["asyncio", "trio"]
@@ -86,23 +86,7 @@ def marked(marker: str) -> dict[int, str]:
 
 def start(tree: Path, state: Path, events: Path, backend: str, marker: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "OTP_TEST_RUN": marker}
-    with open(events.with_suffix(".log"), "wb") as log:
-        return subprocess.Popen(
-            [
-                *CLI,
-                "run",
-                str(tree),
-                "--backend",
-                backend,
-                "--state-dir",
-                str(state),
-                "--events",
-                str(events),
-            ],
-            cwd=ROOT,
-            env=env,
-            stderr=log,
-        )
+    return run_cli(tree, state, events, backend, events.with_suffix(".log"), env=env)
 
 
 def status(state: Path) -> dict[str, object]:
