@@ -22,14 +22,16 @@ from pathlib import Path
 KILL_WAIT = 5.0  # seconds to wait for a killed cgroup to empty
 
 
-def _mount() -> Path | None:
-    """Where the cgroup2 hierarchy is mounted (None without one)."""
+def _mount() -> tuple[Path, str] | None:
+    """Where the cgroup2 hierarchy is mounted, and which of its paths is mounted there ("/"
+    unless a subtree is, as in some containers). None without one."""
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 left, _, right = line.partition(" - ")
                 if right.split(" ", 1)[0] == "cgroup2":
-                    return Path(left.split(" ")[4])
+                    fields = left.split(" ")
+                    return Path(fields[4]), fields[3]
     except OSError:
         pass
     return None
@@ -57,9 +59,12 @@ class Cgroup:
     @classmethod
     def create(cls) -> tuple[Cgroup | None, str]:
         """A new cgroup beside this process's own; or None and the reason there is none."""
-        mount, own = _mount(), _own_path()
-        if mount is None or own is None:
+        mounted, own = _mount(), _own_path()
+        if mounted is None or own is None:
             return None, "no cgroup2 hierarchy mounted"
+        mount, root = mounted
+        if root != "/" and (own == root or own.startswith(root + "/")):
+            own = own[len(root) :]  # our path as seen below the mounted subtree
         parent = mount / own.lstrip("/")
         path = parent / f"otp-agents.{os.getpid()}"
         try:

@@ -29,6 +29,7 @@ from .spec import (
     WorkerSpec,
     ZygoteSpec,
     stop_bound,
+    walk,
 )
 
 DEFAULT_TREE = "supervisors/default.toml"
@@ -166,7 +167,10 @@ def run_cmd(
 
 def _redact_record(record: logging.LogRecord) -> bool:
     """Secret values never reach the log, whatever logged them."""
-    message = record.getMessage()
+    try:
+        message = record.getMessage()
+    except Exception:  # a malformed log call: logging reports it itself, as it always did
+        return True
     clean = REDACTOR.scrub(message)
     if clean != message:
         record.msg, record.args = clean, None
@@ -219,6 +223,7 @@ class _JsonFormatter(logging.Formatter):
 def check_cmd(tree: str | None) -> None:
     """Validate TREE and print it, without starting anything."""
     spec = _load(tree)
+    REDACTOR.learn_all(c.env for _, c in walk(spec) if isinstance(c, CommandSpec | WorkerSpec))
     click.echo(f"{_tree_path(tree)}: ok")
     for line in describe(spec):
         click.echo(line)

@@ -141,13 +141,17 @@ class ControlServer:
         self.tree.host.services[CONTROL_SERVICE] = (str(self.path.resolve()), self.tree.root.path, 0)
         try:
             async with listener, anyio.create_task_group() as tg:
+                refusing = False
                 while True:
                     try:
                         stream = await listener.accept()
                     except OSError as exc:  # EMFILE and the like: the connection waits, we go on
-                        log.warning("control socket: cannot accept (%s)", exc.strerror or exc)
+                        if not refusing:  # once per episode, not every 0.1 s
+                            log.warning("control socket: cannot accept (%s)", exc.strerror or exc)
+                        refusing = True
                         await anyio.sleep(0.1)
                         continue
+                    refusing = False
                     tg.start_soon(self._connection, stream)
         finally:
             with contextlib.suppress(OSError):
@@ -344,8 +348,11 @@ async def watch_tree_file(tree: Tree, tree_file: str, every: float) -> None:
         last = now
         try:
             changes = await reload_tree(tree, tree_file)
-        except Refused as exc:
+        except (Refused, ChildNotFound, StartError) as exc:
             log.error("%s changed: %s", tree_file, exc)
+            continue
+        except Exception:  # a reload must never take the running tree down
+            log.exception("%s changed: the reload failed", tree_file)
             continue
         log.info("%s changed, reloaded: %s", tree_file, "; ".join(changes) or "no changes")
 

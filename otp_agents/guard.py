@@ -60,8 +60,10 @@ class Guard:
 
     def close(self) -> None:
         """Normal end: every group has been stopped and removed; the guard exits by itself."""
-        if self.cgroup is not None and not self.cgroup.leave():
-            self._send(b"=\n")  # we are still inside: the guard must not kill the cgroup
+        if self.cgroup is not None and not self.cgroup.leave() and self._fd >= 0:
+            # We are still inside: the guard must not kill the cgroup. This line may not be lost.
+            os.set_blocking(self._fd, True)
+            self._send(b"=\n")
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -8,8 +8,9 @@ RSS >= PSS >= USS, skipping the precise read below the threshold never misses a 
 
 The sampler keeps ``/proc/PID/statm`` of every process it watches open and re-reads it with one
 ``pread`` per sample (a fifth of an open-read-close). The open file stays bound to the process it
-was opened for: once that process is gone, reads fail, so a reused pid is never misread. At most
-a quarter of the fd limit is spent on these; beyond it, files are opened per read.
+was opened for: once that process is gone, reads fail and the pid is dropped until the next
+listing, so a reused pid is not misread. At most a quarter of the fd limit is spent on these;
+beyond it, files are opened per read (by pid number, as before).
 
 Levels, per child (``health`` settings):
 
@@ -165,8 +166,10 @@ class MemoryWatch:
                     if not w.gone:
                         self._wheel.add(w, now + w.proc.spec.settings.memory_interval)
             self._changed = anyio.Event()
+            # At least BATCH between wake-ups, even if sampling fell behind the intervals: the
+            # pong readers and everything else on the loop get their turn.
             delay = self._wheel.next_time() - anyio.current_time()
-            with anyio.move_on_after(min(max(delay, 0.0), 3600.0)):
+            with anyio.move_on_after(min(max(delay, BATCH), 3600.0)):
                 await self._changed.wait()
 
     # -- reading ---------------------------------------------------------------------------------
@@ -186,6 +189,7 @@ class MemoryWatch:
 
     def _resident_mb(self, w: _Watch) -> float:
         total = 0
+        gone: list[int] = []
         for pid in w.tree:
             fd = w.statm.get(pid)
             if fd is None:
@@ -193,8 +197,11 @@ class MemoryWatch:
                 continue
             try:
                 total += _resident(os.pread(fd, 256, 0))
-            except OSError:  # that process is gone
+            except OSError:  # that process is gone: its pid must not be read again by number
                 self._close(w, pid)
+                gone.append(pid)
+        if gone:
+            w.tree = [p for p in w.tree if p not in gone]
         return total / MB
 
     def _close(self, w: _Watch, pid: int) -> None:

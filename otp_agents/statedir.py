@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import stat
 from pathlib import Path
 
 log = logging.getLogger("otp_agents")
@@ -40,8 +41,11 @@ def claim(state_dir: str | Path) -> int:
         except PermissionError:  # not ours (a volume mounted by someone else): say so, go on
             log.warning("state dir %s is open to other users (mode %o) and is not ours to change", path, mode)
     lock = path / LOCK_NAME
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    # Never through a symlink someone planted: it would make us truncate whatever it points to.
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{lock} is not a regular file")
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"

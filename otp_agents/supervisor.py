@@ -273,32 +273,35 @@ class Supervisor:
                 await self._start_concurrently(run, width)
 
     async def _start_concurrently(self, run: list[Slot], width: int) -> None:
-        failed: _SlotFailed | None = None
+        failures: list[tuple[int, _SlotFailed]] = []
         aborted: StartAborted | None = None
         room = anyio.Semaphore(width)
 
-        async def start_one(slot: Slot) -> None:
-            nonlocal failed, aborted
+        async def start_one(index: int, slot: Slot) -> None:
+            nonlocal aborted
             try:
                 await self._start_slot(slot)
             except StartAborted as exc:
                 aborted = aborted or exc
             except StartError as exc:
-                failed = failed or _SlotFailed(slot, exc)
+                failures.append((index, _SlotFailed(slot, exc)))
+            except Exception as exc:  # never cancel the sibling starts: fail this one, named
+                log.exception("%s: start failed unexpectedly", slot.path)
+                failures.append((index, _SlotFailed(slot, StartError(f"{type(exc).__name__}: {exc}"))))
             finally:
                 room.release()
 
         async with anyio.create_task_group() as tg:
-            for slot in run:
+            for index, slot in enumerate(run):
                 await room.acquire()
-                if failed is not None or aborted is not None or self.host.stopping:
+                if failures or aborted is not None or self.host.stopping:
                     room.release()
                     break
-                tg.start_soon(start_one, slot, name=f"start {slot.path}")
-        if aborted is not None or (self.host.stopping and failed is None):
+                tg.start_soon(start_one, index, slot, name=f"start {slot.path}")
+        if aborted is not None or (self.host.stopping and not failures):
             raise aborted or StartAborted("the tree is stopping")
-        if failed is not None:
-            raise failed
+        if failures:
+            raise min(failures, key=lambda f: f[0])[1]  # the first in list order, as OTP would
 
     async def stop(self) -> None:
         """Terminate all children in reverse start order, then end (the parent's request)."""

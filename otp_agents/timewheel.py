@@ -25,7 +25,10 @@ class TimeWheel(Generic[T]):
         return sum(len(v) for v in self._slots.values())
 
     def add(self, item: T, when: float) -> float:
-        """File ``item`` under the slot ``when`` falls in (rounded up); returns that slot's time."""
+        """File ``item`` under the slot ``when`` falls in (rounded up); returns that slot's time.
+        An infinite ``when`` (an interval of ``inf``) is never due: nothing is filed."""
+        if not math.isfinite(when):
+            return math.inf
         key = math.ceil(when / self.slot)
         bucket = self._slots.get(key)
         if bucket is None:

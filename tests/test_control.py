@@ -302,13 +302,17 @@ def test_authorisation_rules() -> None:
 def test_watch_tree_reloads_a_configmap_style_swap(tmp_path: Path, backend: str) -> None:
     """Kubernetes updates a mounted ConfigMap by swapping a ..data symlink: the file's path
     stays, its content changes. --watch-tree applies the difference; a broken file is refused."""
-    data1, data2, data3 = tmp_path / "v1", tmp_path / "v2", tmp_path / "v3"
-    for d in (data1, data2, data3):
+    data1, data2, data3, data4 = (tmp_path / f"v{i}" for i in range(1, 5))
+    for d in (data1, data2, data3, data4):
         d.mkdir()
     (data1 / "tree.toml").write_text(f'[[children]]\nid = "a"\ncommand = ["{FAULTY[0]}"]\n')
     one = f'[[children]]\nid = "a"\ncommand = ["{FAULTY[0]}"]\n'
     (data2 / "tree.toml").write_text(one + one.replace('"a"', '"b"'))
     (data3 / "tree.toml").write_text('[[children]]\nid = "a"\ncommand = "not a list"\n')
+    # valid, but its new child cannot start: the reload fails, the running tree must not
+    (data4 / "tree.toml").write_text(
+        one + one.replace('"a"', '"b"') + '[[children]]\nid = "c"\ncommand = ["/nonexistent/program"]\n'
+    )
     link = tmp_path / "..data"
     link.symlink_to(data1)
     tree = tmp_path / "tree.toml"
@@ -335,6 +339,9 @@ def test_watch_tree_reloads_a_configmap_style_swap(tmp_path: Path, backend: str)
         swap(data3)
         wait_until(lambda: "reload refused, nothing changed" in (tmp_path / "log").read_text())
         assert set(flat(status(state))) == {"root/a", "root/b"}
+        swap(data4)
+        wait_until(lambda: "cannot execute '/nonexistent/program'" in (tmp_path / "log").read_text())
+        assert flat(status(state))["root/a"]["pid"] == a  # still running, still answering
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=WAIT)

@@ -160,3 +160,16 @@ def test_hostile_paths_in_control_requests_go_nowhere(tmp_path: Path, backend: s
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=WAIT)
     assert proc.returncode == 0
+
+
+def test_state_dir_lock_is_never_taken_through_a_symlink(tmp_path: Path) -> None:
+    from otp_agents import statedir
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / statedir.LOCK_NAME).symlink_to(victim)
+    with pytest.raises(OSError):
+        statedir.claim(state)
+    assert victim.read_text() == "precious\n"
