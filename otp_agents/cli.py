@@ -128,9 +128,11 @@ def run_cmd(
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_redact_record)
     handler.setFormatter(
-        _JsonFormatter()
-        if log_format == "json"
-        else logging.Formatter("%(asctime)s %(levelname)-7s %(message)s")
+        _Redacting(
+            _JsonFormatter()
+            if log_format == "json"
+            else logging.Formatter("%(asctime)s %(levelname)-7s %(message)s")
+        )
     )
     logging.basicConfig(level=getattr(logging, log_level.upper()), handlers=[handler])
     _raise_fd_limit()
@@ -175,6 +177,18 @@ def _redact_record(record: logging.LogRecord) -> bool:
     if clean != message:
         record.msg, record.args = clean, None
     return True
+
+
+class _Redacting(logging.Formatter):
+    """The whole formatted line scrubbed too: tracebacks and stack info are added after the
+    message (which the filter above has already cleaned)."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return REDACTOR.scrub(self._inner.format(record))
 
 
 def _raise_fd_limit() -> None:
