@@ -167,7 +167,18 @@ class Manager:
         tree = self.tmp / "tree.toml"
         tree.write_text(otp_tree(self.children))
         cli = _venv_tool("otp-agents", "otp_agents.cli")
-        return [*cli, "run", str(tree), "--backend", backend, "--events", str(self.events_file)]
+        state = self.tmp / "state"  # its own: one supervisor per state dir
+        return [
+            *cli,
+            "run",
+            str(tree),
+            "--backend",
+            backend,
+            "--events",
+            str(self.events_file),
+            "--state-dir",
+            str(state),
+        ]
 
     def start(self) -> None:
         argv = self.argv()
