@@ -164,13 +164,15 @@ def test_check_prints_the_tree_without_starting_it(tmp_path: Path) -> None:
     out = proc.stdout.decode().splitlines()
     assert out[0] == f"{tree}: ok"
     assert out[1].startswith("root  supervisor one_for_one intensity=1 period=5s")
-    assert [line.split()[0] for line in out[2:]] == [
+    assert [line.split()[0] for line in out[2:-1]] == [
         "root/a",
         "root/w",
         "root/sub",
         "root/sub/x",
         "root/ghost",
     ]
+    # a: faulty.sh, shutdown 5 (+1); w: 5 (+1); sub: x 5 (+1); ghost: 5 (+1), one after another
+    assert out[-1].startswith("ordered stop: at most 24s")
     assert "warning: root/ghost: program 'no-such-program-xyz' not found" in proc.stderr.decode()
 
 
