@@ -497,6 +497,16 @@ class Soak:
 
     # -- main loop --
 
+    def check_all(self, now: float) -> None:
+        """The once-a-second round: ask for status (timed), check the supervisor's process,
+        read new events, settle the faults that are due."""
+        data = self.status()
+        if data is not None:
+            self.refresh(data)
+        self.check_process(now)
+        self.observe()
+        self.judge(now)
+
     def run(self) -> int:
         began = time.monotonic()
         self.start()
@@ -508,12 +518,7 @@ class Soak:
         gap = 1.0 / self.args.rate
         while (now := time.monotonic()) < end:
             if now >= next_second:
-                data = self.status()
-                if data is not None:
-                    self.refresh(data)
-                self.check_process(now)
-                self.observe()
-                self.judge(now)
+                self.check_all(now)
                 next_second += 1.0
             for due, pid in [c for c in self.continue_at if c[0] <= now]:
                 self.continue_at.remove((due, pid))
@@ -529,13 +534,7 @@ class Soak:
                 os.kill(pid, signal.SIGCONT)
         settle_end = time.monotonic() + HANDLE_BOUND + 5
         while time.monotonic() < settle_end:
-            now = time.monotonic()
-            data = self.status()
-            if data is not None:
-                self.refresh(data)
-            self.check_process(now)
-            self.observe()
-            self.judge(now)
+            self.check_all(time.monotonic())
             if all(f.judged or f.violation for f in self.faults):
                 break
             time.sleep(1.0)

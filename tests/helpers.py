@@ -6,6 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -163,3 +164,15 @@ def run_cli(
     argv += ["--state-dir", str(state), "--events", str(events), *extra]
     with open(log, "wb") as err:
         return subprocess.Popen(argv, cwd=ROOT, stderr=err, **popen)
+
+
+def poll(fn: Callable[[], Any], what: str = "condition", limit: float = WAIT) -> Any:
+    """Call ``fn`` until it returns something true (returned), for at most ``limit`` seconds;
+    for state that has no wakeup (files, /proc, another process's answers)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {limit}s")

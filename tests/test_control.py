@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pwd
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from .helpers import FAULTY, ROOT, WAIT, alive
+from .helpers import FAULTY, ROOT, WAIT, alive, poll
 
 CLI = [sys.executable, "-m", "otp_agents.cli"]
 
@@ -81,16 +82,6 @@ def flat(node: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def wait_until(fn: Any) -> Any:
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
 @pytest.fixture(params=["asyncio", "trio"])
 def running_tree(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
     tree = tmp_path / "tree.toml"
@@ -102,7 +93,7 @@ def running_tree(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Pat
         stderr=subprocess.PIPE,
     )
     try:
-        wait_until(lambda: (state / "control.sock").exists() and cli(state, "status").returncode == 0)
+        poll(lambda: (state / "control.sock").exists() and cli(state, "status").returncode == 0)
         yield state
     finally:
         if proc.poll() is None:
@@ -119,6 +110,14 @@ def test_status_shows_the_tree(running_tree: Path) -> None:
     assert text.returncode == 0 and "root/group/b" in text.stdout and "running" in text.stdout
 
 
+def _children_of(pid: int) -> str:
+    return Path(f"/proc/{pid}/task/{pid}/children").read_text().strip()
+
+
+def _replaced(state: Path, path: str, old: int) -> bool:
+    return flat(status(state))[path]["pid"] not in (None, old)
+
+
 def test_terminate_survives_a_crash_storm_of_its_siblings_until_started(running_tree: Path) -> None:
     out = cli(running_tree, "terminate", "root/group/b")
     assert out.returncode == 0, out.stderr
@@ -126,9 +125,9 @@ def test_terminate_survives_a_crash_storm_of_its_siblings_until_started(running_
     for _ in range(5):  # one_for_all: each crash restarts the whole group, except the held child
         rows = flat(status(running_tree))
         pid = rows["root/group/a"]["pid"]
-        wait_until(lambda p=pid: Path(f"/proc/{p}/task/{p}/children").read_text().strip())
+        poll(functools.partial(_children_of, pid))
         os.kill(pid, signal.SIGKILL)
-        wait_until(lambda p=pid: flat(status(running_tree))["root/group/a"]["pid"] not in (None, p))
+        poll(functools.partial(_replaced, running_tree, "root/group/a", pid))
     rows = flat(status(running_tree))
     assert rows["root/group/b"]["status"] == "held" and rows["root/group/b"]["pid"] is None
     assert cli(running_tree, "start", "root/group/b").returncode == 0
@@ -163,7 +162,7 @@ def test_stop_then_not_running(running_tree: Path) -> None:
     pids = [r["pid"] for r in flat(status(running_tree)).values() if r.get("pid")]
     out = cli(running_tree, "stop")
     assert out.returncode == 0 and "stopping" in out.stdout
-    wait_until(lambda: not (running_tree / "control.sock").exists())
+    poll(lambda: not (running_tree / "control.sock").exists())
     gone = cli(running_tree, "status")
     assert gone.returncode == 6 and "no supervisor is running" in gone.stderr
     assert not any(alive(p) for p in pids)
@@ -325,7 +324,7 @@ def test_watch_tree_reloads_a_configmap_style_swap(tmp_path: Path, backend: str)
             stderr=err,
         )
     try:
-        wait_until(lambda: (state / "control.sock").exists() and cli(state, "status").returncode == 0)
+        poll(lambda: (state / "control.sock").exists() and cli(state, "status").returncode == 0)
         a = flat(status(state))["root/a"]["pid"]
 
         def swap(to: Path) -> None:
@@ -334,13 +333,13 @@ def test_watch_tree_reloads_a_configmap_style_swap(tmp_path: Path, backend: str)
             os.replace(tmp, link)  # atomic, as the kubelet does
 
         swap(data2)
-        wait_until(lambda: "root/b" in flat(status(state)))
+        poll(lambda: "root/b" in flat(status(state)))
         assert flat(status(state))["root/a"]["pid"] == a  # unchanged child untouched
         swap(data3)
-        wait_until(lambda: "reload refused, nothing changed" in (tmp_path / "log").read_text())
+        poll(lambda: "reload refused, nothing changed" in (tmp_path / "log").read_text())
         assert set(flat(status(state))) == {"root/a", "root/b"}
         swap(data4)
-        wait_until(lambda: "cannot execute '/nonexistent/program'" in (tmp_path / "log").read_text())
+        poll(lambda: "cannot execute '/nonexistent/program'" in (tmp_path / "log").read_text())
         assert flat(status(state))["root/a"]["pid"] == a  # still running, still answering
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import pytest
 
 from otp_agents import control
 
-from .helpers import ROOT, WAIT, run_cli
+from .helpers import ROOT, WAIT, poll, run_cli
 
 CLI = [sys.executable, "-m", "otp_agents.cli"]
 POOL = f"""
@@ -46,16 +45,6 @@ def events_of(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def wait_for(fn: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {WAIT}s")
-
-
 def ask(state: Path, op: str, path: str = "", args: list[str] | None = None) -> control.Reply:
     req = control.Request(op=op, path=path, args=args or [])
     return control.request(control.socket_path(state), req, timeout=WAIT)[-1]
@@ -74,7 +63,7 @@ def restarted_after_kill(state: Path, events: Path) -> None:
     """The tree still does its job at the limit: a killed child is started again."""
     old = next(c for c in ask(state, "status").data["children"] if c["id"] == "keep")["pid"]
     os.kill(old, signal.SIGKILL)
-    wait_for(
+    poll(
         lambda: any(
             e["kind"] == "child_started" and e["path"] == "root/keep" and e["pid"] != old
             for e in events_of(events)
@@ -110,11 +99,11 @@ def test_out_of_descriptors(tree_file: Path, tmp_path: Path, backend: str) -> No
 
     proc = run_cli(tree_file, state, events, backend, tmp_path / "log", preexec_fn=low_fd_limit)
     try:
-        wait_for(lambda: control.socket_path(state).exists() and ask(state, "status").ok, "status")
+        poll(lambda: control.socket_path(state).exists() and ask(state, "status").ok, "status")
         started, refusal = start_until_refused(state)
         assert started > 0
         assert "out of file descriptors" in refusal and "raise its limit" in refusal
-        failed = wait_for(
+        failed = poll(
             lambda: [e for e in events_of(events) if e["kind"] == "start_failed"], "the start_failed event"
         )
         assert "out of file descriptors" in failed[-1]["detail"]
@@ -148,7 +137,7 @@ def test_out_of_processes(tree_file: Path, tmp_path: Path, backend: str) -> None
 
         proc = run_cli(tree_file, state, events, backend, tmp_path / "log", preexec_fn=into_group)
         try:
-            wait_for(lambda: control.socket_path(state).exists() and ask(state, "status").ok, "status")
+            poll(lambda: control.socket_path(state).exists() and ask(state, "status").ok, "status")
             started, refusal = start_until_refused(state)
             assert started > 0
             assert "cannot create a process" in refusal and "limit on processes" in refusal, refusal
@@ -205,7 +194,7 @@ def test_full_disk_for_the_state_dir(tree_file: Path, tmp_path: Path, backend: s
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     try:
-        wait_for(status_inside, "status")
+        poll(status_inside, "status")
         inside("sh", "-c", f'dd if=/dev/zero of="{state}/filler" bs=64k 2>/dev/null; true')
         assert b"100%" in inside("df", str(state)).stdout
         # A stack dump cannot be written: the request is refused and an event says why.
@@ -214,7 +203,7 @@ def test_full_disk_for_the_state_dir(tree_file: Path, tmp_path: Path, backend: s
         # A hang is still handled by the rules (without its dump), and the tree answers.
         keep = next(c for c in (status_inside() or {})["children"] if c["id"] == "keep")["pid"]
         os.kill(keep, signal.SIGSTOP)
-        wait_for(
+        poll(
             lambda: (
                 next(c for c in (status_inside() or {"children": []})["children"] if c["id"] == "keep")["pid"]
                 not in (keep, None)
@@ -229,13 +218,13 @@ def test_full_disk_for_the_state_dir(tree_file: Path, tmp_path: Path, backend: s
                 "cannot write (No space left on device); events are dropped" in (tmp_path / "log").read_text()
             )
 
-        wait_for(stream_failed, "the event stream failing")
+        poll(stream_failed, "the event stream failing")
         log = (tmp_path / "log").read_text()
         assert "state write failed" in log and "not written: No space left on device" in log
         # Room again: the event stream resumes, says what it dropped, and stays parseable.
         inside("rm", "-f", f"{state}/filler")
         assert inside(*CLI, "restart", "root/keep", "--state-dir", str(state)).returncode == 0
-        wait_for(lambda: "events were dropped" in (tmp_path / "log").read_text(), "the event stream resuming")
+        poll(lambda: "events were dropped" in (tmp_path / "log").read_text(), "the event stream resuming")
         assert any(e["kind"] == "child_started" and e["path"] == "root/keep" for e in events_inside()[-20:])
         assert inside(*CLI, "stop", "--state-dir", str(state)).returncode == 0
         assert proc.wait(timeout=60) == 0

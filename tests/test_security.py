@@ -17,7 +17,7 @@ import pytest
 
 from otp_agents import control
 
-from .helpers import ROOT, WAIT, run_cli
+from .helpers import ROOT, WAIT, poll, run_cli
 
 CLI = [sys.executable, "-m", "otp_agents.cli"]
 
@@ -26,15 +26,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_for(fn: object, what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        if fn():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {WAIT}s")
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
@@ -74,7 +65,7 @@ env = {{ DB_PASSWORD = "{token}x" }}
         env=env,
     )
     try:
-        wait_for(lambda: events.exists() and "worker_report" in events.read_text(), "the worker's report")
+        poll(lambda: events.exists() and "worker_report" in events.read_text(), "the worker's report")
         outputs = {
             "status": subprocess.run(
                 [*CLI, "status", "--json", "--state-dir", str(state)],
@@ -131,8 +122,8 @@ def test_hostile_paths_in_control_requests_go_nowhere(tmp_path: Path, backend: s
         return control.request(sock, control.Request(op=op, path=path, args=args or []), timeout=WAIT)[-1]
 
     try:
-        wait_for(lambda: sock.exists(), "the control socket")
-        wait_for(lambda: ask("status").ok, "status")
+        poll(lambda: sock.exists(), "the control socket")
+        poll(lambda: ask("status").ok, "status")
         before = {p for p in tmp_path.rglob("*")}
         for path in (
             "../../etc/passwd",
