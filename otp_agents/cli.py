@@ -117,6 +117,7 @@ def run_cmd(
     SIGTERM or Ctrl-C stops the tree in reverse start order; a second one kills it.
     Exit codes: 0 stopped, 1 the root supervisor gave up, 2 bad tree file, 3 start failed.
     """
+    loaded = control.file_content(_tree_path(tree))  # before loading: what --watch-tree compares to
     spec = _load(tree)
     try:
         preflight.check_env(spec, _tree_path(tree))
@@ -157,6 +158,7 @@ def run_cmd(
                 tree_file=os.path.abspath(_tree_path(tree)),
                 control_group=group_id,
                 watch_tree=watch_tree,
+                tree_loaded=loaded,
             ),
             backend=backend,
         )

@@ -335,14 +335,16 @@ async def reload_tree(tree: Tree, tree_file: str) -> list[str]:
     return await tree.root.apply_spec(new)
 
 
-async def watch_tree_file(tree: Tree, tree_file: str, every: float) -> None:
+async def watch_tree_file(tree: Tree, tree_file: str, every: float, loaded: bytes | None = None) -> None:
     """Reload when the file's content changes (a Kubernetes ConfigMap update swaps it in
-    place). Checked every ``every`` seconds; a file that does not load is refused like a
-    ``reload`` request, and the tree keeps running as it was."""
-    last = _content(tree_file)
+    place). Checked every ``every`` seconds against ``loaded``, the content the tree was started
+    from (read before it was loaded), so a change made while the tree was starting is applied
+    at the first check. A file that does not load is refused like a ``reload`` request, and
+    the tree keeps running as it was."""
+    last = loaded if loaded is not None else file_content(tree_file)
     while True:
         await anyio.sleep(every)
-        now = await anyio.to_thread.run_sync(_content, tree_file)
+        now = await anyio.to_thread.run_sync(file_content, tree_file)
         if now is None or now == last:
             continue
         last = now
@@ -357,7 +359,7 @@ async def watch_tree_file(tree: Tree, tree_file: str, every: float) -> None:
         log.info("%s changed, reloaded: %s", tree_file, "; ".join(changes) or "no changes")
 
 
-def _content(path: str) -> bytes | None:
+def file_content(path: str) -> bytes | None:
     try:
         with open(path, "rb") as f:
             return f.read()

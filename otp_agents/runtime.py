@@ -176,6 +176,7 @@ async def run(
     tree_file: str | None = None,
     control_group: int | None = None,
     watch_tree: float | None = None,
+    tree_loaded: bytes | None = None,
 ) -> Outcome:
     """Run until the root ends or a stop signal arrives; the CLI's main loop.
 
@@ -220,7 +221,9 @@ async def run(
                     )
                     tg.start_soon(control.serve, name="control socket")
                     if watch_tree is not None and tree_file is not None:
-                        tg.start_soon(watch_tree_file, tree, tree_file, watch_tree, name="tree file watch")
+                        tg.start_soon(
+                            watch_tree_file, tree, tree_file, watch_tree, tree_loaded, name="tree file watch"
+                        )
                     tg.start_soon(notifier.watchdog, name="sd_notify watchdog")
                     if metrics is not None:
                         metrics.attach(tree)

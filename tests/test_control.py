@@ -345,3 +345,27 @@ def test_watch_tree_reloads_a_configmap_style_swap(tmp_path: Path, backend: str)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=WAIT)
     assert proc.returncode == 0
+
+
+def test_watch_tree_applies_a_change_made_while_the_tree_was_starting(tmp_path: Path) -> None:
+    """The baseline is the file as loaded, not as found once the tree is up: an edit made
+    during a slow start is applied at the first check, not lost until the next edit."""
+    tree = tmp_path / "tree.toml"
+    slow = f'[[children]]\nid = "slow"\nmodule = "workers.chaos:slow_start"\nargs = ["2"]\ncwd = "{ROOT}"\n'
+    tree.write_text(slow)
+    state = tmp_path / "state"
+    with open(tmp_path / "log", "wb") as err:
+        proc = subprocess.Popen(
+            [*CLI, "run", str(tree), "--state-dir", str(state), "--watch-tree", "0.5"], cwd=ROOT, stderr=err
+        )
+    try:
+        poll(lambda: "root/slow: child started" not in (tmp_path / "log").read_text() and state.exists())
+        tree.write_text(slow + f'[[children]]\nid = "late"\ncommand = ["{FAULTY[0]}"]\n')  # while starting
+        poll(lambda: (state / "control.sock").exists() and cli(state, "status").returncode == 0)
+        poll(lambda: "root/late" in flat(status(state)), "the edit made during the start")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=WAIT)
+    assert proc.returncode == 0
+    log = (tmp_path / "log").read_text()
+    assert log.index("root/slow: child started") < log.index("root/late: child started")
