@@ -8,7 +8,6 @@ metrics) are subscribers.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import os
@@ -164,7 +163,8 @@ async def write_jsonl(sub: Subscription, path: str) -> None:
     Writes happen in a worker thread, batched, so the supervisor's loop never waits on the disk.
     A write that fails (a full disk) drops that batch, never the supervisor: the log says so
     once, and again with the number dropped when writing works again. What part of the batch
-    was written is cut off again, so the file holds whole lines only.
+    was written is cut off again, so the file holds whole lines only (should even that fail,
+    the cut line is ended before the next batch, so only that one line is unreadable).
     """
     fd = await anyio.to_thread.run_sync(
         lambda: os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
@@ -176,7 +176,10 @@ async def write_jsonl(sub: Subscription, path: str) -> None:
             if not events:
                 break
             data = b"".join(to_json_line(e) for e in events)
+            if fd in _torn:
+                data = b"\n" + data
             if await anyio.to_thread.run_sync(_write_all, fd, data):
+                _torn.discard(fd)
                 if dropped:
                     log.warning("event stream %s: writing again; %d events were dropped", path, dropped)
                 dropped = 0
@@ -207,13 +210,16 @@ def _write_all(fd: int, data: bytes) -> bool:
         except OSError as exc:
             _errors[fd] = exc.strerror or str(exc)
             if done:
-                with contextlib.suppress(OSError):
+                try:
                     os.ftruncate(fd, start)
+                except OSError:
+                    _torn.add(fd)  # the next write first ends the cut line
             return False
     return True
 
 
 _errors: dict[int, str] = {}
+_torn: set[int] = set()  # event files whose last line was cut and could not be truncated away
 
 
 def _why(fd: int) -> str:

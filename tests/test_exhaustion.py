@@ -232,3 +232,20 @@ def test_full_disk_for_the_state_dir(tree_file: Path, tmp_path: Path, backend: s
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_cut_event_line_that_cannot_be_truncated_is_ended_before_the_next() -> None:
+    """A pipe takes part of a batch, then no more, and cannot be truncated: the writer marks it
+    so that the next batch starts on a new line (one unreadable line, not two)."""
+    from otp_agents import events
+
+    read_end, write_end = os.pipe()
+    try:
+        os.set_blocking(write_end, False)
+        batch = b'{"kind":"x"}\n' * 20_000  # more than a pipe holds
+        assert events._write_all(write_end, batch) is False
+        assert write_end in events._torn
+    finally:
+        events._torn.discard(write_end)
+        os.close(read_end)
+        os.close(write_end)
