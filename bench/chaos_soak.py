@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from otp_agents import control
+from workers.chaos import CHAOS_FAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOMBIE_BOUND = 5.0  # s: a zombie child of the supervisor seen for longer is a breach
@@ -85,7 +86,7 @@ FAULTS: dict[str, float] = {
     "crash": 1,
     "ignore_term": 1,
 }
-INTERNAL = {"garbage", "oversized", "truncated", "close", "fork_exit", "leak", "hang", "crash", "ignore_term"}
+INTERNAL = set(CHAOS_FAULTS)  # committed by the target worker itself, on SIGUSR2
 # What must be seen for the target pid, besides its end (child_exited / child_terminated).
 DETECTION: dict[str, tuple[str, ...]] = {
     "garbage": ("protocol_error",),
@@ -100,7 +101,7 @@ WORKER_HEALTH = (
 )
 
 
-def chaos_tree(marker_dir: Path) -> tuple[str, int]:
+def chaos_tree() -> tuple[str, int]:
     """The tree's TOML and its number of leaves (processes, zygote included)."""
     cwd = json.dumps(str(ROOT))
     out = [
@@ -177,7 +178,6 @@ def chaos_tree(marker_dir: Path) -> tuple[str, int]:
             '  command = ["sleep", "3600"]',
         ]
         leaves += 2
-    del marker_dir
     return "\n".join(out) + "\n", leaves
 
 
@@ -305,7 +305,7 @@ class Soak:
     # -- lifecycle --
 
     def start(self) -> None:
-        text, self.leaves = chaos_tree(self.chaos_dir)
+        text, self.leaves = chaos_tree()
         tree = self.tmp / "tree.toml"
         tree.write_text(text)
         mark = len(self.tail.events)

@@ -97,10 +97,10 @@ def precise_bytes(pid: int, metric: str) -> int:
     return total
 
 
-def sample(pid: int, metric: str, floor_mb: float, pids: list[int] | None = None) -> tuple[float, bool]:
-    """Memory of the tree under ``pid`` (or of ``pids``) in MB, and whether the precise metric
-    was read."""
-    pids = tree_pids(pid) if pids is None else pids
+def sample(pid: int, metric: str, floor_mb: float) -> tuple[float, bool]:
+    """Memory of the tree under ``pid`` in MB, and whether the precise metric was read: a one-off
+    sample (open, read, close per process). The sampler's own rounds keep the files open."""
+    pids = tree_pids(pid)
     cheap = sum(rss_bytes(p) for p in pids) / MB
     if cheap < floor_mb or metric == "rss":
         return cheap, metric == "rss"
