@@ -121,9 +121,10 @@ def run_cmd(
     spec = _load(tree)
     try:
         preflight.check_env(spec, _tree_path(tree))
+        preflight.check_control_path(control.socket_path(state_dir))
     except preflight.PreflightError as exc:
         click.echo(f"otp-agents: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
+        sys.exit(exc.code)
     metrics_address = _address(metrics_at) if metrics_at else None
     group_id = _group(control_group) if control_group else None
     handler = logging.StreamHandler(sys.stderr)
@@ -142,6 +143,14 @@ def run_cmd(
     except (statedir.StateDirBusy, OSError) as exc:
         click.echo(f"otp-agents: {exc}", err=True)
         sys.exit(EXIT_START_FAILED)
+    # Everything that can be checked is checked before the first child starts.
+    try:
+        if events_file is not None:
+            preflight.open_events_file(events_file)
+        metrics_socket = preflight.bind_listener(*metrics_address) if metrics_address else None
+    except preflight.PreflightError as exc:
+        click.echo(f"otp-agents: {exc}", err=True)
+        sys.exit(exc.code)
     keeper = guard.start()  # before the event loop: forking is only safe without threads
     keeper.contain()  # into a cgroup of our own, if this machine lets us make one
     logging.getLogger("otp_agents").info(
@@ -154,7 +163,7 @@ def run_cmd(
                 events_file=events_file,
                 guard=keeper,
                 state_dir=state_dir,
-                metrics_address=metrics_address,
+                metrics_socket=metrics_socket,
                 tree_file=os.path.abspath(_tree_path(tree)),
                 control_group=group_id,
                 watch_tree=watch_tree,

@@ -176,6 +176,7 @@ async def write_jsonl(sub: Subscription, path: str) -> None:
             if not events:
                 break
             data = b"".join(to_json_line(e) for e in events)
+            fd = await anyio.to_thread.run_sync(_same_file, fd, path)
             if fd in _torn:
                 data = b"\n" + data
             if await anyio.to_thread.run_sync(_write_all, fd, data):
@@ -191,6 +192,27 @@ async def write_jsonl(sub: Subscription, path: str) -> None:
             dropped += len(events)
     finally:
         os.close(fd)
+
+
+def _same_file(fd: int, path: str) -> int:
+    """``fd``, or a new descriptor for ``path`` if the file was moved or deleted meanwhile (a
+    log rotation): the stream goes on in a file of that name, as logrotate expects."""
+    try:
+        now = os.stat(path)
+        was = os.fstat(fd)
+        if (now.st_dev, now.st_ino) == (was.st_dev, was.st_ino):
+            return fd
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return fd
+    try:
+        fresh = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    except OSError:
+        return fd  # keep writing where we were; the next batch tries again
+    _torn.discard(fd)
+    os.close(fd)
+    return fresh
 
 
 def _write_all(fd: int, data: bytes) -> bool:

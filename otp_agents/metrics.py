@@ -17,6 +17,7 @@ import contextlib
 import logging
 import math
 import re
+import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -326,8 +327,11 @@ class _TreeCollector(Collector):
 # -- HTTP ----------------------------------------------------------------------------------------
 
 
-async def serve(metrics: Metrics, host: str, port: int, ready: anyio.Event, stopping: anyio.Event) -> None:
-    listener = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
+async def serve(metrics: Metrics, sock: socket.socket, ready: anyio.Event, stopping: anyio.Event) -> None:
+    """Serve /metrics, /healthz and /readyz on ``sock``, a listening socket bound before the tree
+    started (``preflight.bind_listener``)."""
+    host, port = sock.getsockname()[:2]
+    listener = await anyio.abc.SocketListener.from_socket(sock)
     log.info("metrics and health endpoints on http://%s:%d/metrics", host, port)
     async with listener:
         await listener.serve(lambda stream: _respond(stream, metrics, ready, stopping))

@@ -84,6 +84,10 @@ ENV_DUMP_FILE = "OTP_AGENTS_DUMP_FILE"
 DUMP_SIGNAL = signal.SIGURG
 
 
+# Bye reasons that say nothing beyond the exit status itself.
+PLAIN_BYE = frozenset({"normal", "crash"})
+
+
 class StartError(Exception):
     """A child could not be started. ``str()`` says why, in one line."""
 
@@ -176,6 +180,7 @@ class ChildProcess:
         self.slow_ping_at = -1e9
         self.recycle: str | None = None  # asked to drain: its exit is a recycle, not a crash
         self.health_kill: str | None = None
+        self.last_words: str | None = None  # the reason in its Bye, when it stated one
         self.signal_file: str | None = None  # where faulthandler writes on dump_signal
         self.dump_signal: int | None = None
         self._dump_seq = 0
@@ -415,7 +420,7 @@ class ChildProcess:
             if self.channel is not None:
                 self._host.tg.start_soon(self._send_quietly, self.channel, reply)
         elif isinstance(msg, Bye):
-            pass
+            self.last_words = msg.reason if msg.reason not in PLAIN_BYE else None
         elif isinstance(msg, Hello | Ready):
             bus.emit(
                 Kind.PROTOCOL_ERROR,
@@ -696,6 +701,7 @@ async def _handshake(proc: ChildProcess, channel: Channel, spec: WorkerSpec) -> 
                 ready = True
                 return
             if isinstance(msg, Bye):  # main() ended before ready(): wait for the exit status
+                proc._handle(msg, proc._host.bus)
                 with anyio.move_on_after(2.0):
                     await proc.exited.wait()
                 problem = "exited before it was ready"
@@ -736,5 +742,7 @@ async def _handshake(proc: ChildProcess, channel: Channel, spec: WorkerSpec) -> 
         return  # it said Ready: it started; an exit right after is a ChildDown, not a start failure
     if proc.exit is not None and problem in (None, "exited before it was ready"):
         problem = f"exited before it was ready ({proc.exit.status.describe()})"
+    if problem is not None and proc.last_words:
+        problem = f"{problem}: {proc.last_words}"
     if problem is not None:
         raise StartError(problem)

@@ -10,17 +10,20 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
 
 from . import linux
-from .control import ControlServer, socket_path, watch_tree_file
+from .control import ControlServer, reload_tree, socket_path, watch_tree_file
+from .control import status as tree_status
 from .events import EventBus, Kind, log_event, write_jsonl
 from .guard import Guard
 from .metrics import Metrics
@@ -29,7 +32,7 @@ from .notify import Notifier
 from .process import Host, StartAborted, StartError
 from .redact import REDACTOR
 from .spec import CommandSpec, SupervisorSpec, WorkerSpec, ZygoteSpec, walk
-from .supervisor import ChildNotFound, Slot, Supervisor
+from .supervisor import ChildNotFound, Refused, Slot, Supervisor
 
 log = logging.getLogger("otp_agents")
 
@@ -172,7 +175,7 @@ async def run(
     events_file: str | None = None,
     guard: Guard | None = None,
     state_dir: str | Path | None = None,
-    metrics_address: tuple[str, int] | None = None,
+    metrics_socket: socket.socket | None = None,
     tree_file: str | None = None,
     control_group: int | None = None,
     watch_tree: float | None = None,
@@ -186,16 +189,16 @@ async def run(
     bus = EventBus()
     bus.listen(log_event)
     notifier = Notifier()
-    ctl = _SignalControl(notifier)
-    metrics = Metrics() if metrics_address is not None else None
+    ctl = _SignalControl(notifier, tree_file)
+    metrics = Metrics() if metrics_socket is not None else None
     ready, stopping = anyio.Event(), anyio.Event()
     ctl.stopping = stopping
     outcome: Outcome | None = None
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with anyio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
         async with anyio.create_task_group() as tg:
             tg.start_soon(ctl.serve, signals, tg)
-            if metrics is not None and metrics_address is not None:
-                tg.start_soon(serve_metrics, metrics, *metrics_address, ready, stopping)
+            if metrics is not None and metrics_socket is not None:
+                tg.start_soon(serve_metrics, metrics, metrics_socket, ready, stopping)
             try:
                 async with running(
                     spec,
@@ -206,9 +209,11 @@ async def run(
                     on_host=ctl.attach,
                     state_dir=state_dir,
                 ) as tree:
-                    ctl.root = tree.root
+                    ctl.root, ctl.tree = tree.root, tree
                     if ctl.count:
                         tg.start_soon(tree.root.stop)
+                    elif ctl.reload_pending:  # a SIGHUP that came while the tree was starting
+                        tg.start_soon(ctl.reload)
                     root = tree.root
 
                     def stop_requested() -> None:
@@ -250,38 +255,110 @@ async def run(
     return outcome
 
 
-class _SignalControl:
-    """First SIGTERM/SIGINT: orderly stop. Second: SIGKILL everything now."""
+# What ``otp-agents run`` does on each signal it takes (the README's "Signals" lists the rest).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGXCPU)
+HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
 
-    def __init__(self, notifier: Notifier) -> None:
+
+class _SignalControl:
+    """SIGTERM, SIGINT, SIGQUIT (and SIGXCPU, a CPU-time limit reached): orderly stop; a second
+    one: SIGKILL everything now. SIGHUP: reload the tree file, as ``otp-agents reload`` does.
+    SIGUSR1: the tree's status into the log. SIGUSR2 and SIGALRM: logged, nothing else (their
+    default would end the supervisor, and its guard would kill every child)."""
+
+    def __init__(self, notifier: Notifier, tree_file: str | None = None) -> None:
         self.count = 0
         self.host: Host | None = None
         self.root: Supervisor | None = None
+        self.tree: Tree | None = None
+        self.tree_file = tree_file
         self.notifier = notifier
         self.stopping: anyio.Event | None = None
+        self.reload_pending = False
+        self._reloading = False
 
     def attach(self, host: Host) -> None:
         self.host = host
 
     async def serve(self, signals: AsyncIterator[int], tg: anyio.abc.TaskGroup) -> None:
         async for sig in signals:
-            self.count += 1
             name = linux.signal_name(sig)
-            if self.count == 1:
-                log.info("%s received: stopping the tree in reverse start order", name)
-                self.notifier.stopping(f"{name} received: stopping")
-                if self.stopping is not None:
-                    self.stopping.set()
-                if self.host is not None:
-                    self.host.stopping = True
-                if self.root is not None:
-                    tg.start_soon(self.root.stop)
+            if sig == signal.SIGHUP:
+                self._hangup(tg)
+            elif sig == signal.SIGUSR1:
+                self._log_status()
+            elif sig not in STOP_SIGNALS:
+                log.info("%s received: ignored (it has no meaning for otp-agents)", name)
             else:
-                log.warning("%s received again: killing every child now", name)
-                if self.root is not None:
-                    tg.start_soon(self.root.kill)
-                else:  # still starting: abandon it; PDEATHSIG and the guard end the children
-                    tg.cancel_scope.cancel()
+                self._stop(name, tg)
+
+    def _stop(self, name: str, tg: anyio.abc.TaskGroup) -> None:
+        self.count += 1
+        if self.count == 1:
+            log.info("%s received: stopping the tree in reverse start order", name)
+            self.notifier.stopping(f"{name} received: stopping")
+            if self.stopping is not None:
+                self.stopping.set()
+            if self.host is not None:
+                self.host.stopping = True
+            if self.root is not None:
+                tg.start_soon(self.root.stop)
+        else:
+            log.warning("%s received again: killing every child now", name)
+            if self.root is not None:
+                tg.start_soon(self.root.kill)
+            else:  # still starting: abandon it; PDEATHSIG and the guard end the children
+                tg.cancel_scope.cancel()
+
+    def _hangup(self, tg: anyio.abc.TaskGroup) -> None:
+        if self.tree_file is None:
+            log.warning("SIGHUP received: this tree was not started from a file, nothing to reload")
+        elif self.count:
+            log.info("SIGHUP received: ignored, the tree is stopping")
+        elif self.tree is None:
+            log.info("SIGHUP received while the tree starts: reloading %s once it is up", self.tree_file)
+            self.reload_pending = True
+        elif self._reloading:
+            self.reload_pending = True  # the file may have changed again: read it once more after
+        else:
+            log.info("SIGHUP received: reloading %s", self.tree_file)
+            tg.start_soon(self.reload)
+
+    async def reload(self) -> None:
+        """The same reload as ``otp-agents reload``; a refused file changes nothing."""
+        assert self.tree is not None and self.tree_file is not None
+        self._reloading = True
+        try:
+            while True:
+                self.reload_pending = False
+                try:
+                    changes = await reload_tree(self.tree, self.tree_file)
+                except (Refused, ChildNotFound, StartError) as exc:
+                    log.error("SIGHUP: %s", exc)
+                except Exception:  # a reload must never take the running tree down
+                    log.exception("SIGHUP: the reload of %s failed", self.tree_file)
+                else:
+                    log.info("SIGHUP: reloaded %s: %s", self.tree_file, "; ".join(changes) or "no changes")
+                if not self.reload_pending or self.count:
+                    return
+        finally:
+            self._reloading = False
+
+    def _log_status(self) -> None:
+        if self.tree is None:
+            log.info("SIGUSR1 received: the tree is still starting")
+            return
+        lines = _status_lines(tree_status(self.tree)["children"])
+        log.info("SIGUSR1 received: status of %d children\n%s", len(lines), "\n".join(lines))
+
+
+def _status_lines(children: list[dict[str, Any]]) -> list[str]:
+    out: list[str] = []
+    for c in children:
+        pid = f" pid {c['pid']}" if c.get("pid") else ""
+        out.append(f"  {c['path']} {c['status']}{pid} restarts {c['restarts']}")
+        out.extend(_status_lines(c.get("children", [])))
+    return out
 
 
 # -- orphans -----------------------------------------------------------------------------------

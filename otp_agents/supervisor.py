@@ -821,6 +821,7 @@ class Supervisor:
                 signal=_signame(st.signal),
                 requested=False,
                 reason=instance.exit.fault or ("normal" if ex.normal else "crash"),
+                detail=instance.last_words,
             )
 
     def _emit_terminated(self, slot: Slot, proc: ChildProcess, killed: bool) -> None:

@@ -76,6 +76,7 @@ SIGNAL_FRAME_SKEW = 0.5
 EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_NO_SUPERVISOR = 70
+MAX_BYE_REASON = 2000  # characters of a stated exit reason that reach the supervisor
 _REPORT_NAME = re.compile(REPORT_NAME)
 _LABEL_NAME = re.compile(LABEL_NAME)
 
@@ -112,6 +113,9 @@ class Worker:
         # (a thread's) routes its heartbeat through that loop, so a stuck loop misses pongs.
         self.liveness: Callable[[], Awaitable[None]] | None = None
         self._probing = False
+        # Why this worker is about to exit, in its own words: sent in its Bye, and shown by the
+        # supervisor as the exit's (or the failed start's) reason. Set it before a non-zero exit.
+        self.exit_reason: str | None = None
 
     @property
     def stopping(self) -> bool:
@@ -266,17 +270,24 @@ async def _supervised(main: Main, worker: Worker, channel: Channel) -> int:
                 code = exc.code if isinstance(exc.code, int) else EXIT_OK if exc.code is None else EXIT_CRASH
                 if isinstance(exc.code, str):  # sys.exit("why"): say why, as Python itself does
                     sys.stderr.write(exc.code + "\n")
-            except Exception:
+                    worker.exit_reason = worker.exit_reason or exc.code
+            except Exception as exc:
                 log.exception("worker %s crashed", worker.path)
                 sys.stderr.flush()
                 code = EXIT_CRASH
+                worker.exit_reason = worker.exit_reason or f"crash: {type(exc).__name__}: {exc}"
         if main_scope.cancelled_caught:
             sys.stderr.write(f"otp-agents worker {worker.path}: main cancelled at the shutdown deadline\n")
         with anyio.move_on_after(0.5, shield=True):
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                await channel.send(Bye(reason="normal" if code == EXIT_OK else "crash"))
+                await channel.send(Bye(reason=_bye_reason(worker, code)))
         tg.cancel_scope.cancel()
     return code
+
+
+def _bye_reason(worker: Worker, code: int) -> str:
+    said = worker.exit_reason
+    return said[:MAX_BYE_REASON] if said else ("normal" if code == EXIT_OK else "crash")
 
 
 async def _serve_channel(worker: Worker, channel: Channel, lag: _LoopLag) -> None:

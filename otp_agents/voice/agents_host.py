@@ -21,60 +21,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import importlib.util
 import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from ..worker import Worker
+from .agents_jobs import JobWatch
 
 if TYPE_CHECKING:
     from livekit.agents import AgentServer
 
-SERVER_NAMES = ("server", "app", "agent")
 ENV_VARS = ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")
 EXIT_PEER_UNREACHABLE = 3
+EXIT_JOBS_FAILING = 1
 _PROBE_SLICE = 0.5
-
-
-class AgentFileError(ValueError):
-    """The agent file cannot be loaded or defines no AgentServer; the message names the file."""
-
-
-def load_server(path: str | Path) -> AgentServer:
-    """Import ``path`` and return its AgentServer (a global named server/app/agent, else the only
-    one in the module)."""
-    from livekit.agents import AgentServer
-
-    file = Path(path)
-    if not file.is_file():
-        raise AgentFileError(f"{file}: no such agent file")
-    name = f"otp_agents_hosted_{file.stem}"
-    spec = importlib.util.spec_from_file_location(name, file)
-    if spec is None or spec.loader is None:
-        raise AgentFileError(f"{file}: not a Python module")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    sys.path.insert(0, str(file.parent.resolve()))  # the app's own sibling modules
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        raise AgentFileError(f"{file}: importing it failed: {type(exc).__name__}: {exc}") from exc
-    for attr in SERVER_NAMES:
-        if isinstance(getattr(module, attr, None), AgentServer):
-            return getattr(module, attr)  # type: ignore[no-any-return]
-    found = [v for v in vars(module).values() if isinstance(v, AgentServer)]
-    if len(found) != 1:
-        raise AgentFileError(
-            f"{file}: expected one AgentServer (named {'/'.join(SERVER_NAMES)}), found {len(found)}"
-        )
-    return found[0]
 
 
 async def through_loop(loop: asyncio.AbstractEventLoop | None) -> None:
@@ -134,8 +99,9 @@ def _transport_class() -> type[Any]:
     return WatchedTransport
 
 
-async def run_console(worker: Worker, server: AgentServer, address: str) -> int:
-    """One console session against the peer at ``host:port``; returns the exit code."""
+async def run_console(worker: Worker, server: AgentServer, address: str, app_file: str) -> int:
+    """One console session against the peer at ``host:port``; returns the exit code. An
+    entrypoint that raises ends the leaf at once, with the exception as its exit reason."""
     from livekit.agents import JobExecutorType
     from livekit.agents.cli.cli import AgentsConsole
     from livekit.agents.cli.tcp_console import TcpAudioInput, TcpAudioOutput
@@ -152,47 +118,119 @@ async def run_console(worker: Worker, server: AgentServer, address: str) -> int:
     console._tcp_audio_output = TcpAudioOutput(transport)
     worker.liveness = lambda: through_loop(console._io_loop if console._io_acquired else None)
 
-    async with _running(server, devmode=True, unregistered=True):
-        await server.simulate_job("console-room", agent_identity="console", fake_job=True)
-        with anyio.move_on_after(30):  # the session connects right after the job starts
-            await _first_of(transport.connected.wait, transport.ended.wait, worker.wait_stopping)
-        if transport.error or not transport.connected.is_set():
-            await _say(worker, f"console peer unreachable at {transport.error or address}")
-            return EXIT_PEER_UNREACHABLE
-        await worker.ready()
-        await _first_of(transport.ended.wait, worker.wait_stopping)
-        audio_in.close()
-        return 0
+    with _watching(app_file, limit=1) as watch:
+        async with _running(server, devmode=True, unregistered=True):
+            await server.simulate_job("console-room", agent_identity="console", fake_job=True)
+            with anyio.move_on_after(30):  # the session connects right after the job starts
+                await _first_of(
+                    transport.connected.wait, transport.ended.wait, worker.wait_stopping, watch.given_up.wait
+                )
+            if watch.given_up.is_set():
+                return await _give_up(worker, watch)
+            if transport.error or not transport.connected.is_set():
+                await _say(worker, f"console peer unreachable at {transport.error or address}")
+                return EXIT_PEER_UNREACHABLE
+            await worker.ready()
+            await _first_of(transport.ended.wait, worker.wait_stopping, watch.given_up.wait)
+            audio_in.close()
+            if watch.given_up.is_set():
+                return await _give_up(worker, watch)
+            return 0
 
 
-async def run_server(worker: Worker, server: AgentServer) -> int:
-    """Register with the LiveKit server from the environment and take its jobs until stopped."""
+async def run_server(
+    worker: Worker,
+    server: AgentServer,
+    app_file: str,
+    *,
+    max_failures: int = 3,
+    idle_processes: int | None = None,
+) -> int:
+    """Register with the LiveKit server from the environment and take its jobs until stopped.
+
+    Every failed job is reported to the supervisor with its exception; ``max_failures`` in a row
+    (no job ending well in between) end the leaf with exit code 1, so a broken app never looks
+    healthy: its supervisor restarts it, and gives up by its intensity."""
     missing = [v for v in ENV_VARS if not os.environ.get(v)]
     if missing:
         await _say(worker, f"server mode needs {', '.join(missing)} in the environment")
         return 2
-    server.update_options(
-        ws_url=os.environ["LIVEKIT_URL"],
-        api_key=os.environ["LIVEKIT_API_KEY"],
-        api_secret=os.environ["LIVEKIT_API_SECRET"],
-    )
+    options: dict[str, Any] = {
+        "ws_url": os.environ["LIVEKIT_URL"],
+        "api_key": os.environ["LIVEKIT_API_KEY"],
+        "api_secret": os.environ["LIVEKIT_API_SECRET"],
+    }
+    if idle_processes is not None:
+        options["num_idle_processes"] = idle_processes
+    server.update_options(**options)
+    _ephemeral_health_port(server)
     registered = anyio.Event()
     loop = asyncio.get_running_loop()
     server.on("worker_registered", lambda *_: loop.call_soon(registered.set))
+    with _watching(app_file, limit=max_failures) as watch:
+        server.once("worker_started", lambda: watch.watch_pool(server._proc_pool))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_relay, worker, watch)
+            code = await _serve_jobs(worker, server, watch, registered)
+            tg.cancel_scope.cancel()
+    if watch.given_up.is_set():
+        return await _give_up(worker, watch)
+    return code
+
+
+async def _serve_jobs(worker: Worker, server: AgentServer, watch: JobWatch, registered: anyio.Event) -> int:
     async with _running(server, devmode=False, unregistered=False) as crashed:
-        await _first_of(registered.wait, crashed.wait, worker.wait_stopping)
-        if crashed.is_set():
+        await _first_of(registered.wait, crashed.wait, worker.wait_stopping, watch.given_up.wait)
+        if crashed.is_set() or watch.given_up.is_set():
+            watch.closing = True
             return 1
         if registered.is_set():
             await worker.ready()
-            await _first_of(crashed.wait, worker.wait_stopping)
-        if worker.draining:  # finish the running calls, take no new ones
+            await _first_of(crashed.wait, worker.wait_stopping, watch.given_up.wait)
+        watch.closing = True
+        if worker.draining and not watch.given_up.is_set():  # finish the running calls, take no new ones
             started = time.monotonic()
             timeout = worker.shutdown_timeout
             with contextlib.suppress(asyncio.TimeoutError):
                 await server.drain(int(timeout) if timeout else None)
             await worker.log(f"drained in {time.monotonic() - started:.1f}s")
         return 1 if crashed.is_set() else 0
+
+
+def _ephemeral_health_port(server: AgentServer) -> None:
+    """LiveKit's worker serves its own health check on port 8081 unless the app chose one: left
+    at that, a second hosted app on the machine could not start. The supervisor is the health
+    check here, so an app that did not choose a port gets any free one."""
+    from livekit.agents.worker import ServerEnvOption
+
+    if isinstance(getattr(server, "_port", None), ServerEnvOption):
+        server._port = 0
+
+
+@contextlib.contextmanager
+def _watching(app_file: str, limit: int) -> Iterator[JobWatch]:
+    watch = JobWatch(app_file, limit)
+    logger = logging.getLogger("livekit.agents")
+    logger.addHandler(watch)
+    try:
+        yield watch
+    finally:
+        logger.removeHandler(watch)
+        watch.close()
+
+
+async def _relay(worker: Worker, watch: JobWatch) -> None:
+    """Each failed job, in the supervisor's event stream as it happens."""
+    async for line in watch.reports():
+        with contextlib.suppress(Exception):
+            await worker.log(f"agents host: {line}", logging.ERROR)
+
+
+async def _give_up(worker: Worker, watch: JobWatch) -> int:
+    reason = watch.reason or "the app's jobs keep failing"
+    await _say(worker, reason)
+    worker.exit_reason = reason
+    return EXIT_JOBS_FAILING
 
 
 @contextlib.asynccontextmanager
