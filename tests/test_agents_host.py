@@ -148,6 +148,21 @@ async def test_app_file_without_an_agent_server_fails_to_start_naming_the_file()
     assert "no_server.py" in said and "AgentServer" in said
 
 
+async def test_an_entrypoint_that_raises_fails_the_start_with_its_exception() -> None:
+    """Not a 30 s wait for a session that never comes: the exception ends the leaf at once and
+    is its exit reason, in the start error and in the event stream."""
+    call = ConsoleCall()
+    async with anyio.create_task_group() as tg:
+        address = await tg.start(call.serve)
+        error, said = await start_failure(APPS / "raising_agent.py", "--console", address)
+        tg.cancel_scope.cancel()
+    assert "root/agent" in error and "exit code 1" in error
+    assert "BrokenConfiguration: no prompt configured for room console" in error
+    assert "(raising_agent.py:14, in entrypoint)" in error
+    assert "BrokenConfiguration" in said
+    assert call.log.connections <= 1
+
+
 async def test_unreachable_console_peer_is_a_start_failure_that_says_where() -> None:
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
     port = listener.extra(anyio.abc.SocketAttribute.local_port)

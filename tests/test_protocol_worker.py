@@ -36,7 +36,8 @@ async def test_worker_that_ignores_shutdown_is_killed_after_its_timeout() -> Non
 
 async def test_exit_before_ready_is_a_start_failure() -> None:
     config = {"children": [cmd("a"), worker("w", "workers.chaos:exit_before_ready")]}
-    with pytest.raises(StartError, match=r"root/w: exited before it was ready \(exit code 1\)"):
+    cause = r"root/w: exited before it was ready \(exit code 1\): crash: RuntimeError: setup failed$"
+    with pytest.raises(StartError, match=cause):
         async with tree_of(config):
             pass
 
@@ -88,6 +89,7 @@ async def test_crash_after_ready_is_restarted() -> None:
         first = rec.of(Kind.CHILD_STARTED, "root/w")[0].pid
         exited = await rec.wait_kind(Kind.CHILD_EXITED, "root/w")
         assert exited.code == 1 and exited.reason == "crash"
+        assert exited.detail == "crash: RuntimeError: crash"  # its last words, from its Bye
         restarted = await rec.wait_for(lambda e: e.kind is Kind.CHILD_STARTED and e.pid != first)
         assert restarted.path == "root/w"
 

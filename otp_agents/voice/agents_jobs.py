@@ -68,7 +68,7 @@ class JobWatch(logging.Handler):
         pid = getattr(record, "pid", None)
         job = getattr(record, "job_id", None)
         room = getattr(record, "room", None)
-        where = f"job {job} (room {room})" if job else "the job"
+        where = f"job {job} (room {room})" if job else "the session"
         what = f"{where}: entrypoint raised {self._describe(record, message)}"
         key = pid if isinstance(pid, int) else job if isinstance(job, str) else None
         with contextlib.suppress(RuntimeError):  # the host's loop is closing
