@@ -42,9 +42,9 @@ import anyio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.environ.get("OTP_AGENTS_BENCH_PATH", str(ROOT)))  # another tree, to compare
 
-from otp_agents import wire  # noqa: E402
-from otp_agents.channel import Channel  # noqa: E402
-from otp_agents.messages import Ping, Pong  # noqa: E402
+from otp_agents.wire import framing as wire  # noqa: E402
+from otp_agents.wire.channel import Channel  # noqa: E402
+from otp_agents.wire.messages import Ping, Pong  # noqa: E402
 
 BATCH = 32
 TIMEOUT = 120.0

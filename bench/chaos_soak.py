@@ -58,7 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from otp_agents import control
+from otp_agents.errors import NotRunning
+from otp_agents.ops import control
 from workers.chaos import CHAOS_FAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -355,7 +356,7 @@ class Soak:
             replies = control.request(
                 control.socket_path(self.state), control.Request(op="status"), timeout=CONTROL_BOUND * 5
             )
-        except (OSError, control.NotRunning) as exc:
+        except (OSError, NotRunning) as exc:
             self.breach(f"status request failed: {exc}")
             return None
         took = time.monotonic() - began
@@ -574,7 +575,7 @@ class Soak:
         began = time.monotonic()
         try:
             control.request(control.socket_path(self.state), control.Request(op="stop"), timeout=10)
-        except (OSError, control.NotRunning) as exc:
+        except (OSError, NotRunning) as exc:
             self.breach(f"stop request failed: {exc}")
         assert self.proc is not None
         try:
@@ -670,7 +671,7 @@ def operator_restart(state: Path, path: str) -> None:
     SIGCONTs due) must not wait for that."""
 
     def ask() -> None:
-        with contextlib.suppress(OSError, control.NotRunning):
+        with contextlib.suppress(OSError, NotRunning):
             control.request(control.socket_path(state), control.Request(op="restart", path=path), timeout=30)
 
     threading.Thread(target=ask, daemon=True).start()

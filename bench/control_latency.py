@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from otp_agents import control
+from otp_agents.ops import control
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -27,9 +27,11 @@ from collections.abc import Callable
 import atheris
 
 with atheris.instrument_imports():
-    from otp_agents import control, wire
-    from otp_agents.config import ConfigError, loads
-    from otp_agents.messages import MAX_FRAME
+    from otp_agents.errors import ConfigError
+    from otp_agents.ops import control
+    from otp_agents.spec.load import loads
+    from otp_agents.wire import framing as wire
+    from otp_agents.wire.messages import MAX_FRAME
 
 
 def _chunks(data: bytes) -> list[bytes]:

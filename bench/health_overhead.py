@@ -63,12 +63,12 @@ from typing import Any
 import anyio
 import msgspec
 
-from otp_agents import dump, memory
-from otp_agents.config import from_dict
 from otp_agents.events import Event, EventBus, Kind
+from otp_agents.health import dump, memory
 from otp_agents.linux import cpu_ticks, per_task_counters, stat_fields
-from otp_agents.runtime import running
-from otp_agents.spec import HEALTH_DEFAULTS
+from otp_agents.runtime.running import running
+from otp_agents.spec.load import from_dict
+from otp_agents.spec.model import HEALTH_DEFAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
 RAW_WORKER = ROOT / "workers" / "raw_worker.py"

@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import numpy as np
 
-from otp_agents import memory
+from otp_agents.health import memory
 from otp_agents.voice.audio import SAMPLE_RATE
 from otp_agents.voice.inference import (
     InferenceServer,

@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from otp_agents import linux, memory
+from otp_agents import linux
+from otp_agents.health import memory
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -27,9 +27,9 @@ from typing import Any
 
 import anyio
 
-from otp_agents.config import from_dict
 from otp_agents.events import Event, EventBus, Kind
-from otp_agents.runtime import running
+from otp_agents.runtime.running import running
+from otp_agents.spec.load import from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 TURN = "Remember the number seven.\nWhat number did I tell you?\n"

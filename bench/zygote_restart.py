@@ -78,7 +78,7 @@ from typing import Any, BinaryIO
 from restart_latency import machine as base_machine
 from restart_latency import start_time, stop_manager, summary_ms
 
-from otp_agents.memory import precise_bytes, tree_pids
+from otp_agents.health.memory import precise_bytes, tree_pids
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER_SCRIPT = REPO / "bench" / "lk_worker.py"

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from .redact import REDACTOR
+from otp_agents.redact import REDACTOR
 
 log = logging.getLogger("otp_agents")
 

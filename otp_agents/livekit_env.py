@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
+from otp_agents.errors import OtpAgentsError
+
 logger = logging.getLogger(__name__)
 
 URL_VAR = "LIVEKIT_URL"
@@ -18,7 +20,7 @@ KEY_VAR = "LIVEKIT_API_KEY"
 SECRET_VAR = "LIVEKIT_API_SECRET"
 
 
-class RoomError(Exception):
+class RoomError(OtpAgentsError):
     """Anything that keeps the agent out of the room or away from its user."""
 
 

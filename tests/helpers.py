@@ -15,10 +15,10 @@ from typing import Any
 import anyio
 
 from otp_agents import linux
-from otp_agents.config import from_dict
 from otp_agents.events import Event, EventBus, Kind
-from otp_agents.runtime import Tree, running
-from otp_agents.supervisor import Supervisor
+from otp_agents.runtime.running import Tree, running
+from otp_agents.spec.load import from_dict
+from otp_agents.tree.supervisor import Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULTY = [str(ROOT / "workers" / "faulty.sh")]

@@ -22,10 +22,10 @@ from typing import Any
 import anyio
 import pytest
 
-from otp_agents.config import from_dict
+from otp_agents.errors import StartError
 from otp_agents.events import EventBus, Kind
-from otp_agents.process import StartError
-from otp_agents.runtime import running
+from otp_agents.runtime.running import running
+from otp_agents.spec.load import from_dict
 
 from .helpers import ROOT, Recorder, tree_of, worker
 from .voice_helpers import listen, needs_tts

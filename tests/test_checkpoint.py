@@ -15,9 +15,9 @@ from typing import Any
 import anyio
 import pytest
 
-from otp_agents.checkpoint import MAGIC, encode_file, file_name
 from otp_agents.events import Event, Kind
-from otp_agents.metrics import Metrics
+from otp_agents.ops.metrics import Metrics
+from otp_agents.runtime.checkpoint import MAGIC, encode_file, file_name
 
 from .helpers import WAIT, Recorder, settle, tree_of, worker
 

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from otp_agents.config import ConfigError, from_dict, load_file, loads
-from otp_agents.spec import CommandSpec, RestartType, Strategy, SupervisorSpec, WorkerSpec, walk
+from otp_agents.errors import ConfigError
+from otp_agents.spec.load import from_dict, load_file, loads
+from otp_agents.spec.model import CommandSpec, RestartType, Strategy, SupervisorSpec, WorkerSpec, walk
 
 
 def refused(text: str) -> ConfigError:
@@ -255,7 +256,7 @@ def test_fuzz_toml_text_only_raises_config_error(text: str) -> None:
 
 
 def test_stop_bound_follows_the_stop_order() -> None:
-    from otp_agents.spec import stop_bound
+    from otp_agents.spec.model import stop_bound
 
     spec = from_dict(
         {

@@ -203,7 +203,8 @@ print unpack("H*", $buf);
     reason="needs root, useradd and perl",
 )
 def test_other_uid_is_refused(running_tree: Path) -> None:
-    from otp_agents import control, wire
+    from otp_agents.ops import control
+    from otp_agents.wire import framing as wire
 
     name = "otpagentstest"
     subprocess.run(["useradd", "--no-create-home", name], capture_output=True, check=False)
@@ -287,7 +288,7 @@ def test_reload_applies_only_the_difference(running_tree: Path) -> None:
 
 
 def test_authorisation_rules() -> None:
-    from otp_agents.control import allowed
+    from otp_agents.ops.control import allowed
 
     assert allowed(1000, 1000, set(), own_uid=1000, group=None)
     assert allowed(0, 0, set(), own_uid=1000, group=None)  # root

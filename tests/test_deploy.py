@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
-from otp_agents.config import loads
-from otp_agents.metrics import Metrics
-from otp_agents.spec import stop_bound
+from otp_agents.ops.metrics import Metrics
+from otp_agents.spec.load import loads
+from otp_agents.spec.model import stop_bound
 
 from .helpers import ROOT
 

@@ -18,10 +18,10 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from otp_agents.config import from_dict
+from otp_agents.errors import StartError
 from otp_agents.events import EventBus, Kind
-from otp_agents.process import StartError
-from otp_agents.runtime import running
+from otp_agents.runtime.running import running
+from otp_agents.spec.load import from_dict
 
 from .differential.trees import Case, generate_case, hand_checked_cases, run_otp_batch
 from .helpers import FAULTY, Recorder, alive, armed, settle

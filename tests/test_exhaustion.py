@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from otp_agents import control
+from otp_agents.errors import NotRunning
+from otp_agents.ops import control
 
 from .helpers import ROOT, WAIT, poll, run_cli
 
@@ -83,7 +84,7 @@ def stop(proc: subprocess.Popen[bytes], state: Path | None = None) -> int:
     if state is not None:
         try:
             ask(state, "stop")
-        except (OSError, control.NotRunning):
+        except (OSError, NotRunning):
             proc.send_signal(signal.SIGTERM)
     else:
         proc.send_signal(signal.SIGTERM)

@@ -12,8 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from otp_agents import control, wire
-from otp_agents.control import ControlServer, Reply, Request
+from otp_agents.ops import control
+from otp_agents.ops.control import ControlServer, Reply, Request
+from otp_agents.wire import framing as wire
 
 from .helpers import ROOT, tree_of
 

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from otp_agents import wire
+from otp_agents.errors import StartError
 from otp_agents.events import Kind
-from otp_agents.messages import Bye, Error, Hello, Log, Ping, Pong, Ready
-from otp_agents.process import StartError
+from otp_agents.wire import framing as wire
+from otp_agents.wire.messages import Bye, Error, Hello, Log, Ping, Pong, Ready
 
 from .helpers import ROOT, alive, tree_of
 

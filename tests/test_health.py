@@ -10,8 +10,8 @@ from typing import Any
 import anyio
 import pytest
 
-from otp_agents import dump
 from otp_agents.events import Event, Kind
+from otp_agents.health import dump
 
 from .helpers import ROOT, Recorder, settle, tree_of, worker
 
@@ -106,7 +106,7 @@ async def test_stopped_worker_is_a_hang_and_sigkill_still_works() -> None:
 
 
 async def test_healthy_worker_answers_from_its_loop_with_asyncio_tasks_in_the_channel_dump() -> None:
-    from otp_agents import health
+    from otp_agents.health import heartbeat as health
 
     async with tree_of(hang_config("workers.chaos:steady")) as (tree, rec):
         slot = tree.slot("root/w")

@@ -29,7 +29,7 @@ from otp_agents.voice.inference import (
 from otp_agents.voice.local_io import read_wav
 from otp_agents.voice.samples import speak_flite
 from otp_agents.voice.stt import PocketSphinxSTT
-from otp_agents.wire import FrameDecoder, encode
+from otp_agents.wire.framing import FrameDecoder, encode
 
 from .helpers import tree_of, worker
 from .voice_helpers import needs_tts

@@ -8,10 +8,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from otp_agents.config import from_dict
+from otp_agents.errors import StartError
 from otp_agents.events import EventBus, Kind
-from otp_agents.process import StartError
-from otp_agents.runtime import running
+from otp_agents.runtime.running import running
+from otp_agents.spec.load import from_dict
 
 from .helpers import Recorder, alive, armed, cmd, settle, signal_child, tree_of, worker
 
@@ -87,9 +87,9 @@ async def test_start_failure_terminates_started_children_and_fails() -> None:
 
 
 async def test_start_failure_order_of_events() -> None:
-    from otp_agents.config import from_dict
     from otp_agents.events import EventBus
-    from otp_agents.runtime import running
+    from otp_agents.runtime.running import running
+    from otp_agents.spec.load import from_dict
 
     from .helpers import Recorder
 
@@ -228,7 +228,7 @@ async def test_backoff_resets_after_a_stable_run() -> None:
 
 
 async def test_spawn_without_setpriv_uses_the_preexec_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
-    from otp_agents import process
+    from otp_agents.proc import handle as process
 
     monkeypatch.setattr(process, "_SETPRIV", None)
     async with tree_of({"children": [cmd("a"), worker("w", "workers.chaos:steady")]}) as (tree, rec):

@@ -166,7 +166,7 @@ def test_real_prometheus_scrapes_the_restart_counter(supervisor: tuple[int, Path
 @pytest.mark.anyio
 async def test_restart_reasons_in_process(anyio_backend: str) -> None:
     from otp_agents.events import Kind
-    from otp_agents.metrics import Metrics
+    from otp_agents.ops.metrics import Metrics
 
     from .helpers import cmd, signal_child, tree_of
 
@@ -190,7 +190,7 @@ async def test_restart_reasons_in_process(anyio_backend: str) -> None:
 
 async def test_pool_load_and_dispatcher_gauges(anyio_backend: str) -> None:
     from otp_agents.events import Kind
-    from otp_agents.metrics import Metrics
+    from otp_agents.ops.metrics import Metrics
 
     from .helpers import ROOT, cmd, tree_of
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from otp_agents.errors import StartError
 from otp_agents.events import Kind
-from otp_agents.process import StartError
 
 from .helpers import ROOT, alive, cmd, settle, tree_of, worker
 

@@ -10,8 +10,8 @@ import resource
 import anyio
 import pytest
 
+from otp_agents.errors import StartError
 from otp_agents.events import Kind
-from otp_agents.process import StartError
 
 from .helpers import FAULTY, ROOT, alive, armed, settle, tree_of, worker
 

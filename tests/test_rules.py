@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from otp_agents import rules
-from otp_agents.rules import ChildRec, GiveUp, GiveUpReason, Nothing, Restart, Status, SupState
-from otp_agents.spec import AutoShutdown, RestartType, Strategy
+from otp_agents.spec.model import AutoShutdown, RestartType, Strategy
+from otp_agents.tree import rules
+from otp_agents.tree.rules import ChildRec, GiveUp, GiveUpReason, Nothing, Restart, Status, SupState
 
 P, TR, TE = RestartType.PERMANENT, RestartType.TRANSIENT, RestartType.TEMPORARY
 

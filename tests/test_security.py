@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from otp_agents import control
+from otp_agents.ops import control
 
 from .helpers import ROOT, WAIT, poll, run_cli
 
@@ -154,7 +154,7 @@ def test_hostile_paths_in_control_requests_go_nowhere(tmp_path: Path, backend: s
 
 
 def test_state_dir_lock_is_never_taken_through_a_symlink(tmp_path: Path) -> None:
-    from otp_agents import statedir
+    from otp_agents.runtime import statedir
 
     victim = tmp_path / "victim"
     victim.write_text("precious\n")

@@ -6,8 +6,8 @@ import signal
 
 import pytest
 
+from otp_agents.errors import Refused
 from otp_agents.events import Kind
-from otp_agents.supervisor import Refused
 
 from .helpers import FAULTY, alive, settle, signal_child, tree_of, worker
 

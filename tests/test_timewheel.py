@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from otp_agents.timewheel import TimeWheel
+from otp_agents.health.timewheel import TimeWheel
 
 
 def test_items_come_out_by_slot_and_only_when_due() -> None:

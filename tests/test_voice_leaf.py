@@ -122,8 +122,8 @@ async def test_drain_finishes_the_turn_and_the_recycled_leaf_resumes(tmp_path: P
 
 async def test_unreadable_checkpoint_starts_the_call_afresh(tmp_path: Path) -> None:
     """Bytes the supervisor accepted but the leaf cannot decode: a fresh call, not a crash loop."""
-    from otp_agents.checkpoint import CheckpointStore, encode_file
     from otp_agents.events import EventBus
+    from otp_agents.runtime.checkpoint import CheckpointStore, encode_file
 
     state = tmp_path / "state"
     file = CheckpointStore(state, EventBus()).file("root/caller")

@@ -20,9 +20,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from otp_agents import wire
-from otp_agents.channel import Channel, ChannelClosed
-from otp_agents.messages import (
+from otp_agents.wire import framing as wire
+from otp_agents.wire.channel import Channel, ChannelClosed
+from otp_agents.wire.framing import FrameDecoder, FrameError
+from otp_agents.wire.messages import (
     ALL_MESSAGES,
     MAX_CHECKPOINT,
     MAX_FRAME,
@@ -46,7 +47,6 @@ from otp_agents.messages import (
     Shutdown,
     Welcome,
 )
-from otp_agents.wire import FrameDecoder, FrameError
 
 pytestmark = pytest.mark.anyio
 

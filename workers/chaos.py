@@ -14,8 +14,8 @@ import anyio
 import anyio.abc
 import msgspec
 
-from otp_agents.process import ENV_FD
-from otp_agents.worker import Worker
+from otp_agents.wire.env import ENV_FD
+from otp_agents.worker.core import Worker
 
 
 async def steady(worker: Worker) -> None:

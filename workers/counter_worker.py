@@ -18,8 +18,8 @@ import os
 
 import msgspec
 
-from otp_agents.messages import Checkpoint
-from otp_agents.worker import Worker
+from otp_agents.wire.messages import Checkpoint
+from otp_agents.worker.core import Worker
 
 
 async def main(worker: Worker) -> None:

@@ -22,13 +22,15 @@ import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from otp_agents.errors import OtpAgentsError
+
 if TYPE_CHECKING:
     from livekit.agents import AgentServer
 
 SERVER_NAMES = ("server", "app", "agent")
 
 
-class AgentFileError(ValueError):
+class AgentFileError(OtpAgentsError, ValueError):
     """The agent file cannot be loaded or defines no app; the message names the file."""
 
 

@@ -31,7 +31,8 @@ import numpy as np
 from anyio.abc import SocketListener, SocketStream, TaskStatus
 from livekit.protocol.agent_pb import agent_session as pb
 
-from .audio import resample
+from otp_agents.errors import OtpAgentsError
+from otp_agents.voice.audio import resample
 
 WIRE_RATE = 48_000
 FRAME_SAMPLES = WIRE_RATE // 100  # 10 ms
@@ -41,7 +42,7 @@ _SILENCE = bytes(FRAME_SAMPLES * 2)
 _GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError)
 
 
-class ConsoleProtocolError(ValueError):
+class ConsoleProtocolError(OtpAgentsError, ValueError):
     """The agent sent something that is not a console transport message."""
 
 

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ..worker import Worker
-from .agents_jobs import JobWatch
+from otp_agents.voice.agents_jobs import JobWatch
+from otp_agents.worker.core import Worker
 
 if TYPE_CHECKING:
     from livekit.agents import AgentServer

@@ -36,12 +36,12 @@ from livekit.agents import (
     utils,
 )
 
-from .agent import Conversation, RuleAgent, Session, echo, memory_rules
-from .audio import SAMPLE_RATE, pcm, resample
-from .providers import ProviderError
-from .stt import PocketSphinxSTT
-from .tts import EspeakTTS
-from .tts import FliteTTS as FliteEngine
+from otp_agents.voice.agent import Conversation, RuleAgent, Session, echo, memory_rules
+from otp_agents.voice.audio import SAMPLE_RATE, pcm, resample
+from otp_agents.voice.providers import ProviderError
+from otp_agents.voice.stt import PocketSphinxSTT
+from otp_agents.voice.tts import EspeakTTS
+from otp_agents.voice.tts import FliteTTS as FliteEngine
 
 Events = Literal["metrics_collected", "error"]  # the base classes' own events; we add none
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from livekit import rtc
 
-from .audio import FRAME_SAMPLES, SAMPLE_RATE, frame_of, pcm
+from otp_agents.voice.audio import FRAME_SAMPLES, SAMPLE_RATE, frame_of, pcm
 
 
 class NoiseSuppressor:

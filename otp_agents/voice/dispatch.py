@@ -36,7 +36,8 @@ import anyio.abc
 from google.protobuf.message import DecodeError
 from livekit.protocol import agent as lk
 
-from .. import control
+from otp_agents.errors import NotRunning
+from otp_agents.ops import control
 
 JOB_EVENTS = [
     "child_started",
@@ -233,7 +234,7 @@ class Dispatcher:
         try:
             with anyio.CancelScope(shield=True):  # the supervisor starts it anyway: learn its path
                 reply = await control.call(self.control_socket, request, timeout=60)
-        except (OSError, TimeoutError, control.NotRunning) as exc:
+        except (OSError, TimeoutError, NotRunning) as exc:
             await self._status(rec, lk.JS_FAILED, f"could not start the agent: {exc}")
             return
         if not reply.ok:
@@ -256,7 +257,7 @@ class Dispatcher:
         if rec.child is None:
             rec.terminate_asked = True  # still starting: terminated once its path is known
             return
-        with contextlib.suppress(OSError, TimeoutError, control.NotRunning):
+        with contextlib.suppress(OSError, TimeoutError, NotRunning):
             await control.call(
                 self.control_socket, control.Request(op="terminate", path=rec.child), timeout=30
             )

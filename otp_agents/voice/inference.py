@@ -35,10 +35,10 @@ import msgspec
 import numpy as np
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from ..control import peer_credentials
-from ..wire import FrameDecoder, FrameError, encode
-from .providers import ProviderError
-from .stt import STT
+from otp_agents.ops.control import peer_credentials
+from otp_agents.voice.providers import ProviderError
+from otp_agents.voice.stt import STT
+from otp_agents.wire.framing import FrameDecoder, FrameError, encode
 
 log = logging.getLogger("otp_agents.inference")
 

@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
-from .agent import Session
-from .providers import ProviderError
+from otp_agents.voice.agent import Session
+from otp_agents.voice.providers import ProviderError
 
 
 class ChatCompletionsAgent:

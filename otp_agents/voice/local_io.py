@@ -27,7 +27,7 @@ import anyio.lowlevel
 import numpy as np
 from livekit import rtc
 
-from .audio import FRAME_SAMPLES, SAMPLE_RATE, frame_of, pcm, resample
+from otp_agents.voice.audio import FRAME_SAMPLES, SAMPLE_RATE, frame_of, pcm, resample
 
 _HEADER = 44
 

@@ -38,8 +38,8 @@ import anyio
 import msgspec
 import numpy as np
 
-from .agent import Agent, ChatMessage, Conversation, Session, check_agents, switch_agent
-from .audio import (
+from otp_agents.voice.agent import Agent, ChatMessage, Conversation, Session, check_agents, switch_agent
+from otp_agents.voice.audio import (
     FRAME_SAMPLES,
     FRAME_SECONDS,
     SAMPLE_RATE,
@@ -49,11 +49,11 @@ from .audio import (
     frame_of,
     resample,
 )
-from .denoise import NoiseSuppressor
-from .providers import ProviderError, ProviderStats, RetryPolicy, call
-from .stt import STT, STTStream
-from .tts import TTS
-from .vad import Edge, SpeechDetector, SpeechEdge, VADModel, VADSettings
+from otp_agents.voice.denoise import NoiseSuppressor
+from otp_agents.voice.providers import ProviderError, ProviderStats, RetryPolicy, call
+from otp_agents.voice.stt import STT, STTStream
+from otp_agents.voice.tts import TTS
+from otp_agents.voice.vad import Edge, SpeechDetector, SpeechEdge, VADModel, VADSettings
 
 PUSH_SECONDS = 0.1  # synthesized audio goes to the sink in pieces this long (barge-in granularity)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")

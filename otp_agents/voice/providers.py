@@ -18,10 +18,12 @@ from typing import TypeVar
 
 import anyio
 
+from otp_agents.errors import OtpAgentsError
+
 T = TypeVar("T")
 
 
-class ProviderError(Exception):
+class ProviderError(OtpAgentsError):
     """A provider failed. ``kind`` is a short word for metrics (timeout, connection, rate_limit,
     server, bad_request, ...); ``retryable`` says whether trying again may help."""
 

@@ -25,7 +25,7 @@ from livekit import api, rtc
 from livekit.rtc._ffi_client import FfiClient
 from livekit.rtc.room import EventTypes
 
-from ..livekit_env import (
+from otp_agents.livekit_env import (
     KEY_VAR,
     SECRET_VAR,
     URL_VAR,
@@ -34,7 +34,7 @@ from ..livekit_env import (
     RoomError,
     normalize_url,
 )
-from .audio import SAMPLE_RATE, frame_of, pcm, resample
+from otp_agents.voice.audio import SAMPLE_RATE, frame_of, pcm, resample
 
 __all__ = ["KEY_VAR", "SECRET_VAR", "URL_VAR", "LiveKitEnv", "RoomConfigError", "RoomError", "normalize_url"]
 

@@ -21,14 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, resample
-from .local_io import WavWriter
-from .tts import parse_wav
+from otp_agents.errors import OtpAgentsError
+from otp_agents.voice.audio import SAMPLE_RATE, resample
+from otp_agents.voice.local_io import WavWriter
+from otp_agents.voice.tts import parse_wav
 
 _PAUSE = re.compile(r"^pause\s+(\d+(?:\.\d+)?)\s*$", re.IGNORECASE)
 
 
-class ScriptError(ValueError):
+class ScriptError(OtpAgentsError, ValueError):
     pass
 
 

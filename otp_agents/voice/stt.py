@@ -14,7 +14,7 @@ from typing import Protocol
 import anyio
 import numpy as np
 
-from .audio import SAMPLE_RATE
+from otp_agents.voice.audio import SAMPLE_RATE
 
 CHUNK = SAMPLE_RATE // 10  # samples handed to the decoder at a time
 

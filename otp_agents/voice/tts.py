@@ -16,7 +16,7 @@ from typing import Protocol
 import anyio
 import numpy as np
 
-from .providers import ProviderError
+from otp_agents.voice.providers import ProviderError
 
 
 class TTS(Protocol):

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .audio import SAMPLE_RATE
+from otp_agents.voice.audio import SAMPLE_RATE
 
 
 class VADModel(Protocol):

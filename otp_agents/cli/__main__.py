@@ -1,0 +1,3 @@
+from otp_agents.cli import main
+
+main()

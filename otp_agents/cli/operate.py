@@ -1,0 +1,167 @@
+"""The operator verbs: each talks to a running tree over its control socket and prints the
+answer (``status``, ``restart``, ``terminate``, ``start``, ``start-child``, ``dump``, ``stop``,
+``reload``, ``events``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+import msgspec
+
+from otp_agents.cli.app import json_option, main, state_dir_option
+from otp_agents.errors import EXIT_ERROR, EXIT_NOT_RUNNING, REPLY_EXIT, NotRunning
+from otp_agents.ops import control
+
+
+def _ask(state_dir: str, op: str, path: str = "", args: tuple[str, ...] = ()) -> control.Reply:
+    try:
+        replies = control.request(
+            control.socket_path(state_dir), control.Request(op=op, path=path, args=list(args))
+        )
+    except NotRunning as exc:
+        click.echo(f"otp-agents: {exc}", err=True)
+        sys.exit(EXIT_NOT_RUNNING)
+    except OSError as exc:
+        click.echo(f"otp-agents: control socket error: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+    if not replies:
+        click.echo("otp-agents: the supervisor closed the connection without answering", err=True)
+        sys.exit(EXIT_ERROR)
+    return replies[-1]
+
+
+def _finish(reply: control.Reply, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(msgspec.to_builtins(reply), indent=None))
+    elif reply.ok:
+        if reply.message:
+            click.echo(reply.message)
+    else:
+        click.echo(f"otp-agents: {reply.message}", err=True)
+    sys.exit(REPLY_EXIT.get(reply.code, EXIT_ERROR))
+
+
+@main.command("status")
+@state_dir_option
+@json_option
+def status_cmd(state_dir: str, as_json: bool) -> None:
+    """Show the tree: state, pid, uptime, restarts, memory, last ping RTT of every child."""
+    reply = _ask(state_dir, "status")
+    if as_json or not reply.ok:
+        _finish(reply, as_json)
+    colour = sys.stdout.isatty()
+    root = reply.data
+    click.echo(f"{root['path']}  supervisor {root['strategy']}  pid {root['pid']}  up {_age(root['uptime'])}")
+    for line in _status_lines(root["children"], 1, colour):
+        click.echo(line)
+
+
+_COLOURS = {"running": "green", "stopped": "yellow", "restarting": "red", "held": "blue"}
+
+
+def _status_lines(children: list[dict[str, Any]], depth: int, colour: bool) -> list[str]:
+    lines = []
+    for c in children:
+        state = c["status"]
+        shown = click.style(f"{state:<10}", fg=_COLOURS.get(state)) if colour else f"{state:<10}"
+        parts = [f"{'  ' * depth}{c['path']:<32}", shown, f"{c['kind']:<10}"]
+        parts.append(f"pid {c['pid']:<7}" if c.get("pid") else " " * 11)
+        parts.append(f"up {_age(c['uptime']):<8}" if c.get("uptime") is not None else " " * 11)
+        parts.append(f"restarts {c['restarts']:<3}")
+        if c.get("memory_mb") is not None:
+            parts.append(f"mem {c['memory_mb']:.1f} MB")
+        if c.get("rtt_ms") is not None:
+            parts.append(f"rtt {c['rtt_ms']:.2f} ms")
+        lines.append("  ".join(parts).rstrip())
+        if "children" in c:
+            lines.extend(_status_lines(c["children"], depth + 1, colour))
+    return lines
+
+
+def _age(seconds: float) -> str:
+    s = int(seconds)
+    if s < 120:
+        return f"{seconds:.1f}s" if s < 10 else f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def _path_command(name: str, help_text: str) -> None:
+    @main.command(name, help=help_text)
+    @click.argument("path")
+    @state_dir_option
+    @json_option
+    def command(path: str, state_dir: str, as_json: bool) -> None:
+        _finish(_ask(state_dir, name, path), as_json)
+
+
+_path_command("restart", "Stop the child at PATH and start it again (not counted as a crash).")
+_path_command(
+    "terminate", "Stop the child at PATH; it stays down, whatever its siblings do, until `start PATH`."
+)
+_path_command("start", "Start the stopped (or terminated) child at PATH.")
+
+
+@main.command("dump")
+@click.argument("path")
+@state_dir_option
+@json_option
+def dump_cmd(path: str, state_dir: str, as_json: bool) -> None:
+    """Take a stack dump of the child at PATH now, without killing it; print it."""
+    reply = _ask(state_dir, "dump", path)
+    if reply.ok and not as_json:
+        click.echo(reply.data["text"])
+        click.echo(f"(kept in {reply.data['file']})", err=True)
+        sys.exit(0)
+    _finish(reply, as_json)
+
+
+@main.command("start-child")
+@click.argument("supervisor")
+@click.argument("args", nargs=-1)
+@state_dir_option
+@json_option
+def start_child_cmd(supervisor: str, args: tuple[str, ...], state_dir: str, as_json: bool) -> None:
+    """Start one more child of the simple_one_for_one SUPERVISOR, with ARGS appended."""
+    _finish(_ask(state_dir, "start-child", supervisor, args), as_json)
+
+
+@main.command("stop")
+@state_dir_option
+@json_option
+def stop_cmd(state_dir: str, as_json: bool) -> None:
+    """Stop the whole tree gracefully (reverse start order, each child within its shutdown)."""
+    _finish(_ask(state_dir, "stop"), as_json)
+
+
+@main.command("reload")
+@state_dir_option
+@json_option
+def reload_cmd(state_dir: str, as_json: bool) -> None:
+    """Re-read the tree file and apply the difference; print it (+ added, - removed, ~ changed).
+
+    Unchanged children keep running. An invalid file is refused and nothing changes.
+    """
+    _finish(_ask(state_dir, "reload"), as_json)
+
+
+@main.command("events")
+@click.option("--path", "prefix", default="", help="Only events of this path and below.")
+@click.option("--kind", "kinds", multiple=True, help="Only these kinds (repeatable).")
+@state_dir_option
+def events_cmd(prefix: str, kinds: tuple[str, ...], state_dir: str) -> None:
+    """Follow the event stream as JSON lines until the tree stops (Ctrl-C to leave)."""
+    req = control.Request(op="events", path=prefix, kinds=list(kinds))
+    try:
+        for reply in control.stream_requests(control.socket_path(state_dir), req, timeout=None):
+            for row in reply.data or []:
+                click.echo(json.dumps(row))
+    except NotRunning as exc:
+        click.echo(f"otp-agents: {exc}", err=True)
+        sys.exit(EXIT_NOT_RUNNING)
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,419 @@
+"""The worker side of the protocol: what a Python child imports.
+
+A worker is an async function taking a :class:`Worker`::
+
+    async def main(worker: Worker) -> None:
+        model = load_model()          # anything slow happens before ready()
+        await worker.ready()          # from now on the supervisor counts us as started
+        while not worker.stopping:
+            ...                       # do the work; check worker.stopping between units
+        # returning is a clean exit (code 0)
+
+Point a tree at it with ``module = "package.module:main"``, or make a script that ends with
+``otp_agents.worker.run(main)`` and use ``script = "path/to/script.py"``.
+
+The library answers pings from the worker's own event loop (so a stalled loop shows up as a
+missing pong), turns the supervisor's ``Shutdown`` frame and SIGTERM/SIGINT into
+:attr:`Worker.stopping`, and enforces the shutdown deadline itself: if ``main`` has not returned
+shortly before the supervisor would SIGKILL it, ``main`` is cancelled so the process still
+leaves through its normal, orderly exit path. Everything is closed inside the event loop, so no
+"no running event loop" errors appear on the way out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from otp_agents.wire.channel import Channel, ChannelClosed
+from otp_agents.wire.env import (
+    DUMP_SIGNAL,
+    ENV_BACKEND,
+    ENV_DUMP_FILE,
+    ENV_FD,
+    ENV_PATH,
+    EXIT_CRASH,
+    EXIT_NO_SUPERVISOR,
+    EXIT_OK,
+)
+from otp_agents.wire.framing import FrameError, encode
+from otp_agents.wire.messages import (
+    LABEL_NAME,
+    MAX_CHECKPOINT,
+    MAX_DUMP_TEXT,
+    MAX_LABEL_VALUE,
+    MAX_LABELS,
+    REPORT_NAME,
+    SUPPORTED_VERSIONS,
+    Bye,
+    Checkpoint,
+    Drain,
+    Dump,
+    DumpRequest,
+    Hello,
+    Located,
+    Log,
+    Lookup,
+    Ping,
+    Pong,
+    Publish,
+    Reject,
+    Report,
+    Shutdown,
+    Welcome,
+)
+from otp_agents.worker import stacks
+
+log = logging.getLogger("otp_agents.worker")
+
+# Part of the supervisor's shutdown timeout the worker keeps for its own orderly exit.
+DEADLINE_MARGIN = 0.2
+# How long after a stop signal the worker waits for the Shutdown frame that carries the deadline.
+SIGNAL_FRAME_SKEW = 0.5
+MAX_BYE_REASON = 2000  # characters of a stated exit reason that reach the supervisor
+_REPORT_NAME = re.compile(REPORT_NAME)
+_LABEL_NAME = re.compile(LABEL_NAME)
+
+
+class Worker:
+    """Handed to a worker's main function.
+
+    ``resumed`` is the last checkpoint this child sent before it was restarted (after a crash,
+    a kill, a recycle or a supervisor restart), or None: resume from it, then keep checkpointing.
+    """
+
+    def __init__(
+        self,
+        channel: Channel,
+        path: str,
+        args: list[str],
+        resumed: bytes | None = None,
+        checkpoint_max: int = 0,
+    ) -> None:
+        self.path = path
+        self.args = args
+        self.resumed = resumed
+        self.checkpoint_max = checkpoint_max  # 0: the supervisor keeps no checkpoints
+        self._channel = channel
+        self._stop = anyio.Event()
+        self._ready_sent = False
+        self.draining = False  # the supervisor asked us to finish current work and exit
+        self.shutdown_timeout: float | None = None
+        self._timeout_known = anyio.Event()
+        self._lookups: dict[int, tuple[anyio.Event, list[str | None]]] = {}
+        self._lookup_seq = 0
+        self.stop_reason: str | None = None
+        # Awaited before each pong when set: a worker whose real work runs on another event loop
+        # (a thread's) routes its heartbeat through that loop, so a stuck loop misses pongs.
+        self.liveness: Callable[[], Awaitable[None]] | None = None
+        self._probing = False
+        # Why this worker is about to exit, in its own words: sent in its Bye, and shown by the
+        # supervisor as the exit's (or the failed start's) reason. Set it before a non-zero exit.
+        self.exit_reason: str | None = None
+
+    @property
+    def stopping(self) -> bool:
+        """True once the supervisor (or a signal) asked this worker to finish."""
+        return self._stop.is_set()
+
+    async def wait_stopping(self) -> None:
+        await self._stop.wait()
+
+    async def ready(self) -> None:
+        """Tell the supervisor this worker is started. Call it once, after setup."""
+        if not self._ready_sent:
+            self._ready_sent = True
+            from otp_agents.wire.messages import Ready
+
+            await self._channel.send(Ready())
+
+    async def log(self, message: str, level: int = logging.INFO) -> None:
+        """Send a log line into the supervisor's event stream."""
+        await self._channel.send(Log(level=level, message=message[:65536]))
+
+    async def checkpoint(self, data: bytes) -> None:
+        """Leave ``data`` with the supervisor: the next start of this child gets it as ``resumed``.
+
+        Keep it small (at most ``checkpoint_max`` bytes) and send it when the state changes; only
+        the newest one is kept. Empty data forgets it (:meth:`clear_checkpoint`).
+        """
+        limit = self.checkpoint_max or MAX_CHECKPOINT
+        if len(data) > limit:
+            raise ValueError(f"checkpoint of {len(data)} bytes is over the limit of {limit} bytes")
+        await self._channel.send(Checkpoint(data=bytes(data)))
+
+    async def clear_checkpoint(self) -> None:
+        """The work is complete: the next start of this child begins fresh."""
+        await self._channel.send(Checkpoint(data=b""))
+
+    async def report(self, name: str, value: float, **labels: str) -> None:
+        """Send a measurement (``voice_turn_latency_seconds``, 0.42) to the supervisor's event
+        stream; known names also feed its Prometheus metrics."""
+        if not _REPORT_NAME.fullmatch(name):
+            raise ValueError(f"report name {name!r} must match {REPORT_NAME}")
+        if len(labels) > MAX_LABELS:
+            raise ValueError(f"at most {MAX_LABELS} labels, got {len(labels)}")
+        for key, text in labels.items():
+            if not _LABEL_NAME.fullmatch(key):
+                raise ValueError(f"label name {key!r} must match {LABEL_NAME}")
+            if len(text) > MAX_LABEL_VALUE:
+                raise ValueError(f"label {key} is over {MAX_LABEL_VALUE} characters")
+        await self._channel.send(Report(name=name, value=float(value), labels=labels))
+
+    async def publish(self, name: str, address: str) -> None:
+        """Offer a service (a socket address) to the other workers of the tree, which find it
+        with :meth:`lookup`. It is withdrawn when this process exits, or with an empty address."""
+        await self._channel.send(Publish(name=name, address=address))
+
+    async def lookup(self, name: str, timeout: float = 2.0) -> str | None:  # noqa: ASYNC109
+        """The address a worker of the tree published for ``name`` (None if nobody serves it,
+        or the supervisor did not answer within ``timeout``)."""
+        self._lookup_seq += 1
+        ident = self._lookup_seq
+        done, answer = anyio.Event(), list[str | None]([None])
+        self._lookups[ident] = (done, answer)
+        try:
+            await self._channel.send(Lookup(id=ident, name=name))
+            with anyio.move_on_after(timeout):
+                await done.wait()
+        finally:
+            self._lookups.pop(ident, None)
+        return answer[0]
+
+    def _located(self, msg: Located) -> None:
+        waiter = self._lookups.get(msg.id)
+        if waiter is not None:
+            waiter[1][0] = msg.address
+            waiter[0].set()
+
+    def request_stop(self, reason: str, timeout: float | None = None) -> None:
+        if not self._stop.is_set():
+            self.stop_reason = reason
+            self._stop.set()
+        # The Shutdown frame and the stop signal may arrive in either order: the frame's
+        # deadline counts whichever came first.
+        if timeout and self.shutdown_timeout is None:
+            self.shutdown_timeout = timeout
+            self._timeout_known.set()
+
+
+Main = Callable[[Worker], Awaitable[None]]
+
+
+def run(main: Main, args: list[str] | None = None) -> None:
+    """Run ``main`` as a protocol worker and exit the process with its outcome."""
+    backend = os.environ.get(ENV_BACKEND, "asyncio")
+    if ENV_FD not in os.environ:
+        sys.stderr.write("otp-agents worker: no supervisor channel (OTP_AGENTS_FD is not set)\n")
+        sys.exit(EXIT_NO_SUPERVISOR)
+    # Hello goes out before the event loop starts, so the supervisor prepares its Welcome while
+    # the loop comes up (the two overlap: about 0.5 ms of every start).
+    try:
+        os.write(int(os.environ[ENV_FD]), encode(Hello(versions=list(SUPPORTED_VERSIONS), pid=os.getpid())))
+    except OSError as exc:
+        sys.stderr.write(f"otp-agents worker: lost the supervisor channel: {exc}\n")
+        sys.exit(EXIT_NO_SUPERVISOR)
+    _register_signal_dump()
+    code = anyio.run(_serve, main, list(sys.argv[1:] if args is None else args), False, backend=backend)
+    sys.exit(code)
+
+
+async def _serve(main: Main, args: list[str], send_hello: bool = True) -> int:
+    sock = socket.socket(fileno=int(os.environ[ENV_FD]))
+    sock.set_inheritable(False)  # our own subprocesses must not hold the supervisor's channel
+    channel = await Channel.from_socket(sock)
+    try:
+        if send_hello:
+            await channel.send(Hello(versions=list(SUPPORTED_VERSIONS), pid=os.getpid()))
+        first = await channel.receive()
+        if isinstance(first, Reject):
+            sys.stderr.write(f"otp-agents worker: supervisor refused us: {first.reason}\n")
+            return EXIT_NO_SUPERVISOR
+        if not isinstance(first, Welcome):
+            sys.stderr.write(f"otp-agents worker: expected welcome, got {type(first).__name__}\n")
+            return EXIT_NO_SUPERVISOR
+        worker = Worker(
+            channel,
+            first.path or os.environ.get(ENV_PATH, ""),
+            args,
+            resumed=first.checkpoint or None,
+            checkpoint_max=first.checkpoint_max,
+        )
+        return await _supervised(main, worker, channel)
+    except (ChannelClosed, FrameError, OSError) as exc:
+        sys.stderr.write(f"otp-agents worker: lost the supervisor channel: {exc}\n")
+        return EXIT_NO_SUPERVISOR
+    finally:
+        with anyio.CancelScope(shield=True):
+            await channel.aclose()
+
+
+async def _supervised(main: Main, worker: Worker, channel: Channel) -> int:
+    code = EXIT_OK
+    lag = _LoopLag()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_serve_channel, worker, channel, lag)
+        tg.start_soon(lag.run)
+        await tg.start(_serve_signals, worker)  # before main: a stop signal must never find SIG_DFL
+        main_scope = anyio.CancelScope()
+        tg.start_soon(_enforce_deadline, worker, main_scope)
+        with main_scope:
+            try:
+                await main(worker)
+            except SystemExit as exc:  # sys.exit(n) in main: exit with n, not as a crash
+                code = exc.code if isinstance(exc.code, int) else EXIT_OK if exc.code is None else EXIT_CRASH
+                if isinstance(exc.code, str):  # sys.exit("why"): say why, as Python itself does
+                    sys.stderr.write(exc.code + "\n")
+                    worker.exit_reason = worker.exit_reason or exc.code
+            except Exception as exc:
+                log.exception("worker %s crashed", worker.path)
+                sys.stderr.flush()
+                code = EXIT_CRASH
+                worker.exit_reason = worker.exit_reason or f"crash: {type(exc).__name__}: {exc}"
+        if main_scope.cancelled_caught:
+            sys.stderr.write(f"otp-agents worker {worker.path}: main cancelled at the shutdown deadline\n")
+        with anyio.move_on_after(0.5, shield=True):
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                await channel.send(Bye(reason=_bye_reason(worker, code)))
+        tg.cancel_scope.cancel()
+    return code
+
+
+def _bye_reason(worker: Worker, code: int) -> str:
+    said = worker.exit_reason
+    return said[:MAX_BYE_REASON] if said else ("normal" if code == EXIT_OK else "crash")
+
+
+async def _serve_channel(worker: Worker, channel: Channel, lag: _LoopLag) -> None:
+    """Answer pings and dump requests, take drain and shutdown requests: all from this loop,
+    so a blocked loop shows up as missing pongs."""
+    async with anyio.create_task_group() as tg:
+        try:
+            while True:
+                msg = await channel.receive()
+                if isinstance(msg, Ping) and worker.liveness is not None:
+                    if not worker._probing:  # one probe at a time: a stuck one is the missing pong
+                        worker._probing = True
+                        tg.start_soon(_probed_pong, worker, channel, msg, lag)
+                elif isinstance(msg, Ping):
+                    await channel.send(Pong(seq=msg.seq, sent_ns=msg.sent_ns, loop_lag_ms=lag.take()))
+                elif isinstance(msg, DumpRequest):
+                    text = stacks.render()[:MAX_DUMP_TEXT]
+                    await channel.send(Dump(id=msg.id, text=text))
+                elif isinstance(msg, Drain):
+                    worker.draining = True
+                    worker.request_stop(f"drain: {msg.reason}")
+                elif isinstance(msg, Shutdown):
+                    worker.request_stop(msg.reason, msg.timeout or None)
+                elif isinstance(msg, Located):
+                    worker._located(msg)
+        except (ChannelClosed, FrameError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            # The supervisor is gone (or spoke garbage): finish up. PR_SET_PDEATHSIG covers the case
+            # where this loop cannot run at all.
+            worker.request_stop("supervisor lost", 1.0)
+        tg.cancel_scope.cancel()  # pending probes
+
+
+async def _probed_pong(worker: Worker, channel: Channel, ping: Ping, lag: _LoopLag) -> None:
+    assert worker.liveness is not None
+    start = time.monotonic()
+    try:
+        await worker.liveness()
+    except Exception:  # a broken probe is a missing pong (the supervisor's hang check), not a crash
+        log.exception("%s: liveness probe failed", worker.path)
+        return
+    finally:
+        worker._probing = False
+    probe_ms = (time.monotonic() - start) * 1000
+    pong = Pong(seq=ping.seq, sent_ns=ping.sent_ns, loop_lag_ms=round(max(lag.take(), probe_ms), 3))
+    # A closed channel is noticed (and handled) by the receiving loop.
+    with contextlib.suppress(ChannelClosed, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        await channel.send(pong)
+
+
+class _LoopLag:
+    """How late the event loop wakes up: the largest overshoot of a short sleep since the last
+    pong, in milliseconds."""
+
+    # Each wake-up costs an idle worker about 0.1 ms of CPU: at 4 a second, 1,000 idle workers
+    # took 40 % of a core between them (BENCHMARKS.md, "Zygote fleet"). Once a second, a stall
+    # is measured in full when it covers a wake-up; one that starts and ends between two
+    # wake-ups is missed here, but if a ping arrives during it, it shows in that ping's RTT.
+    INTERVAL = 1.0
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+
+    def take(self) -> float:
+        worst, self.worst = self.worst, 0.0
+        return round(worst, 3)
+
+    async def run(self) -> None:
+        while True:
+            start = time.monotonic()
+            await anyio.sleep(self.INTERVAL)
+            late = (time.monotonic() - start - self.INTERVAL) * 1000
+            self.worst = max(self.worst, late)
+
+
+def _register_signal_dump() -> None:
+    """Let the supervisor get our stacks even when this loop is stuck or C code holds the GIL:
+    faulthandler writes them from a C-level signal handler into the file the supervisor named."""
+    path = os.environ.get(ENV_DUMP_FILE)
+    if not path:
+        return
+    try:
+        out = open(path, "ab", buffering=0)  # noqa: SIM115 - must stay open for the process' life
+    except OSError as exc:
+        sys.stderr.write(f"otp-agents worker: cannot open dump file {path}: {exc}\n")
+        return
+    faulthandler.register(DUMP_SIGNAL, file=out, all_threads=True, chain=False)
+    _keep_open.append(out)
+
+
+_keep_open: list[Any] = []
+
+
+async def _serve_signals(
+    worker: Worker, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # What trio restores (and re-delivers still-pending signals to) when the receiver closes.
+        signal.signal(sig, signal.SIG_IGN)
+    task_status.started()
+    try:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for sig in signals:
+                worker.request_stop(signal.Signals(sig).name, worker.shutdown_timeout)
+    finally:
+        # asyncio restores SIG_DFL here and CPython's finalisation resets Python-level handlers;
+        # the supervisor's stop signal often lands after main() returned: ignore it from now on.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+
+
+async def _enforce_deadline(worker: Worker, main_scope: anyio.CancelScope) -> None:
+    await worker.wait_stopping()
+    with anyio.move_on_after(SIGNAL_FRAME_SKEW):
+        await worker._timeout_known.wait()
+    timeout = worker.shutdown_timeout
+    if not timeout:
+        return
+    started = time.monotonic()
+    await anyio.sleep(max(0.0, timeout * (1 - DEADLINE_MARGIN)))
+    log.warning(
+        "%s: still busy %.2fs after the stop request; cancelling", worker.path, time.monotonic() - started
+    )
+    main_scope.cancel()
