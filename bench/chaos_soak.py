@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from otp_agents.errors import NotRunning
-from otp_agents.ops import control
+from otp_agents.ops import control_client as control
 from workers.chaos import CHAOS_FAULTS
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from otp_agents.ops import control
+from otp_agents.ops import control_client as control
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -28,7 +28,7 @@ import atheris
 
 with atheris.instrument_imports():
     from otp_agents.errors import ConfigError
-    from otp_agents.ops import control
+    from otp_agents.ops import control_client as control
     from otp_agents.spec.load import loads
     from otp_agents.wire import framing as wire
     from otp_agents.wire.messages import MAX_FRAME
@@ -62,7 +62,7 @@ def fuzz_config(data: bytes) -> None:
 
 
 def fuzz_control(data: bytes) -> None:
-    decoder = wire.FrameDecoder(control.MAX_CONTROL_FRAME, decoder=control._decoder)
+    decoder = wire.FrameDecoder(control.MAX_CONTROL_FRAME, decoder=control.DECODER)
     try:
         for chunk in _chunks(data):
             decoder.feed(chunk)

@@ -72,7 +72,7 @@ def test_event_lines_of_a_crash_loop_that_exhausts_the_root(tmp_path: Path) -> N
 
 
 def test_control_protocol_frames() -> None:
-    from otp_agents.ops.control import OPS, Reply, Request
+    from otp_agents.ops.control_client import OPS, Reply, Request
     from otp_agents.wire import framing as wire
 
     samples = [
@@ -104,7 +104,7 @@ def _keys(row: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.anyio
 async def test_status_reply_shape() -> None:
-    from otp_agents.ops.control import status
+    from otp_agents.ops.status import status
 
     config = {
         "id": "root",

@@ -203,7 +203,7 @@ print unpack("H*", $buf);
     reason="needs root, useradd and perl",
 )
 def test_other_uid_is_refused(running_tree: Path) -> None:
-    from otp_agents.ops import control
+    from otp_agents.ops import control_client as control
     from otp_agents.wire import framing as wire
 
     name = "otpagentstest"
@@ -234,7 +234,7 @@ def test_other_uid_is_refused(running_tree: Path) -> None:
             os.chmod(part, 0o777 if part == sock else 0o711)
         second = as_other()
         assert second.returncode == 0, second.stderr
-        decoder = wire.FrameDecoder(control.MAX_CONTROL_FRAME, decoder=control._decoder)
+        decoder = wire.FrameDecoder(control.MAX_CONTROL_FRAME, decoder=control.DECODER)
         (reply,) = decoder.feed(bytes.fromhex(second.stdout))
         assert isinstance(reply, control.Reply)
         assert (reply.ok, reply.code, reply.data) == (False, "denied", None)
@@ -288,7 +288,7 @@ def test_reload_applies_only_the_difference(running_tree: Path) -> None:
 
 
 def test_authorisation_rules() -> None:
-    from otp_agents.ops.control import allowed
+    from otp_agents.wire.peer import allowed
 
     assert allowed(1000, 1000, set(), own_uid=1000, group=None)
     assert allowed(0, 0, set(), own_uid=1000, group=None)  # root

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from otp_agents.errors import NotRunning
-from otp_agents.ops import control
+from otp_agents.ops import control_client as control
 
 from .helpers import ROOT, WAIT, poll, run_cli
 

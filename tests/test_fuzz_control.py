@@ -12,8 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from otp_agents.ops import control
-from otp_agents.ops.control import ControlServer, Reply, Request
+from otp_agents.ops import control_client as control
+from otp_agents.ops.control import ControlServer
+from otp_agents.ops.control_client import Reply, Request
 from otp_agents.wire import framing as wire
 
 from .helpers import ROOT, tree_of
@@ -46,7 +47,7 @@ _junk = st.one_of(
 
 async def _exchange(sock: Path, data: bytes) -> list[Reply]:
     replies: list[Reply] = []
-    decoder = wire.FrameDecoder(control.MAX_CONTROL_FRAME, decoder=control._decoder)
+    decoder = wire.FrameDecoder(control.MAX_CONTROL_FRAME, decoder=control.DECODER)
     async with await anyio.connect_unix(sock) as stream:
         await stream.send(data)
         await stream.send_eof()

@@ -228,7 +228,7 @@ async def test_backoff_resets_after_a_stable_run() -> None:
 
 
 async def test_spawn_without_setpriv_uses_the_preexec_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
-    from otp_agents.proc import handle as process
+    from otp_agents.proc import spawn as process
 
     monkeypatch.setattr(process, "_SETPRIV", None)
     async with tree_of({"children": [cmd("a"), worker("w", "workers.chaos:steady")]}) as (tree, rec):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from otp_agents.ops import control
+from otp_agents.ops import control_client as control
 
 from .helpers import ROOT, WAIT, poll, run_cli
 

@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 from livekit import api
 
-from otp_agents.ops.control import CONTROL_SERVICE
+from otp_agents.ops.control_client import CONTROL_SERVICE
 from otp_agents.voice.dispatch import Dispatcher
 from otp_agents.voice.room import LiveKitEnv
 from otp_agents.worker.core import Worker, run

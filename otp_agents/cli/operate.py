@@ -13,7 +13,7 @@ import msgspec
 
 from otp_agents.cli.app import json_option, main, state_dir_option
 from otp_agents.errors import EXIT_ERROR, EXIT_NOT_RUNNING, REPLY_EXIT, NotRunning
-from otp_agents.ops import control
+from otp_agents.ops import control_client as control
 
 
 def _ask(state_dir: str, op: str, path: str = "", args: tuple[str, ...] = ()) -> control.Reply:

@@ -17,11 +17,12 @@ import msgspec
 
 from otp_agents.cli.app import load, main, state_dir_option, tree_path
 from otp_agents.errors import EXIT_CONFIG, EXIT_START_FAILED, PreflightError, StateDirBusy
-from otp_agents.ops import control, preflight
+from otp_agents.ops import control_client, preflight
+from otp_agents.ops.serve import run
 from otp_agents.proc import guard
 from otp_agents.redact import REDACTOR
 from otp_agents.runtime import statedir
-from otp_agents.runtime.running import run
+from otp_agents.runtime.reload import file_content
 
 
 @main.command("run")
@@ -78,11 +79,11 @@ def run_cmd(
     SIGTERM or Ctrl-C stops the tree in reverse start order; a second one kills it.
     Exit codes: 0 stopped, 1 the root supervisor gave up, 2 bad tree file, 3 start failed.
     """
-    loaded = control.file_content(tree_path(tree))  # before loading: what --watch-tree compares to
+    loaded = file_content(tree_path(tree))  # before loading: what --watch-tree compares to
     spec = load(tree)
     try:
         preflight.check_env(spec, tree_path(tree))
-        preflight.check_control_path(control.socket_path(state_dir))
+        preflight.check_control_path(control_client.socket_path(state_dir))
     except PreflightError as exc:
         click.echo(f"otp-agents: {exc}", err=True)
         sys.exit(exc.exit_code)

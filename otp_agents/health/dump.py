@@ -203,9 +203,3 @@ async def _by_pyspy(pid: int, limit: float, tracked: dict[int, str]) -> str | No
         out.seek(0)
         text = out.read().decode("utf-8", "replace")
     return text or None
-
-
-def remove_signal_file(file: str | None) -> None:
-    if file is not None:
-        with contextlib.suppress(OSError):
-            os.unlink(file)

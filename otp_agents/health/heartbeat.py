@@ -1,64 +1,30 @@
-"""Health monitors of one running child: heartbeat, memory breaker, lifetime limit.
-
-They run beside the child handle and act on the process directly; they never reach into the
-supervisor. What they do is seen by the supervisor only as the way the process ended:
-
-* **hang** (no pong for ``ping_timeout``) and **memory** (over ``memory_limit_mb``): stack dump,
-  then SIGKILL to the group; the exit is a crash with that reason, handled by the strategy;
-* **drain** (over ``memory_soft_mb``, or ``max_lifetime`` reached): the child is asked to finish
-  and exit; its exit is a *recycle*: restarted by its restart type, not counted as a crash.
-
-Heartbeats: the supervisor pings each protocol worker every ``ping_interval``, starting at a
+"""Heartbeats: the supervisor pings each protocol worker every ``ping_interval``, starting at a
 random phase so a fleet's pings are spread over the interval; one task serves every worker
-(:class:`Heartbeats`). The worker echoes the ping's own
-timestamp from its event loop, so the round-trip time is measured on the supervisor's clock and
-a stalled worker loop shows up as a missing pong, not as a wrong number.
-"""
+(:class:`Heartbeats`). The worker echoes the ping's own timestamp from its event loop, so the
+round-trip time is measured on the supervisor's clock and a stalled worker loop shows up as a
+missing pong, not as a wrong number: after ``ping_timeout`` without one, a ``hang``: stack dump,
+SIGKILL, a crash with reason ``hang``."""
 
 from __future__ import annotations
 
 import random
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
 
 from otp_agents import linux
 from otp_agents.events import Kind
+from otp_agents.health.actions import kill_for
+from otp_agents.health.host import HealthHost
 from otp_agents.health.timewheel import TimeWheel
-from otp_agents.wire.messages import Drain, Ping, Pong
-
-if TYPE_CHECKING:
-    from otp_agents.proc.handle import ChildProcess, Host
-    from otp_agents.wire.channel import Channel
+from otp_agents.proc.handle import ChildProcess
+from otp_agents.wire.channel import Channel
+from otp_agents.wire.messages import Ping, Pong
 
 SLOW_PING_EVERY = 30.0  # at most one slow_ping event per child in this many seconds
 PING_SLOT = 0.05  # seconds
-
-
-async def watch(proc: ChildProcess, host: Host) -> None:
-    """Run every monitor that applies to ``proc`` until it exits."""
-    s = proc.spec.settings
-    async with anyio.create_task_group() as tg:
-        if proc.channel is not None:
-            host.heartbeats.add(proc)
-        if s.max_lifetime is not None:
-            tg.start_soon(_lifetime, proc, host)
-        if s.watches_memory:
-            host.memory.add(
-                proc, lambda p, mb: drain(p, host, "memory"), lambda p, mb: _kill_soon(p, host, "memory")
-            )
-        try:
-            await proc.exited.wait()
-        finally:
-            host.memory.remove(proc)
-            host.heartbeats.remove(proc)
-            tg.cancel_scope.cancel()
-
-
-# -- heartbeat ---------------------------------------------------------------------------------
 
 
 @dataclass(eq=False)
@@ -76,7 +42,7 @@ class Heartbeats:
     PING_SLOT slots, so the loop wakes once per slot for all the pings of that slot, and a ping
     is one non-blocking ``send`` (a task is started only for a worker whose socket is full)."""
 
-    def __init__(self, host: Host) -> None:
+    def __init__(self, host: HealthHost) -> None:
         self._host = host
         self._wheel: TimeWheel[_Beat] = TimeWheel(PING_SLOT)
         self._beats: dict[int, _Beat] = {}
@@ -160,7 +126,7 @@ class Heartbeats:
             beat.sending = False
 
 
-def on_pong(proc: ChildProcess, pong: Pong, host: Host) -> None:
+def on_pong(proc: ChildProcess, pong: Pong, host: HealthHost) -> None:
     """Called by the channel reader: record the true round trip, warn when it is slow."""
     now_ns = time.monotonic_ns()
     rtt = (now_ns - pong.sent_ns) / 1e9
@@ -187,64 +153,3 @@ def on_pong(proc: ChildProcess, pong: Pong, host: Host) -> None:
 def linux_state(pid: int) -> str:
     fields = linux.stat_fields(pid)
     return f"state {fields[0].decode()}" if fields else "gone"
-
-
-# -- lifetime ----------------------------------------------------------------------------------
-
-
-async def _lifetime(proc: ChildProcess, host: Host) -> None:
-    s = proc.spec.settings
-    assert s.max_lifetime is not None
-    # Jitter only shortens the lifetime, so that a fleet started together does not recycle together.
-    limit = s.max_lifetime * (1 - s.lifetime_jitter * random.random())
-    await anyio.sleep(limit)
-    if proc.exit is not None:
-        return
-    host.bus.emit(Kind.LIFETIME, proc.path, pid=proc.pid, value=round(limit, 3), threshold=s.max_lifetime)
-    drain(proc, host, "lifetime")
-    shutdown = proc.spec.shutdown
-    if shutdown == "infinity":
-        return
-    if shutdown != "brutal_kill":
-        with anyio.move_on_after(float(shutdown)):
-            await proc.exited.wait()
-            return
-        await host.dumper.take(proc, "lifetime_shutdown_timeout")
-    proc.kill()
-
-
-# -- actions -----------------------------------------------------------------------------------
-
-
-def drain(proc: ChildProcess, host: Host, reason: str) -> None:
-    """Ask the child to finish its current work and exit; its exit will be a recycle."""
-    if proc.exit is not None or proc.recycle is not None:
-        return
-    proc.recycle = reason
-    if proc.channel is not None:
-        channel = proc.channel
-
-        async def send() -> None:
-            try:
-                with anyio.move_on_after(1.0):
-                    await channel.send(Drain(reason=reason))
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                pass
-
-        host.tg.start_soon(send)
-    else:
-        proc.polite_signal()
-
-
-def _kill_soon(proc: ChildProcess, host: Host, reason: str) -> None:
-    host.tg.start_soon(kill_for, proc, host, reason)
-
-
-async def kill_for(proc: ChildProcess, host: Host, reason: str) -> None:
-    """Dump, then SIGKILL the group; the exit is a crash with ``reason``."""
-    if proc.exit is not None or proc.health_kill is not None:
-        return
-    proc.health_kill = reason
-    dump = await host.dumper.take(proc, reason)
-    host.bus.emit(Kind.HEALTH_KILL, proc.path, pid=proc.pid, reason=reason, file=str(dump) if dump else None)
-    proc.fault(reason)

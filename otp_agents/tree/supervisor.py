@@ -27,8 +27,6 @@ import msgspec
 
 from otp_agents.errors import ChildNotFound, Refused, StartAborted, StartError
 from otp_agents.events import Kind
-from otp_agents.health import heartbeat as health
-from otp_agents.proc.handle import ChildProcess, Host, spawn
 from otp_agents.spec.model import (
     Backoff,
     ChildSpec,
@@ -40,6 +38,7 @@ from otp_agents.spec.model import (
     ZygoteSpec,
 )
 from otp_agents.tree import rules
+from otp_agents.tree.ports import ChildHandle, EngineHost
 from otp_agents.tree.rules import Decision, GiveUp, GiveUpReason, Nothing, Restart, Status
 
 log = logging.getLogger("otp_agents")
@@ -93,7 +92,7 @@ class SupervisorExit:
 @dataclass(frozen=True)
 class ChildDown:
     slot_id: str
-    instance: object
+    instance: ChildHandle | Supervisor
 
 
 @dataclass(frozen=True)
@@ -153,7 +152,7 @@ class Slot:
 
     spec: ChildSpec
     path: str
-    instance: ChildProcess | Supervisor | None = None
+    instance: ChildHandle | Supervisor | None = None
     started_at: float = 0.0
     restarts: int = 0  # restarts of this child since the supervisor started
     in_a_row: int = 0  # consecutive quick restarts, for backoff
@@ -183,7 +182,7 @@ class Supervisor:
         self,
         spec: SupervisorSpec,
         path: str,
-        host: Host,
+        host: EngineHost,
         notify_parent: Callable[[Supervisor], None] | None = None,
     ) -> None:
         self.spec = spec
@@ -222,7 +221,7 @@ class Supervisor:
             # It starts with no children: checkpoints left below it (its previous run was killed
             # before it could delete its children) belong to nobody and must not be handed to a
             # new child that happens to get the same id.
-            await self.host.checkpoints.clear_under(self.path)
+            await self.host.clear_checkpoints_under(self.path)
         try:
             await self._start_children()
         except StartAborted:
@@ -329,11 +328,13 @@ class Supervisor:
                 sup.exit = SupervisorExit("killed", requested=True)
             if sup._scope is not None:
                 sup._scope.cancel()
-        procs = [slot.instance for _, slot in pairs if isinstance(slot.instance, ChildProcess)]
+        procs = [
+            s.instance for _, s in pairs if s.instance is not None and not isinstance(s.instance, Supervisor)
+        ]
         for proc in procs:
             proc.kill()
         for proc in procs:
-            await proc._wait_killed()
+            await proc.wait_killed()
         for sup in sups.values():
             sup.finished.set()
         self.host.bus.emit(Kind.SUPERVISOR_STOPPED, self.path, reason="killed", requested=True)
@@ -376,7 +377,7 @@ class Supervisor:
                     path=slot.path,
                     kind=str(kind),
                     status="held" if rec.held and rec.status is not Status.RUNNING else rec.status.value,
-                    pid=inst.pid if isinstance(inst, ChildProcess) else None,
+                    pid=inst.pid if inst is not None and not isinstance(inst, Supervisor) else None,
                     restarts=slot.restarts,
                     started_at=slot.started_at if inst is not None else None,
                 )
@@ -462,14 +463,14 @@ class Supervisor:
 
     # -- handling one event ----------------------------------------------------------------------
 
-    async def _on_child_down(self, slot_id: str, instance: object) -> None:
+    async def _on_child_down(self, slot_id: str, instance: ChildHandle | Supervisor) -> None:
         slot = self.slots.get(slot_id)
         if slot is None or slot.instance is not instance:
             return  # stale: the supervisor already stopped this instance itself
         slot.instance = None
         ex = self._exit_of(instance)
         self._emit_exit(slot, instance, ex)
-        if isinstance(instance, ChildProcess) and instance.recycle is not None and ex.normal:
+        if not isinstance(instance, Supervisor) and instance.recycle is not None and ex.normal:
             await self._recycled(slot, instance.recycle)
             return
         decision = rules.child_exited(self.state, slot_id, ex.normal, time.monotonic())
@@ -579,7 +580,7 @@ class Supervisor:
                 await sup.start()
                 slot.instance = sup
             else:
-                proc = await spawn(slot.path, spec, self.host, self._child_proc_down(slot.id))
+                proc = await self.host.spawn(slot.path, spec, self._child_proc_down(slot.id))
                 slot.instance = proc
                 self.host.bus.emit(
                     Kind.CHILD_STARTED,
@@ -588,7 +589,6 @@ class Supervisor:
                     value=round(time.monotonic() - began, 6),
                     detail=f"forked by zygote {proc.forked_from}" if proc.forked_from else None,
                 )
-                self.host.tg.start_soon(health.watch, proc, self.host, name=f"health {slot.path}")
                 # If it already died, its watcher has queued a ChildDown for this very instance.
         except StartError as exc:
             if not isinstance(exc, StartAborted):
@@ -597,7 +597,7 @@ class Supervisor:
         slot.started_at = time.monotonic()
         rules.child_started(self.state, slot.id)
 
-    def _child_proc_down(self, slot_id: str) -> Callable[[ChildProcess], None]:
+    def _child_proc_down(self, slot_id: str) -> Callable[[ChildHandle], None]:
         return lambda proc: self._post(ChildDown(slot_id, proc))
 
     def _child_sup_down(self, slot_id: str) -> Callable[[Supervisor], None]:
@@ -611,7 +611,7 @@ class Supervisor:
         if inst is not None:
             # Keep slot.instance while stopping, so that kill() still finds it; the mailbox is
             # serial, so its ChildDown is only looked at after this, and is then stale.
-            if isinstance(inst, ChildProcess):
+            if not isinstance(inst, Supervisor):
                 killed = await inst.stop()
                 self._emit_terminated(slot, inst, killed)
             else:
@@ -788,7 +788,7 @@ class Supervisor:
     def _forget_checkpoint(self, slot: Slot) -> None:
         """A child deleted for good (dynamic or temporary) takes its checkpoint along."""
         if isinstance(slot.spec, WorkerSpec):
-            self.host.checkpoints.clear(slot.path)
+            self.host.forget_checkpoint(slot.path)
 
     def _all_slots(self) -> list[tuple[Supervisor, Slot]]:
         out: list[tuple[Supervisor, Slot]] = []
@@ -799,13 +799,13 @@ class Supervisor:
         return out
 
     @staticmethod
-    def _exit_of(instance: object) -> ExitLike:
-        ex = getattr(instance, "exit", None)
+    def _exit_of(instance: ChildHandle | Supervisor) -> ExitLike:
+        ex = instance.exit
         assert ex is not None
-        return ex  # type: ignore[no-any-return]
+        return ex
 
-    def _emit_exit(self, slot: Slot, instance: object, ex: ExitLike) -> None:
-        if isinstance(instance, ChildProcess) and instance.exit is not None:
+    def _emit_exit(self, slot: Slot, instance: ChildHandle | Supervisor, ex: ExitLike) -> None:
+        if not isinstance(instance, Supervisor) and instance.exit is not None:
             st = instance.exit.status
             self.host.bus.emit(
                 Kind.CHILD_EXITED,
@@ -818,7 +818,7 @@ class Supervisor:
                 detail=instance.last_words,
             )
 
-    def _emit_terminated(self, slot: Slot, proc: ChildProcess, killed: bool) -> None:
+    def _emit_terminated(self, slot: Slot, proc: ChildHandle, killed: bool) -> None:
         st = proc.exit.status if proc.exit else None
         self.host.bus.emit(
             Kind.CHILD_TERMINATED,

@@ -37,7 +37,7 @@ from google.protobuf.message import DecodeError
 from livekit.protocol import agent as lk
 
 from otp_agents.errors import NotRunning
-from otp_agents.ops import control
+from otp_agents.ops import control_client as control
 
 JOB_EVENTS = [
     "child_started",

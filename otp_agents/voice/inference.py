@@ -35,10 +35,10 @@ import msgspec
 import numpy as np
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from otp_agents.ops.control import peer_credentials
 from otp_agents.voice.providers import ProviderError
 from otp_agents.voice.stt import STT
 from otp_agents.wire.framing import FrameDecoder, FrameError, encode
+from otp_agents.wire.peer import peer_credentials
 
 log = logging.getLogger("otp_agents.inference")
 

@@ -74,7 +74,7 @@ from otp_agents.wire.messages import (
     Shutdown,
     Welcome,
 )
-from otp_agents.worker import stacks
+from otp_agents.worker.stacks import render as render_stacks
 
 log = logging.getLogger("otp_agents.worker")
 
@@ -310,7 +310,7 @@ async def _serve_channel(worker: Worker, channel: Channel, lag: _LoopLag) -> Non
                 elif isinstance(msg, Ping):
                     await channel.send(Pong(seq=msg.seq, sent_ns=msg.sent_ns, loop_lag_ms=lag.take()))
                 elif isinstance(msg, DumpRequest):
-                    text = stacks.render()[:MAX_DUMP_TEXT]
+                    text = render_stacks()[:MAX_DUMP_TEXT]
                     await channel.send(Dump(id=msg.id, text=text))
                 elif isinstance(msg, Drain):
                     worker.draining = True

@@ -1,0 +1,120 @@
+"""The control protocol and its clients: what the CLI and workers inside the tree (a job
+dispatcher) use to drive a running tree. Requests and replies use the worker protocol's framing
+(4-byte length + MessagePack) with their own two message types. This module imports only the
+wire and the errors, so a CLI verb that only talks to the socket loads nothing of the runtime."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+
+from otp_agents.errors import NotRunning
+from otp_agents.wire import framing as wire
+
+SOCKET_NAME = "control.sock"
+OPS = ("status", "restart", "terminate", "start", "start-child", "dump", "stop", "events", "reload")
+
+
+class Request(msgspec.Struct, tag_field="type", tag="request", forbid_unknown_fields=True):
+    op: str
+    path: str = ""
+    args: list[str] = []
+    kinds: list[str] = []  # events: only these kinds (empty: all)
+
+
+class Reply(msgspec.Struct, tag_field="type", tag="reply", omit_defaults=True):
+    ok: bool
+    code: str = "ok"  # ok | not_found | refused | error | denied
+    message: str = ""
+    data: Any = None
+    more: bool = False  # events: further replies follow
+
+
+ControlMessage = Request | Reply
+DECODER: msgspec.msgpack.Decoder[ControlMessage] = msgspec.msgpack.Decoder(ControlMessage)
+MAX_CONTROL_FRAME = 4 << 20
+
+
+def socket_path(state_dir: str | Path) -> Path:
+    return Path(state_dir) / SOCKET_NAME
+
+
+CONTROL_SERVICE = "otp-agents.control"  # the service name workers look the socket up by
+
+
+def request(path: Path, req: Request, timeout: float = 30.0) -> list[Reply]:
+    """Blocking client (the CLI): send one request, collect the reply (or replies, for events)."""
+    replies: list[Reply] = []
+    for reply in stream_requests(path, req, timeout):
+        replies.append(reply)
+    return replies
+
+
+def _replies(decoder: wire.FrameDecoder[ControlMessage], data: bytes) -> tuple[list[Reply], bool]:
+    """The replies in ``data``, up to the last one of the answer; and whether it came."""
+    out: list[Reply] = []
+    for msg in decoder.feed(data):
+        if isinstance(msg, Reply):
+            out.append(msg)
+            if not msg.more:
+                return out, True
+    return out, False
+
+
+def stream_requests(path: Path, req: Request, timeout: float | None = 30.0) -> Any:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        sock.close()
+        raise NotRunning(f"no supervisor is running with control socket {path} ({exc.strerror})") from None
+    decoder = wire.FrameDecoder(MAX_CONTROL_FRAME, decoder=DECODER)
+    try:
+        sock.sendall(wire.encode(req))
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return
+            replies, last = _replies(decoder, data)
+            yield from replies
+            if last:
+                return
+    finally:
+        sock.close()
+
+
+async def call(path: str | Path, req: Request, timeout: float = 30.0) -> Reply:  # noqa: ASYNC109
+    """Async client for workers inside the tree: one request, its one reply, within ``timeout``."""
+    with anyio.fail_after(timeout):
+        async with contextlib.aclosing(stream(path, req)) as replies:
+            async for reply in replies:
+                return reply
+    raise NotRunning(f"the control socket {path} closed without answering")
+
+
+async def stream(path: str | Path, req: Request) -> AsyncGenerator[Reply, None]:
+    """Async client: the replies to ``req`` (many, for ``events``) until the last one."""
+    try:
+        conn = await anyio.connect_unix(str(path))
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise NotRunning(f"no supervisor is running with control socket {path} ({exc.strerror})") from None
+    decoder = wire.FrameDecoder(MAX_CONTROL_FRAME, decoder=DECODER)
+    async with conn:
+        await conn.send(wire.encode(req))
+        while True:
+            try:
+                data = await conn.receive(65536)
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                return
+            replies, last = _replies(decoder, data)
+            for reply in replies:
+                yield reply
+            if last:
+                return
