@@ -16,167 +16,28 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import anyio.lowlevel
-import msgspec
 
 from otp_agents.errors import ChildNotFound, Refused, StartAborted, StartError
 from otp_agents.events import Kind
-from otp_agents.spec.model import (
-    Backoff,
-    ChildSpec,
-    CommandSpec,
-    ProcessSpec,
-    Strategy,
-    SupervisorSpec,
-    WorkerSpec,
-    ZygoteSpec,
-)
+from otp_agents.spec.model import Backoff, ProcessSpec, Strategy, SupervisorSpec
 from otp_agents.tree import rules
+from otp_agents.tree.mailbox import Call, ChildDown, Mailbox, Msg, StartLater, Stop, TryAgain
+from otp_agents.tree.node import ChildInfo, ExitLike, Node, Slot, SupervisorExit
+from otp_agents.tree.operations import Operations
 from otp_agents.tree.ports import ChildHandle, EngineHost
 from otp_agents.tree.rules import Decision, GiveUp, GiveUpReason, Nothing, Restart, Status
+from otp_agents.tree.startup import Startup
 
 log = logging.getLogger("otp_agents")
 
-MAILBOX_LIMIT = 100_000
 
-
-class ExitLike(Protocol):
-    @property
-    def normal(self) -> bool: ...
-
-    def describe(self) -> str: ...
-
-
-class _SlotFailed(Exception):
-    def __init__(self, slot: Slot, error: StartError) -> None:
-        super().__init__(str(error))
-        self.slot = slot
-        self.error = error
-
-
-def _starts_alone(spec: ChildSpec) -> bool:
-    """Zygotes and supervisors are what later children may need: they never start alongside."""
-    return isinstance(spec, SupervisorSpec | ZygoteSpec)
-
-
-@dataclass(frozen=True)
-class SupervisorExit:
-    """How a supervisor ended. Like OTP, a supervisor that gives up exits with ``shutdown``."""
-
-    reason: str  # "shutdown" (asked), reached_max_restart_intensity, auto_shutdown, killed
-    requested: bool
-    child: str | None = None  # the child whose exit made it give up
-    cause: str | None = None  # how that child ended
-
-    @property
-    def normal(self) -> bool:
-        return self.reason != "killed" or self.requested
-
-    def describe(self) -> str:
-        if self.child is None:
-            return self.reason
-        if self.cause is None:
-            return f"{self.reason} after {self.child} ended"
-        return f"{self.reason} after {self.child} ended ({self.cause})"
-
-
-# -- mailbox messages ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ChildDown:
-    slot_id: str
-    instance: ChildHandle | Supervisor
-
-
-@dataclass(frozen=True)
-class TryAgain:
-    slot_id: str
-
-
-@dataclass(frozen=True)
-class StartLater:
-    child: str
-    ids: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Stop:
-    pass
-
-
-@dataclass
-class Call:
-    fn: Callable[[], Awaitable[Any]]
-    done: anyio.Event = field(default_factory=anyio.Event)
-    result: Any = None
-    error: BaseException | None = None
-
-
-Msg = ChildDown | TryAgain | StartLater | Stop | Call
-
-
-class Mailbox:
-    def __init__(self) -> None:
-        self._items: deque[Msg] = deque()
-        self._wake = anyio.Event()
-
-    def put(self, msg: Msg) -> None:
-        if len(self._items) >= MAILBOX_LIMIT:
-            raise RuntimeError("supervisor mailbox full")
-        self._items.append(msg)
-        self._wake.set()
-
-    async def get(self) -> Msg:
-        while not self._items:
-            await self._wake.wait()
-            self._wake = anyio.Event()
-        return self._items.popleft()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
-# -- child slots -----------------------------------------------------------------------------
-
-
-@dataclass
-class Slot:
-    """A child position: its spec, its path and the running instance, if any."""
-
-    spec: ChildSpec
-    path: str
-    instance: ChildHandle | Supervisor | None = None
-    started_at: float = 0.0
-    restarts: int = 0  # restarts of this child since the supervisor started
-    in_a_row: int = 0  # consecutive quick restarts, for backoff
-
-    @property
-    def id(self) -> str:
-        return self.spec.id
-
-
-@dataclass(frozen=True)
-class ChildInfo:
-    """One row of ``which_children``."""
-
-    id: str
-    path: str
-    kind: str  # worker | command | supervisor
-    status: str  # running | stopped | restarting | held (stopped by an operator)
-    pid: int | None
-    restarts: int
-    started_at: float | None
-
-
-class Supervisor:
-    """A running supervisor node. Build the tree with :func:`otp_agents.runtime.Runtime`."""
+class Supervisor(Startup, Operations):
+    """A running supervisor node. Build a tree with :func:`otp_agents.runtime.running`."""
 
     def __init__(
         self,
@@ -185,116 +46,16 @@ class Supervisor:
         host: EngineHost,
         notify_parent: Callable[[Supervisor], None] | None = None,
     ) -> None:
-        self.spec = spec
-        self.path = path
-        self.host = host
-        self.exit: SupervisorExit | None = None
-        self.finished = anyio.Event()
-        self.started_at = time.monotonic()
+        super().__init__(spec, path, host)
         self._notify_parent = notify_parent
         self._mailbox = Mailbox()
         self._busy = False
         self._scope: anyio.CancelScope | None = None
         self._dynamic = spec.strategy is Strategy.SIMPLE_ONE_FOR_ONE
         self._next_dynamic = 1
-        self.state = rules.SupState(
-            strategy=spec.strategy,
-            intensity=spec.intensity,
-            period=spec.period,
-            auto_shutdown=spec.auto_shutdown,
-        )
-        self.slots: dict[str, Slot] = {}
         if not self._dynamic:
             for child in spec.children:
                 self._add_slot(child)
-
-    # -- public API (OTP's supervisor functions) -------------------------------------------------
-
-    async def start(self) -> None:
-        """Start the children in order, each started before the next (OTP's init).
-
-        On failure the children already started are terminated in reverse order and
-        :class:`StartError` is raised; nothing of this supervisor is left running.
-        """
-        self.host.bus.emit(Kind.SUPERVISOR_STARTED, self.path, detail=self.spec.strategy.value)
-        if self._dynamic:
-            # It starts with no children: checkpoints left below it (its previous run was killed
-            # before it could delete its children) belong to nobody and must not be handed to a
-            # new child that happens to get the same id.
-            await self.host.clear_checkpoints_under(self.path)
-        try:
-            await self._start_children()
-        except StartAborted:
-            await self._terminate_all()
-            self.exit = SupervisorExit("shutdown", requested=True)
-            self.finished.set()
-            self.host.bus.emit(Kind.SUPERVISOR_STOPPED, self.path, reason="shutdown", requested=True)
-            raise
-        except _SlotFailed as failed:
-            slot, exc = failed.slot, failed.error
-            await self._terminate_all()
-            self.exit = SupervisorExit("start_failed", requested=False, child=slot.path, cause=str(exc))
-            self.finished.set()
-            self.host.bus.emit(Kind.SUPERVISOR_STOPPED, self.path, reason="start_failed", child=slot.path)
-            raise StartError(f"{slot.path}: {exc}") from None
-        self.host.tg.start_soon(self._loop, name=f"supervisor {self.path}")
-
-    async def _start_children(self) -> None:
-        """Start the children in list order. With ``start_concurrency`` N > 1, up to N worker and
-        command children start at once, still launched in list order; a zygote or a supervisor
-        child starts alone, after everything before it is started and before anything after it.
-        The first failure stops further launches; the starts in flight are let finish."""
-        width = self.spec.start_concurrency
-        slots = list(self.slots.values())
-        i = 0
-        while i < len(slots):
-            run = [slots[i]]
-            if width > 1 and not _starts_alone(slots[i].spec):
-                while i + len(run) < len(slots) and not _starts_alone(slots[i + len(run)].spec):
-                    run.append(slots[i + len(run)])
-            i += len(run)
-            if len(run) == 1:
-                if self.host.stopping:
-                    raise StartAborted("the tree is stopping")
-                try:
-                    await self._start_slot(run[0])
-                except StartAborted:
-                    raise
-                except StartError as exc:
-                    raise _SlotFailed(run[0], exc) from None
-            else:
-                await self._start_concurrently(run, width)
-
-    async def _start_concurrently(self, run: list[Slot], width: int) -> None:
-        failures: list[tuple[int, _SlotFailed]] = []
-        aborted: StartAborted | None = None
-        room = anyio.Semaphore(width)
-
-        async def start_one(index: int, slot: Slot) -> None:
-            nonlocal aborted
-            try:
-                await self._start_slot(slot)
-            except StartAborted as exc:
-                aborted = aborted or exc
-            except StartError as exc:
-                failures.append((index, _SlotFailed(slot, exc)))
-            except Exception as exc:  # never cancel the sibling starts: fail this one, named
-                log.exception("%s: start failed unexpectedly", slot.path)
-                failures.append((index, _SlotFailed(slot, StartError(f"{type(exc).__name__}: {exc}"))))
-            finally:
-                room.release()
-
-        async with anyio.create_task_group() as tg:
-            for index, slot in enumerate(run):
-                await room.acquire()
-                if failures or aborted is not None or self.host.stopping:
-                    room.release()
-                    break
-                tg.start_soon(start_one, index, slot, name=f"start {slot.path}")
-        if aborted is not None or (self.host.stopping and not failures):
-            raise aborted or StartAborted("the tree is stopping")
-        if failures:
-            raise min(failures, key=lambda f: f[0])[1]  # the first in list order, as OTP would
 
     async def stop(self) -> None:
         """Terminate all children in reverse start order, then end (the parent's request)."""
@@ -328,9 +89,7 @@ class Supervisor:
                 sup.exit = SupervisorExit("killed", requested=True)
             if sup._scope is not None:
                 sup._scope.cancel()
-        procs = [
-            s.instance for _, s in pairs if s.instance is not None and not isinstance(s.instance, Supervisor)
-        ]
+        procs = [s.instance for _, s in pairs if s.instance is not None and not isinstance(s.instance, Node)]
         for proc in procs:
             proc.kill()
         for proc in procs:
@@ -338,31 +97,6 @@ class Supervisor:
         for sup in sups.values():
             sup.finished.set()
         self.host.bus.emit(Kind.SUPERVISOR_STOPPED, self.path, reason="killed", requested=True)
-
-    async def start_child(self, args: list[str] | None = None) -> str:
-        """simple_one_for_one: start one more instance of the template; returns its path."""
-        return await self._call(lambda: self._start_dynamic(list(args or [])))  # type: ignore[no-any-return]
-
-    async def terminate_child(self, child_id: str) -> None:
-        """Stop a child; it stays in the child list (unless temporary) and is not restarted."""
-        await self._call(lambda: self._terminate_child(child_id))
-
-    async def restart_child(self, child_id: str) -> None:
-        """Start a stopped child again (OTP's restart_child)."""
-        await self._call(lambda: self._restart_child(child_id))
-
-    async def apply_spec(self, new: SupervisorSpec) -> list[str]:
-        """Reload: make this supervisor run ``new``, touching only what changed.
-
-        Removed children are stopped, added ones started, changed ones restarted with their new
-        spec; unchanged children keep running (same pid). A nested supervisor whose own settings
-        are unchanged is updated in place, recursively. Returns one line per change.
-        """
-        return await self._call(lambda: self._apply_spec(new))  # type: ignore[no-any-return]
-
-    async def operator_restart(self, child_id: str) -> None:
-        """Stop a child and start it again (``otp-agents restart``)."""
-        await self._call(lambda: self._operator_restart(child_id))
 
     def which_children(self) -> list[ChildInfo]:
         """Answered from current state, without waiting for the mailbox."""
@@ -377,7 +111,7 @@ class Supervisor:
                     path=slot.path,
                     kind=str(kind),
                     status="held" if rec.held and rec.status is not Status.RUNNING else rec.status.value,
-                    pid=inst.pid if inst is not None and not isinstance(inst, Supervisor) else None,
+                    pid=inst.pid if inst is not None and not isinstance(inst, Node) else None,
                     restarts=slot.restarts,
                     started_at=slot.started_at if inst is not None else None,
                 )
@@ -389,8 +123,6 @@ class Supervisor:
             return self.slots[child_id]
         except KeyError:
             raise ChildNotFound(f"{self.path}/{child_id}") from None
-
-    # -- mailbox loop ----------------------------------------------------------------------------
 
     def _post(self, msg: Msg) -> None:
         if self.exit is None:
@@ -461,16 +193,14 @@ class Supervisor:
             finally:
                 msg.done.set()
 
-    # -- handling one event ----------------------------------------------------------------------
-
-    async def _on_child_down(self, slot_id: str, instance: ChildHandle | Supervisor) -> None:
+    async def _on_child_down(self, slot_id: str, instance: ChildHandle | Node) -> None:
         slot = self.slots.get(slot_id)
         if slot is None or slot.instance is not instance:
             return  # stale: the supervisor already stopped this instance itself
         slot.instance = None
         ex = self._exit_of(instance)
         self._emit_exit(slot, instance, ex)
-        if not isinstance(instance, Supervisor) and instance.recycle is not None and ex.normal:
+        if not isinstance(instance, Node) and instance.recycle is not None and ex.normal:
             await self._recycled(slot, instance.recycle)
             return
         decision = rules.child_exited(self.state, slot_id, ex.normal, time.monotonic())
@@ -569,8 +299,6 @@ class Supervisor:
         base = min(backoff.max, backoff.initial * backoff.factor**n)
         return max(0.0, base * (1 + backoff.jitter * random.uniform(-1, 1)))
 
-    # -- starting and stopping children --------------------------------------------------------
-
     async def _start_slot(self, slot: Slot) -> None:
         spec = slot.spec
         began = time.monotonic()
@@ -611,7 +339,7 @@ class Supervisor:
         if inst is not None:
             # Keep slot.instance while stopping, so that kill() still finds it; the mailbox is
             # serial, so its ChildDown is only looked at after this, and is then stale.
-            if not isinstance(inst, Supervisor):
+            if not isinstance(inst, Node):
                 killed = await inst.stop()
                 self._emit_terminated(slot, inst, killed)
             else:
@@ -654,141 +382,11 @@ class Supervisor:
         if self._notify_parent is not None and not ex.requested:
             self._notify_parent(self)
 
-    # -- operator requests (run inside the mailbox) --------------------------------------------
-
-    async def _start_dynamic(self, args: list[str]) -> str:
-        if not self._dynamic:
-            raise Refused(f"{self.path} is not a simple_one_for_one supervisor")
-        cap = self.spec.max_children
-        if cap is not None and len(self.state.children) >= cap:
-            raise Refused(f"{self.path} already has max_children={cap} children")
-        template = self.spec.children[0]
-        child_id = f"{template.id}-{self._next_dynamic}"
-        self._next_dynamic += 1
-        slot = self._add_slot(_with_args(template, child_id, args))
-        try:
-            await self._start_slot(slot)
-        except StartError:
-            self.state.children.remove(self.state.find(child_id))  # type: ignore[arg-type]
-            self._forget_checkpoint(self.slots.pop(child_id))
-            raise
-        return slot.path
-
-    async def _terminate_child(self, child_id: str) -> None:
-        rec = self.state.find(child_id)
-        if rec is None:
-            raise ChildNotFound(f"{self.path}/{child_id}")
-        rec.held = True  # the operator's stop sticks (see rules.ChildRec.held)
-        await self._terminate_slot(child_id)
-        if rec.status is Status.RESTARTING:
-            rec.status = Status.STOPPED
-
-    async def _restart_child(self, child_id: str) -> None:
-        rec = self.state.find(child_id)
-        if rec is None:
-            raise ChildNotFound(f"{self.path}/{child_id}")
-        if rec.status is Status.RUNNING:
-            raise Refused(f"{self.path}/{child_id} is running")
-        if rec.status is Status.RESTARTING:
-            raise Refused(f"{self.path}/{child_id} is restarting")
-        rec.held = False
-        await self._start_slot(self.slots[child_id])
-
-    async def _operator_restart(self, child_id: str) -> None:
-        """Stop the child and start it again now, as the operator asked: not a crash, no
-        intensity, siblings untouched."""
-        rec = self.state.find(child_id)
-        if rec is None:
-            raise ChildNotFound(f"{self.path}/{child_id}")
-        self.host.bus.emit(Kind.RESTARTING, f"{self.path}/{child_id}", detail="operator")
-        await self._terminate_slot(child_id)
-        rec = self.state.find(child_id)
-        if rec is None:  # a temporary child leaves when stopped
-            raise Refused(f"{self.path}/{child_id} is temporary: stopped, not restarted")
-        rec.held = False
-        rec.status = Status.STOPPED
-        await self._start_slot(self.slots[child_id])
-
-    async def _apply_spec(self, new: SupervisorSpec) -> list[str]:
-        changes: list[str] = []
-        if _flags(self.spec) != _flags(new):
-            self.state.strategy, self.state.intensity = new.strategy, new.intensity
-            self.state.period, self.state.auto_shutdown = new.period, new.auto_shutdown
-            changes.append(f"~ {self.path}: supervisor settings")
-        if self._dynamic:
-            if self.spec.children != new.children:
-                changes.append(f"~ {self.path}: child template (applies to children started from now on)")
-            self.spec = new
-            return changes
-        old_specs = {c.id: c for c in self.spec.children}
-        wanted = {c.id: c for c in new.children}
-        for rec in reversed(list(self.state.children)):  # removed: reverse start order
-            if rec.id not in wanted:
-                await self._terminate_slot(rec.id)
-                if self.state.find(rec.id) is not None:
-                    self.state.children.remove(rec)
-                self.slots.pop(rec.id, None)
-                changes.append(f"- {self.path}/{rec.id}")
-        to_start: list[str] = []
-        for child in new.children:
-            old = old_specs.get(child.id)
-            slot = self.slots.get(child.id)
-            if old is None or slot is None:
-                self._add_slot(child)
-                to_start.append(child.id)
-                changes.append(f"+ {self.path}/{child.id}")
-            elif old != child:
-                inst = slot.instance
-                if (
-                    isinstance(old, SupervisorSpec)
-                    and isinstance(child, SupervisorSpec)
-                    and _flags(old) == _flags(child)
-                    and isinstance(inst, Supervisor)
-                ):
-                    changes.extend(await inst.apply_spec(child))
-                    slot.spec = child
-                    continue
-                await self._terminate_slot(child.id)
-                slot = self.slots.get(child.id) or self._add_slot(child)
-                slot.spec = child
-                changed = self.state.find(child.id)
-                assert changed is not None
-                changed.restart, changed.significant = child.restart, child.significant
-                to_start.append(child.id)
-                changes.append(f"~ {self.path}/{child.id}")
-        order = [c.id for c in new.children]
-        self.state.children.sort(key=lambda r: order.index(r.id))
-        self.slots = {cid: self.slots[cid] for cid in order if cid in self.slots}
-        self.spec = new
-        for cid in order:  # added and changed children start in start order
-            entry = self.state.find(cid)
-            if (
-                cid in to_start
-                and entry is not None
-                and entry.status is not Status.RUNNING
-                and not entry.held
-            ):
-                await self._start_slot(self.slots[cid])
-        return changes
-
-    # -- helpers -------------------------------------------------------------------------------
-
-    def _add_slot(self, spec: ChildSpec) -> Slot:
-        slot = Slot(spec=spec, path=f"{self.path}/{spec.id}")
-        self.slots[spec.id] = slot
-        self.state.children.append(rules.ChildRec(spec.id, spec.restart, spec.significant))
-        return slot
-
     def _drop_removed(self) -> None:
         if len(self.slots) != len(self.state.children):
             live = {rec.id for rec in self.state.children}
             for sid in [s for s in self.slots if s not in live]:
                 self._forget_checkpoint(self.slots.pop(sid))
-
-    def _forget_checkpoint(self, slot: Slot) -> None:
-        """A child deleted for good (dynamic or temporary) takes its checkpoint along."""
-        if isinstance(slot.spec, WorkerSpec):
-            self.host.forget_checkpoint(slot.path)
 
     def _all_slots(self) -> list[tuple[Supervisor, Slot]]:
         out: list[tuple[Supervisor, Slot]] = []
@@ -799,13 +397,13 @@ class Supervisor:
         return out
 
     @staticmethod
-    def _exit_of(instance: ChildHandle | Supervisor) -> ExitLike:
+    def _exit_of(instance: ChildHandle | Node) -> ExitLike:
         ex = instance.exit
         assert ex is not None
         return ex
 
-    def _emit_exit(self, slot: Slot, instance: ChildHandle | Supervisor, ex: ExitLike) -> None:
-        if not isinstance(instance, Supervisor) and instance.exit is not None:
+    def _emit_exit(self, slot: Slot, instance: ChildHandle | Node, ex: ExitLike) -> None:
+        if not isinstance(instance, Node) and instance.exit is not None:
             st = instance.exit.status
             self.host.bus.emit(
                 Kind.CHILD_EXITED,
@@ -830,10 +428,8 @@ class Supervisor:
             killed=killed,
         )
 
-
-def _flags(spec: SupervisorSpec) -> SupervisorSpec:
-    """A supervisor spec without its children: what a reload must restart it for."""
-    return msgspec.structs.replace(spec, children=[])
+    def _begin(self) -> None:
+        self.host.tg.start_soon(self._loop, name=f"supervisor {self.path}")
 
 
 def _signame(sig: int | None) -> str | None:
@@ -844,15 +440,4 @@ def _signame(sig: int | None) -> str | None:
     return signal_name(sig)
 
 
-def _with_args(template: ChildSpec, child_id: str, args: list[str]) -> ChildSpec:
-    """A dynamic child: the template with a fresh id and extra arguments appended (as OTP does)."""
-    if isinstance(template, CommandSpec):
-        return msgspec.structs.replace(template, id=child_id, command=[*template.command, *args])
-    if isinstance(template, WorkerSpec):
-        return msgspec.structs.replace(template, id=child_id, args=[*template.args, *args])
-    if args:
-        raise Refused("a dynamic supervisor child takes no arguments")
-    return msgspec.structs.replace(template, id=child_id)
-
-
-__all__ = ["ChildInfo", "ChildNotFound", "ProcessSpec", "Refused", "Supervisor", "SupervisorExit"]
+__all__ = ["ChildInfo", "ChildNotFound", "ProcessSpec", "Refused", "Slot", "Supervisor", "SupervisorExit"]
