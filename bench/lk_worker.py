@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import livekit.rtc  # noqa: F401 - the import cost is what the benchmark measures
 
 if TYPE_CHECKING:
-    from otp_agents.worker.core import Worker
+    from otp_agents.worker import Worker
 
 ENV_READY = "BENCH_READY"
 PRELOAD = ["livekit.rtc", "bench.lk_worker"]

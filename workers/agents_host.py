@@ -15,7 +15,7 @@ import logging
 import sys
 from typing import NoReturn
 
-from otp_agents.worker.core import Worker, run
+from otp_agents.worker import Worker, run
 
 
 async def main(worker: Worker) -> None:

@@ -15,7 +15,7 @@ import anyio.abc
 import msgspec
 
 from otp_agents.wire.env import ENV_FD
-from otp_agents.worker.core import Worker
+from otp_agents.worker import Worker
 
 
 async def steady(worker: Worker) -> None:

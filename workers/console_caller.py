@@ -23,7 +23,7 @@ from otp_agents.voice.agents_console import WIRE_RATE, CallLog, ConsoleCall
 from otp_agents.voice.audio import SAMPLE_RATE, resample
 from otp_agents.voice.local_io import WavWriter
 from otp_agents.voice.samples import parse_script, speak_flite
-from otp_agents.worker.core import Worker, run
+from otp_agents.worker import Worker, run
 
 
 def listening(log: CallLog) -> bool:

@@ -19,7 +19,7 @@ import os
 import msgspec
 
 from otp_agents.wire.messages import Checkpoint
-from otp_agents.worker.core import Worker
+from otp_agents.worker import Worker
 
 
 async def main(worker: Worker) -> None:

@@ -7,7 +7,7 @@ import sys
 
 import anyio
 
-from otp_agents.worker.core import Worker
+from otp_agents.worker import Worker
 
 
 async def ticker(worker: Worker) -> None:

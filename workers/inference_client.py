@@ -20,7 +20,7 @@ from otp_agents.voice.inference import RemoteSTT
 from otp_agents.voice.local_io import read_wav
 from otp_agents.voice.providers import ProviderError
 from otp_agents.voice.stt import PocketSphinxSTT
-from otp_agents.worker.core import Worker, run
+from otp_agents.worker import Worker, run
 
 
 async def main(worker: Worker) -> None:

@@ -18,7 +18,7 @@ import argparse
 import anyio
 
 from otp_agents.voice.inference import InferenceServer, ProcessRecognizer, abstract_address, listen
-from otp_agents.worker.core import Worker, run
+from otp_agents.worker import Worker, run
 
 
 async def main(worker: Worker) -> None:

@@ -20,7 +20,7 @@ from livekit import api
 from otp_agents.ops.control_client import CONTROL_SERVICE
 from otp_agents.voice.dispatch import Dispatcher
 from otp_agents.voice.room import LiveKitEnv
-from otp_agents.worker.core import Worker, run
+from otp_agents.worker import Worker, run
 
 
 def job_args(job: Any) -> list[str]:

@@ -5,7 +5,7 @@ It reports its arguments in a log frame, then waits to be stopped.
 
 from __future__ import annotations
 
-from otp_agents.worker.core import Worker, run
+from otp_agents.worker import Worker, run
 
 
 async def main(worker: Worker) -> None:

@@ -41,7 +41,7 @@ from otp_agents.voice.samples import render_script
 from otp_agents.voice.stt import STT, PocketSphinxSTT
 from otp_agents.voice.tts import EspeakTTS, FliteTTS
 from otp_agents.voice.vad import SileroVAD, VADSettings
-from otp_agents.worker.core import Worker, run
+from otp_agents.worker import Worker, run
 
 CHECKPOINT_VERSION = 1
 

@@ -13,7 +13,7 @@ import os
 import random
 import sys
 
-from otp_agents.worker.core import Worker, run
+from otp_agents.worker import Worker, run
 
 
 async def main(worker: Worker) -> None:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from otp_agents.voice.agents_jobs import JobWatch
-from otp_agents.worker.core import Worker
+from otp_agents.worker import Worker
 
 if TYPE_CHECKING:
     from livekit.agents import AgentServer

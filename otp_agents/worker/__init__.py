@@ -2,6 +2,7 @@
 
 It imports the wire contract and nothing of the supervisor."""
 
-from otp_agents.worker.core import Main, Worker, run
+from otp_agents.worker.api import Main, Worker
+from otp_agents.worker.loop import run
 
 __all__ = ["Main", "Worker", "run"]

@@ -6,7 +6,8 @@ import importlib
 import sys
 
 from otp_agents.wire.env import EXIT_NO_SUPERVISOR
-from otp_agents.worker.core import Main, run
+from otp_agents.worker.api import Main
+from otp_agents.worker.loop import run
 
 
 def load(target: str) -> Main:
