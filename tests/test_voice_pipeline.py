@@ -231,7 +231,7 @@ async def test_speech_starts_on_the_first_sentence(tmp_path: Path) -> None:
         call_sink[:] = [self.sink]
         first_queued.set()
 
-    pipeline_mod.VoicePipeline._queue = spy  # type: ignore[method-assign]
+    pipeline_mod.VoicePipeline._queue = spy  # type: ignore[method-assign,assignment]
     try:
         wav = caller(tmp_path, "What time is it?\n")
         call = await hold_call(tmp_path, wav, agents={"receptionist": Slow()})
