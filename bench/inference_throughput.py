@@ -25,14 +25,8 @@ import numpy as np
 
 from otp_agents.health import memory
 from otp_agents.voice.audio import SAMPLE_RATE
-from otp_agents.voice.inference import (
-    InferenceServer,
-    InferResult,
-    ProcessRecognizer,
-    abstract_address,
-    listen,
-    request_stt,
-)
+from otp_agents.voice.inference import InferResult, abstract_address, request_stt
+from otp_agents.voice.inference_server import InferenceServer, ProcessRecognizer, listen
 from otp_agents.voice.samples import speak_flite
 
 

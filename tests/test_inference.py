@@ -16,16 +16,8 @@ import pytest
 
 from otp_agents.events import Kind
 from otp_agents.voice.audio import SAMPLE_RATE
-from otp_agents.voice.inference import (
-    InferenceServer,
-    InferFailed,
-    InferResult,
-    ProcessRecognizer,
-    RemoteSTT,
-    abstract_address,
-    listen,
-    request_stt,
-)
+from otp_agents.voice.inference import InferFailed, InferResult, RemoteSTT, abstract_address, request_stt
+from otp_agents.voice.inference_server import InferenceServer, ProcessRecognizer, listen
 from otp_agents.voice.local_io import read_wav
 from otp_agents.voice.samples import speak_flite
 from otp_agents.voice.stt import PocketSphinxSTT
@@ -230,22 +222,22 @@ async def test_bad_clients_cost_their_connection_never_the_server(question: np.n
         tg.start_soon(server.serve, listener)
         # garbage, a frame of the wrong type, half a sample, and a client that hangs up at once
         for junk in (b"\x00\x00\x00\x05hello", encode(InferFailed(id=1, reason="busy"))):
-            conn = await inference._connect(address)
+            conn = await inference.connect(address)
             async with conn:
                 await conn.send(junk)
-                reply = await inference._read_one(
-                    conn, FrameDecoder(inference.INFER_MAX_FRAME, decoder=inference._decoder)
+                reply = await inference.read_one(
+                    conn, FrameDecoder(inference.INFER_MAX_FRAME, decoder=inference.DECODER)
                 )
             assert isinstance(reply, InferFailed) and reply.reason == "bad_request"
         half_sample = inference.InferRequest(id=7, kind="stt", audio=question.tobytes()[:-1], timeout=10.0)
-        conn = await inference._connect(address)
+        conn = await inference.connect(address)
         async with conn:
             await conn.send(encode(half_sample))
-            odd = await inference._read_one(
-                conn, FrameDecoder(inference.INFER_MAX_FRAME, decoder=inference._decoder)
+            odd = await inference.read_one(
+                conn, FrameDecoder(inference.INFER_MAX_FRAME, decoder=inference.DECODER)
             )
         assert isinstance(odd, InferFailed) and odd.reason == "bad_request" and "16-bit" in odd.detail
-        conn = await inference._connect(address)
+        conn = await inference.connect(address)
         await conn.aclose()
         # ...and the next good request is served
         good = await request_stt(address, question, 30.0)

@@ -23,22 +23,17 @@ from livekit.rtc._ffi_client import FfiClient
 
 from otp_agents.voice.audio import AudioInput, AudioSink, pcm, rms_dbfs
 from otp_agents.voice.room import (
-    AGENT,
-    SIP,
-    STANDARD,
     LiveKitEnv,
-    RoomAudioInput,
-    RoomAudioOutput,
     RoomConfigError,
     RoomConnectError,
     RoomError,
     RoomSession,
-    choose_participant,
     connect_room,
     join,
     mint_token,
-    pick_participant,
 )
+from otp_agents.voice.room_audio import AGENT, SIP, STANDARD, RoomAudioInput, RoomAudioOutput
+from otp_agents.voice.room_members import choose_participant, pick_participant
 
 pytestmark = pytest.mark.anyio
 

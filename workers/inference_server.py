@@ -17,7 +17,8 @@ import argparse
 
 import anyio
 
-from otp_agents.voice.inference import InferenceServer, ProcessRecognizer, abstract_address, listen
+from otp_agents.voice.inference import abstract_address
+from otp_agents.voice.inference_server import InferenceServer, ProcessRecognizer, listen
 from otp_agents.worker import Worker, run
 
 
