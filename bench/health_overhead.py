@@ -66,7 +66,7 @@ import msgspec
 from otp_agents.events import Event, EventBus, Kind
 from otp_agents.health import dump, memory
 from otp_agents.linux import cpu_ticks, per_task_counters, stat_fields
-from otp_agents.runtime.running import running
+from otp_agents.runtime.tree import running
 from otp_agents.spec.load import from_dict
 from otp_agents.spec.model import HEALTH_DEFAULTS
 

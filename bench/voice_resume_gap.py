@@ -28,7 +28,7 @@ from typing import Any
 import anyio
 
 from otp_agents.events import Event, EventBus, Kind
-from otp_agents.runtime.running import running
+from otp_agents.runtime.tree import running
 from otp_agents.spec.load import from_dict
 
 ROOT = Path(__file__).resolve().parent.parent

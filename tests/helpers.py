@@ -16,7 +16,7 @@ import anyio
 
 from otp_agents import linux
 from otp_agents.events import Event, EventBus, Kind
-from otp_agents.runtime.running import Tree, running
+from otp_agents.runtime.tree import Tree, running
 from otp_agents.spec.load import from_dict
 from otp_agents.tree.supervisor import Supervisor
 

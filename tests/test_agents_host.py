@@ -24,7 +24,7 @@ import pytest
 
 from otp_agents.errors import StartError
 from otp_agents.events import EventBus, Kind
-from otp_agents.runtime.running import running
+from otp_agents.runtime.tree import running
 from otp_agents.spec.load import from_dict
 
 from .helpers import ROOT, Recorder, tree_of, worker

@@ -20,7 +20,7 @@ import pytest
 
 from otp_agents.errors import StartError
 from otp_agents.events import EventBus, Kind
-from otp_agents.runtime.running import running
+from otp_agents.runtime.tree import running
 from otp_agents.spec.load import from_dict
 
 from .differential.trees import Case, generate_case, hand_checked_cases, run_otp_batch

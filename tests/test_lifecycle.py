@@ -10,7 +10,7 @@ import pytest
 
 from otp_agents.errors import StartError
 from otp_agents.events import EventBus, Kind
-from otp_agents.runtime.running import running
+from otp_agents.runtime.tree import running
 from otp_agents.spec.load import from_dict
 
 from .helpers import Recorder, alive, armed, cmd, settle, signal_child, tree_of, worker
@@ -88,7 +88,7 @@ async def test_start_failure_terminates_started_children_and_fails() -> None:
 
 async def test_start_failure_order_of_events() -> None:
     from otp_agents.events import EventBus
-    from otp_agents.runtime.running import running
+    from otp_agents.runtime.tree import running
     from otp_agents.spec.load import from_dict
 
     from .helpers import Recorder

@@ -17,7 +17,7 @@ from otp_agents import linux
 from otp_agents.errors import ConfigError, StartError
 from otp_agents.events import Event, EventBus, Kind
 from otp_agents.proc.handle import ChildProcess
-from otp_agents.runtime.running import Tree, running
+from otp_agents.runtime.tree import Tree, running
 from otp_agents.spec.load import from_dict
 
 from .helpers import ROOT, WAIT, Recorder, spares_of, tree_of, worker

@@ -36,7 +36,7 @@ from otp_agents.ops.control_client import DECODER as control_decoder
 from otp_agents.ops.status import status
 from otp_agents.proc.handle import ChildProcess
 from otp_agents.runtime.reload import reload_tree
-from otp_agents.runtime.running import Tree
+from otp_agents.runtime.tree import Tree
 from otp_agents.wire import framing as wire
 from otp_agents.wire.peer import allowed, peer_credentials, peer_groups
 

@@ -38,7 +38,7 @@ from otp_agents.tree.supervisor import Supervisor
 from otp_agents.wire.messages import Report
 
 if TYPE_CHECKING:
-    from otp_agents.runtime.running import Tree
+    from otp_agents.runtime.tree import Tree
 
 log = logging.getLogger("otp_agents")
 

@@ -20,7 +20,7 @@ from otp_agents.ops.signals import HANDLED_SIGNALS, SignalControl
 from otp_agents.proc.guard import Guard
 from otp_agents.runtime.notify import Notifier
 from otp_agents.runtime.reload import watch_tree_file
-from otp_agents.runtime.running import running
+from otp_agents.runtime.tree import running
 from otp_agents.spec.model import SupervisorSpec
 
 log = logging.getLogger("otp_agents")

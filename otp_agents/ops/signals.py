@@ -16,7 +16,7 @@ from otp_agents.ops.status import status as tree_status
 from otp_agents.runtime.host import Host
 from otp_agents.runtime.notify import Notifier
 from otp_agents.runtime.reload import reload_tree
-from otp_agents.runtime.running import Tree
+from otp_agents.runtime.tree import Tree
 from otp_agents.tree.supervisor import Supervisor
 
 log = logging.getLogger("otp_agents")

@@ -9,7 +9,7 @@ from typing import Any
 
 from otp_agents.health.memory import MB, rss_bytes, tree_pids
 from otp_agents.proc.handle import ChildProcess
-from otp_agents.runtime.running import Tree
+from otp_agents.runtime.tree import Tree
 from otp_agents.tree.supervisor import Supervisor
 
 

@@ -11,13 +11,13 @@ from otp_agents.events import Kind
 from otp_agents.health import heartbeat
 from otp_agents.health.host import HealthHost
 from otp_agents.proc.handle import ChildProcess
-from otp_agents.runtime import services
+from otp_agents.runtime.services import Registry, lookup, publish
 from otp_agents.runtime.checkpoint import CheckpointStore
 from otp_agents.spec.model import WorkerSpec
 from otp_agents.wire.messages import Checkpoint, Error, Log, Lookup, Message, Pong, Publish, Report
 
 
-class Host(HealthHost, services.Registry, Protocol):
+class Host(HealthHost, Registry, Protocol):
     """What serving a frame needs (the runtime's Host)."""
 
     @property
@@ -60,8 +60,8 @@ HANDLERS: dict[type[Any], Callable[[Host, ChildProcess, Any], None]] = {
     Error: _error,
     Checkpoint: _checkpoint,
     Report: _report,
-    Publish: services.publish,
-    Lookup: services.lookup,
+    Publish: publish,
+    Lookup: lookup,
 }
 
 

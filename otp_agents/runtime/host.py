@@ -17,8 +17,9 @@ from otp_agents.proc.guard import Guard
 from otp_agents.proc.handle import ChildProcess
 from otp_agents.proc.spawn import spawn
 from otp_agents.proc.zygote_client import ZygoteClient
-from otp_agents.runtime import frames, services
 from otp_agents.runtime.checkpoint import CheckpointStore
+from otp_agents.runtime.frames import serve as serve_frame
+from otp_agents.runtime.services import withdraw_all
 from otp_agents.spec.model import ProcessSpec
 from otp_agents.wire.messages import Message, Report
 
@@ -80,10 +81,10 @@ class Host:
         await self.dumper.take(proc, why)
 
     def on_frame(self, proc: ChildProcess, msg: Message) -> None:
-        frames.serve(self, proc, msg)
+        serve_frame(self, proc, msg)
 
     def on_gone(self, proc: ChildProcess) -> None:
-        services.withdraw_all(self, proc)
+        withdraw_all(self, proc)
 
     def signal_file(self, path: str) -> str:
         return self.dumper.signal_file(path)

@@ -9,7 +9,7 @@ import anyio
 
 from otp_agents.errors import ChildNotFound, ConfigError, Refused, StartError
 from otp_agents.redact import REDACTOR
-from otp_agents.runtime.running import Tree
+from otp_agents.runtime.tree import Tree
 from otp_agents.spec.load import load_file
 from otp_agents.spec.model import CommandSpec, WorkerSpec, walk
 
