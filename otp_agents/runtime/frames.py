@@ -11,8 +11,8 @@ from otp_agents.events import Kind
 from otp_agents.health import heartbeat
 from otp_agents.health.host import HealthHost
 from otp_agents.proc.handle import ChildProcess
-from otp_agents.runtime.services import Registry, lookup, publish
 from otp_agents.runtime.checkpoint import CheckpointStore
+from otp_agents.runtime.services import Registry, lookup, publish
 from otp_agents.spec.model import WorkerSpec
 from otp_agents.wire.messages import Checkpoint, Error, Log, Lookup, Message, Pong, Publish, Report
 

@@ -36,8 +36,8 @@ import anyio.abc
 from google.protobuf.message import DecodeError
 from livekit.protocol import agent as lk
 
+import otp_agents.ops.control_client as control
 from otp_agents.errors import NotRunning
-from otp_agents.ops import control_client as control
 
 JOB_EVENTS = [
     "child_started",
