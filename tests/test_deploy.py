@@ -86,7 +86,9 @@ def test_compose_gives_the_tree_its_stop_time_and_every_variable_is_documented()
     assert bound is not None and float(agents["stop_grace_period"].rstrip("s")) >= bound + 5
     documented = set(re.findall(r"^([A-Z_]+)=", (DEPLOY / "env.example").read_text(), re.M))
     read_by_project = {"LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"} | set(
-        re.findall(r'envvar="(OTP_AGENTS_[A-Z_]+)"', (ROOT / "otp_agents" / "cli.py").read_text())
+        name
+        for part in (ROOT / "otp_agents" / "cli").glob("*.py")
+        for name in re.findall(r'envvar="(OTP_AGENTS_[A-Z_]+)"', part.read_text())
     )
     assert read_by_project <= documented, read_by_project - documented
 
