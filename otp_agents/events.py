@@ -79,6 +79,7 @@ class Event(msgspec.Struct, omit_defaults=True, frozen=True):
     value: float | None = None  # the measurement that triggered a health event (ms, MB, s)
     threshold: float | None = None  # the configured limit it was compared with
     file: str | None = None  # a file the event refers to (a stack dump)
+    cause: str | None = None  # why a child is started again (restarting, recycled): rules.Cause
 
 
 _json = msgspec.json.Encoder()

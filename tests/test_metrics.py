@@ -214,3 +214,28 @@ async def test_pool_load_and_dispatcher_gauges(anyio_backend: str) -> None:
         await tree.root.terminate_child("disp")
         await rec.wait_kind(Kind.CHILD_TERMINATED, "root/disp", mark)
         assert 'otp_agents_dispatcher_connected{path="root/disp"} 0.0' in metrics.exposition().decode()
+
+
+def test_restart_reasons_come_from_the_events_typed_cause_never_from_their_text() -> None:
+    """The engine puts the rules' Cause on ``restarting`` and ``recycled`` events; metrics read
+    that field. Text in ``detail`` or ``reason`` (an operator note, a worker's words) changes
+    nothing, and an event without a cause counts no restart."""
+    from otp_agents.events import Event, Kind
+    from otp_agents.ops.metrics import Metrics
+
+    metrics = Metrics()
+
+    def feed(kind: Kind, path: str, **fields: object) -> None:
+        metrics.on_event(Event(kind=kind, path=path, ts=0.0, **fields))  # type: ignore[arg-type]
+
+    feed(Kind.RESTARTING, "root/a", cause="hang", detail="operator", reason="memory")
+    feed(Kind.RESTARTING, "root/a", detail="operator")  # no cause: not a restart the rules made
+    feed(Kind.RECYCLED, "root/b", cause="lifetime_recycle", reason="memory", detail="restart")
+    feed(Kind.RECYCLED, "root/b", reason="memory", detail="restart")  # no cause: not counted
+    feed(Kind.CHILD_EXITED, "root/c", reason="crash", detail="escalation")
+    text = metrics.exposition().decode()
+    restarts = sorted(line for line in text.splitlines() if line.startswith("otp_agents_restarts_total"))
+    assert restarts == [
+        'otp_agents_restarts_total{path="root/a",reason="hang"} 1.0',
+        'otp_agents_restarts_total{path="root/b",reason="lifetime_recycle"} 1.0',
+    ]

@@ -16,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -29,14 +30,25 @@ from otp_agents.ops.control_client import (
     CONTROL_SERVICE,
     MAX_CONTROL_FRAME,
     OPS,
+    Dump,
+    Events,
+    Reload,
     Reply,
     Request,
+    Restart,
+    Start,
+    StartChild,
+    Status,
+    Stop,
+    Terminate,
+    command,
 )
 from otp_agents.ops.control_client import DECODER as control_decoder
 from otp_agents.ops.status import status
 from otp_agents.proc.handle import ChildProcess
 from otp_agents.runtime.reload import reload_tree
 from otp_agents.runtime.tree import Tree
+from otp_agents.tree.supervisor import Supervisor
 from otp_agents.wire import framing as wire
 from otp_agents.wire.peer import allowed, peer_credentials, peer_groups
 
@@ -151,61 +163,93 @@ class ControlServer:
                     )
 
     async def _handle(self, req: Request, stream: anyio.abc.SocketStream) -> None:
-        if req.op == "events":
-            await self._events(req, stream)
+        try:
+            verb = command(req)
+        except msgspec.ValidationError as exc:
+            problem = (
+                f"unknown operation {req.op!r} (known: {', '.join(OPS)})" if req.op not in OPS else str(exc)
+            )
+            await stream.send(wire.encode(Reply(ok=False, code="refused", message=problem)))
+            return
+        if isinstance(verb, Events):
+            await self._events(verb, stream)
             return
         try:
-            reply = await self._dispatch(req)
+            reply = await self._handlers[type(verb)](verb)
         except ChildNotFound as exc:
-            reply = Reply(ok=False, code="not_found", message=f"no such child: {exc}")
+            reply = Reply(ok=False, code=exc.reply_code, message=f"no such child: {exc}")
         except (Refused, StartError) as exc:
-            reply = Reply(ok=False, code="refused", message=str(exc))
+            reply = Reply(ok=False, code=exc.reply_code, message=str(exc))
         await stream.send(wire.encode(reply))
 
-    async def _dispatch(self, req: Request) -> Reply:
-        tree = self.tree
-        if req.op == "status":
-            return Reply(ok=True, data=status(tree))
-        if req.op == "stop":
-            self.on_stop()
-            return Reply(ok=True, message=f"{tree.root.path}: stopping in reverse start order")
-        if req.op == "reload":
-            if self.tree_file is None:
-                raise Refused("this tree was not started from a file: nothing to reload")
-            changes = await reload_tree(tree, self.tree_file)
-            return Reply(ok=True, message="\n".join(changes) or "no changes", data={"changes": changes})
-        if req.op == "start-child":
-            child = await tree.supervisor(req.path).start_child(req.args)
-            return Reply(ok=True, message=f"started {child}", data={"path": child})
-        if req.op in ("restart", "terminate", "start", "dump"):
-            parent, _, child_id = req.path.rpartition("/")
-            sup = tree.supervisor(parent) if parent else None
-            if sup is None or child_id not in sup.slots:
-                raise ChildNotFound(req.path)
-            if req.op == "restart":
-                await sup.operator_restart(child_id)
-                return Reply(ok=True, message=f"restarted {req.path}")
-            if req.op == "terminate":
-                await sup.terminate_child(child_id)
-                return Reply(ok=True, message=f"terminated {req.path}; it stays down until `start`")
-            if req.op == "start":
-                await sup.restart_child(child_id)
-                return Reply(ok=True, message=f"started {req.path}")
-            inst = sup.slots[child_id].instance
-            if not isinstance(inst, ChildProcess):
-                raise Refused(f"{req.path} is not a running process")
-            dump = await tree.host.dumper.take(inst, "operator")
-            if dump is None:
-                raise Refused(f"{req.path}: the dump could not be written")
-            return Reply(ok=True, message=str(dump), data={"file": str(dump), "text": dump.read_text()})
-        return Reply(
-            ok=False, code="refused", message=f"unknown operation {req.op!r} (known: {', '.join(OPS)})"
-        )
+    # -- one handler per verb --------------------------------------------------------------------
 
-    async def _events(self, req: Request, stream: anyio.abc.SocketStream) -> None:
+    @property
+    def _handlers(self) -> dict[type[Any], Callable[[Any], Awaitable[Reply]]]:
+        return {
+            Status: self._status,
+            Stop: self._stop,
+            Reload: self._reload,
+            StartChild: self._start_child,
+            Restart: self._restart,
+            Terminate: self._terminate,
+            Start: self._start,
+            Dump: self._dump,
+        }
+
+    async def _status(self, _: Status) -> Reply:
+        return Reply(ok=True, data=status(self.tree))
+
+    async def _stop(self, _: Stop) -> Reply:
+        self.on_stop()
+        return Reply(ok=True, message=f"{self.tree.root.path}: stopping in reverse start order")
+
+    async def _reload(self, _: Reload) -> Reply:
+        if self.tree_file is None:
+            raise Refused("this tree was not started from a file: nothing to reload")
+        changes = await reload_tree(self.tree, self.tree_file)
+        return Reply(ok=True, message="\n".join(changes) or "no changes", data={"changes": changes})
+
+    async def _start_child(self, verb: StartChild) -> Reply:
+        child = await self.tree.supervisor(verb.path).start_child(verb.args)
+        return Reply(ok=True, message=f"started {child}", data={"path": child})
+
+    async def _restart(self, verb: Restart) -> Reply:
+        sup, child_id = self._parent(verb.path)
+        await sup.operator_restart(child_id)
+        return Reply(ok=True, message=f"restarted {verb.path}")
+
+    async def _terminate(self, verb: Terminate) -> Reply:
+        sup, child_id = self._parent(verb.path)
+        await sup.terminate_child(child_id)
+        return Reply(ok=True, message=f"terminated {verb.path}; it stays down until `start`")
+
+    async def _start(self, verb: Start) -> Reply:
+        sup, child_id = self._parent(verb.path)
+        await sup.restart_child(child_id)
+        return Reply(ok=True, message=f"started {verb.path}")
+
+    async def _dump(self, verb: Dump) -> Reply:
+        sup, child_id = self._parent(verb.path)
+        inst = sup.slots[child_id].instance
+        if not isinstance(inst, ChildProcess):
+            raise Refused(f"{verb.path} is not a running process")
+        dump = await self.tree.host.dumper.take(inst, "operator")
+        if dump is None:
+            raise Refused(f"{verb.path}: the dump could not be written")
+        return Reply(ok=True, message=str(dump), data={"file": str(dump), "text": dump.read_text()})
+
+    def _parent(self, path: str) -> tuple[Supervisor, str]:
+        parent, _, child_id = path.rpartition("/")
+        sup = self.tree.supervisor(parent) if parent else None
+        if sup is None or child_id not in sup.slots:
+            raise ChildNotFound(path)
+        return sup, child_id
+
+    async def _events(self, verb: Events, stream: anyio.abc.SocketStream) -> None:
         sub = self.tree.bus.subscribe(maxlen=10_000)
-        kinds = set(req.kinds)
-        prefix = req.path
+        kinds = set(verb.kinds)
+        prefix = verb.path
         try:
             while True:
                 batch = await sub.batch()

@@ -9,7 +9,7 @@ import contextlib
 import socket
 from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import anyio
 import msgspec
@@ -18,14 +18,82 @@ from otp_agents.errors import NotRunning
 from otp_agents.wire import framing as wire
 
 SOCKET_NAME = "control.sock"
-OPS = ("status", "restart", "terminate", "start", "start-child", "dump", "stop", "events", "reload")
 
 
 class Request(msgspec.Struct, tag_field="type", tag="request", forbid_unknown_fields=True):
+    """A request as it travels; the server reads it as one of the :data:`Command` types."""
+
     op: str
     path: str = ""
     args: list[str] = []
     kinds: list[str] = []  # events: only these kinds (empty: all)
+
+
+# -- the verbs: one Struct each, tagged by ``op`` (what each one takes is what it declares) -------
+
+
+class _Verb(msgspec.Struct, tag_field="op"):
+    pass
+
+
+class Status(_Verb, tag="status"):
+    """The whole tree (``otp-agents status``)."""
+
+
+class Restart(_Verb, tag="restart"):
+    """Stop a child and start it again; not a crash."""
+
+    path: str
+
+
+class Terminate(_Verb, tag="terminate"):
+    """Stop a child; it stays down until ``start``."""
+
+    path: str
+
+
+class Start(_Verb, tag="start"):
+    """Start a stopped (or terminated) child."""
+
+    path: str
+
+
+class StartChild(_Verb, tag="start-child"):
+    """One more child of a simple_one_for_one supervisor, with ``args`` appended."""
+
+    path: str
+    args: list[str] = []
+
+
+class Dump(_Verb, tag="dump"):
+    """A stack dump of a child now, without killing it."""
+
+    path: str
+
+
+class Stop(_Verb, tag="stop"):
+    """Stop the whole tree in reverse start order."""
+
+
+class Events(_Verb, tag="events"):
+    """Follow the event stream (many replies), under ``path``, of ``kinds`` (empty: all)."""
+
+    path: str = ""
+    kinds: list[str] = []
+
+
+class Reload(_Verb, tag="reload"):
+    """Re-read the tree file and apply the difference."""
+
+
+Command = Status | Restart | Terminate | Start | StartChild | Dump | Stop | Events | Reload
+OPS = tuple(str(verb.__struct_config__.tag) for verb in get_args(Command))
+
+
+def command(req: Request) -> Command:
+    """The typed verb a request carries; ``msgspec.ValidationError`` names what is wrong."""
+    verb: Command = msgspec.convert(msgspec.structs.asdict(req), Command)
+    return verb
 
 
 class Reply(msgspec.Struct, tag_field="type", tag="reply", omit_defaults=True):

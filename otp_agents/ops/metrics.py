@@ -55,7 +55,6 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.tree: Tree | None = None
         self._dynamic_parents: set[str] = set()
-        self._last_reason: dict[str, str] = {}
         self._dispatchers: set[str] = set()
         r = self.registry
         self.restarts = Counter(
@@ -181,11 +180,8 @@ class Metrics:
             self.start_seconds.labels(self.label(event.path)).observe(event.value)
         elif kind is Kind.CHILD_EXITED:
             self.exits.labels(self.label(event.path), event.reason or "crash").inc()
-        elif kind is Kind.RESTARTING:
-            reason = "operator" if event.detail == "operator" else self._last_reason.get(event.path, "crash")
-            self.restarts.labels(self.label(event.path), reason).inc()
-        elif kind is Kind.RECYCLED and event.detail == "restart":
-            self.restarts.labels(self.label(event.path), f"{event.reason or 'drain'}_recycle").inc()
+        elif kind in (Kind.RESTARTING, Kind.RECYCLED) and event.cause is not None:
+            self.restarts.labels(self.label(event.path), event.cause).inc()  # the rules' Cause
         elif kind is Kind.DUMP_TAKEN:
             self.dumps.labels(self.label(event.path), event.reason or "unknown").inc()
         elif kind is Kind.INTENSITY_EXCEEDED:
@@ -198,8 +194,6 @@ class Metrics:
             self.checkpoints_dropped.labels(self.label(event.path), event.reason or "unknown").inc()
         elif kind is Kind.RESUMED:
             self.resumes.labels(self.label(event.path)).inc()
-        if kind in (Kind.CHILD_EXITED, Kind.SUPERVISOR_STOPPED):
-            self._last_reason[event.path] = _restart_reason(event)
         if kind in (Kind.CHILD_EXITED, Kind.CHILD_TERMINATED) and event.path in self._dispatchers:
             self.dispatcher_connected.labels(self.label(event.path)).set(0.0)  # it cannot be connected
 
@@ -233,14 +227,6 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def _restart_reason(event: Event) -> str:
-    if event.kind is Kind.SUPERVISOR_STOPPED:
-        return "escalation"
-    if event.reason in ("hang", "memory"):
-        return event.reason
-    return "crash"
 
 
 class _TreeCollector(Collector):

@@ -82,11 +82,6 @@ class Exit:
     requested: bool  # the supervisor asked it to stop
     fault: str | None = None  # set when the supervisor killed it for a fault (protocol error...)
 
-    @property
-    def normal(self) -> bool:
-        """OTP's normal/shutdown: exit code 0, or an exit the supervisor asked for."""
-        return self.fault is None and (self.requested or self.status.code == 0)
-
     def describe(self) -> str:
         text = self.status.describe()
         return f"{text} ({self.fault})" if self.fault else text

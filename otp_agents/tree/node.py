@@ -8,20 +8,15 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 
+from otp_agents.errors import ChildNotFound
 from otp_agents.spec.model import ChildSpec, SupervisorSpec
 from otp_agents.tree import rules
 from otp_agents.tree.ports import ChildHandle, EngineHost
-
-
-class ExitLike(Protocol):
-    @property
-    def normal(self) -> bool: ...
-
-    def describe(self) -> str: ...
+from otp_agents.tree.rules import Status
 
 
 @dataclass(frozen=True)
@@ -32,10 +27,6 @@ class SupervisorExit:
     requested: bool
     child: str | None = None  # the child whose exit made it give up
     cause: str | None = None  # how that child ended
-
-    @property
-    def normal(self) -> bool:
-        return self.reason != "killed" or self.requested
 
     def describe(self) -> str:
         if self.child is None:
@@ -54,7 +45,6 @@ class Slot:
     instance: ChildHandle | Node | None = None
     started_at: float = 0.0
     restarts: int = 0  # restarts of this child since the supervisor started
-    in_a_row: int = 0  # consecutive quick restarts, for backoff
 
     @property
     def id(self) -> str:
@@ -114,9 +104,6 @@ class Node:
     async def apply_spec(self, new: SupervisorSpec) -> list[str]:
         raise NotImplementedError
 
-    def which_children(self) -> list[ChildInfo]:
-        raise NotImplementedError
-
     async def _call(self, fn: Callable[[], Awaitable[Any]]) -> Any:
         raise NotImplementedError
 
@@ -132,5 +119,41 @@ class Node:
     def _add_slot(self, spec: ChildSpec) -> Slot:
         slot = Slot(spec=spec, path=f"{self.path}/{spec.id}")
         self.slots[spec.id] = slot
-        self.state.children.append(rules.ChildRec(spec.id, spec.restart, spec.significant))
+        self.state.children.append(
+            rules.ChildRec(spec.id, spec.restart, spec.significant, backoff=spec.backoff)
+        )
         return slot
+
+    def which_children(self) -> list[ChildInfo]:
+        """Answered from current state, without waiting for the mailbox."""
+        out = []
+        for rec in self.state.children:
+            slot = self.slots[rec.id]
+            inst = slot.instance
+            kind = "supervisor" if isinstance(slot.spec, SupervisorSpec) else slot.spec.__struct_config__.tag
+            out.append(
+                ChildInfo(
+                    id=rec.id,
+                    path=slot.path,
+                    kind=str(kind),
+                    status="held" if rec.held and rec.status is not Status.RUNNING else rec.status.value,
+                    pid=inst.pid if inst is not None and not isinstance(inst, Node) else None,
+                    restarts=slot.restarts,
+                    started_at=slot.started_at if inst is not None else None,
+                )
+            )
+        return out
+
+    def child(self, child_id: str) -> Slot:
+        try:
+            return self.slots[child_id]
+        except KeyError:
+            raise ChildNotFound(f"{self.path}/{child_id}") from None
+
+    def _all_slots(self) -> list[tuple[Node, Slot]]:
+        out: list[tuple[Node, Slot]] = []
+        for slot in self.slots.values():
+            out.append((self, slot))
+            if isinstance(slot.instance, Node):
+                out.extend(slot.instance._all_slots())
+        return out

@@ -10,7 +10,7 @@ from otp_agents.errors import ChildNotFound, Refused, StartError
 from otp_agents.events import Kind
 from otp_agents.spec.model import ChildSpec, CommandSpec, SupervisorSpec, WorkerSpec
 from otp_agents.tree.node import Node, Slot
-from otp_agents.tree.rules import Status
+from otp_agents.tree.rules import Cause, Status
 
 
 class Operations(Node):
@@ -86,7 +86,9 @@ class Operations(Node):
         rec = self.state.find(child_id)
         if rec is None:
             raise ChildNotFound(f"{self.path}/{child_id}")
-        self.host.bus.emit(Kind.RESTARTING, f"{self.path}/{child_id}", detail="operator")
+        self.host.bus.emit(
+            Kind.RESTARTING, f"{self.path}/{child_id}", detail="operator", cause=Cause.OPERATOR.value
+        )
         await self._terminate_slot(child_id)
         rec = self.state.find(child_id)
         if rec is None:  # a temporary child leaves when stopped
@@ -140,6 +142,7 @@ class Operations(Node):
                 changed = self.state.find(child.id)
                 assert changed is not None
                 changed.restart, changed.significant = child.restart, child.significant
+                changed.backoff = child.backoff
                 to_start.append(child.id)
                 changes.append(f"~ {self.path}/{child.id}")
         order = [c.id for c in new.children]

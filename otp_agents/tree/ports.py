@@ -28,9 +28,6 @@ class ExitReport(Protocol):
     def fault(self) -> str | None:
         """Killed by the supervisor for a fault: a protocol error, or a monitor's reason."""
 
-    @property
-    def normal(self) -> bool: ...
-
     def describe(self) -> str: ...
 
 

@@ -24,13 +24,13 @@ import anyio.lowlevel
 
 from otp_agents.errors import ChildNotFound, Refused, StartAborted, StartError
 from otp_agents.events import Kind
-from otp_agents.spec.model import Backoff, ProcessSpec, Strategy, SupervisorSpec
+from otp_agents.spec.model import ProcessSpec, Strategy, SupervisorSpec
 from otp_agents.tree import rules
 from otp_agents.tree.mailbox import Call, ChildDown, Mailbox, Msg, StartLater, Stop, TryAgain
-from otp_agents.tree.node import ChildInfo, ExitLike, Node, Slot, SupervisorExit
+from otp_agents.tree.node import ChildInfo, Node, Slot, SupervisorExit
 from otp_agents.tree.operations import Operations
 from otp_agents.tree.ports import ChildHandle, EngineHost
-from otp_agents.tree.rules import Decision, GiveUp, GiveUpReason, Nothing, Restart, Status
+from otp_agents.tree.rules import Decision, GiveUp, GiveUpReason, Nothing, Recycle, Restart, Status
 from otp_agents.tree.startup import Startup
 
 log = logging.getLogger("otp_agents")
@@ -98,32 +98,6 @@ class Supervisor(Startup, Operations):
             sup.finished.set()
         self.host.bus.emit(Kind.SUPERVISOR_STOPPED, self.path, reason="killed", requested=True)
 
-    def which_children(self) -> list[ChildInfo]:
-        """Answered from current state, without waiting for the mailbox."""
-        out = []
-        for rec in self.state.children:
-            slot = self.slots[rec.id]
-            inst = slot.instance
-            kind = "supervisor" if isinstance(slot.spec, SupervisorSpec) else slot.spec.__struct_config__.tag
-            out.append(
-                ChildInfo(
-                    id=rec.id,
-                    path=slot.path,
-                    kind=str(kind),
-                    status="held" if rec.held and rec.status is not Status.RUNNING else rec.status.value,
-                    pid=inst.pid if inst is not None and not isinstance(inst, Node) else None,
-                    restarts=slot.restarts,
-                    started_at=slot.started_at if inst is not None else None,
-                )
-            )
-        return out
-
-    def child(self, child_id: str) -> Slot:
-        try:
-            return self.slots[child_id]
-        except KeyError:
-            raise ChildNotFound(f"{self.path}/{child_id}") from None
-
     def _post(self, msg: Msg) -> None:
         if self.exit is None:
             self._mailbox.put(msg)
@@ -174,11 +148,9 @@ class Supervisor(Startup, Operations):
         if isinstance(msg, ChildDown):
             await self._on_child_down(msg.slot_id, msg.instance)
         elif isinstance(msg, TryAgain):
-            await self._apply(rules.try_again(self.state, msg.slot_id, time.monotonic()), immediate=True)
+            await self._apply(rules.try_again(self.state, msg.slot_id, time.monotonic()))
         elif isinstance(msg, StartLater):
-            rec = self.state.find(msg.child)
-            if rec is not None and rec.status is Status.RESTARTING:
-                rec.status = Status.STOPPED
+            if rules.due(self.state, msg.child):
                 await self._start_ids(msg.child, msg.ids)
         elif isinstance(msg, Stop):
             await self._give_up(SupervisorExit("shutdown", requested=True))
@@ -194,27 +166,27 @@ class Supervisor(Startup, Operations):
                 msg.done.set()
 
     async def _on_child_down(self, slot_id: str, instance: ChildHandle | Node) -> None:
+        """A child ended without being asked: the facts to the rules, their decision carried out."""
         slot = self.slots.get(slot_id)
-        if slot is None or slot.instance is not instance:
+        if slot is None or slot.instance is not instance or instance.exit is None:
             return  # stale: the supervisor already stopped this instance itself
         slot.instance = None
-        ex = self._exit_of(instance)
-        self._emit_exit(slot, instance, ex)
-        if not isinstance(instance, Node) and instance.recycle is not None and ex.normal:
-            await self._recycled(slot, instance.recycle)
-            return
-        decision = rules.child_exited(self.state, slot_id, ex.normal, time.monotonic())
+        facts = _facts(instance)
+        self._emit_exit(slot, instance, facts)
+        decision = rules.on_exit(self.state, slot_id, facts, time.monotonic(), random.random())
         self._drop_removed()
-        await self._apply(decision, cause=(slot.path, ex.describe()), crashed=slot)
+        await self._apply(decision, (slot.path, instance.exit.describe()))
 
-    async def _apply(
-        self,
-        decision: Decision,
-        cause: tuple[str, str] | None = None,
-        crashed: Slot | None = None,
-        immediate: bool = False,
-    ) -> None:
+    async def _apply(self, decision: Decision, cause: tuple[str, str] | None = None) -> None:
         if isinstance(decision, Nothing):
+            return
+        if isinstance(decision, Recycle):
+            path = f"{self.path}/{decision.child}"
+            detail = "restart" if decision.restart else "removed"
+            label = decision.cause.value if decision.restart else None
+            self.host.bus.emit(Kind.RECYCLED, path, reason=decision.why, detail=detail, cause=label)
+            if decision.restart:
+                await self._start_ids(decision.child, (decision.child,))
             return
         if isinstance(decision, GiveUp):
             path = f"{self.path}/{decision.child}"
@@ -233,25 +205,23 @@ class Supervisor(Startup, Operations):
                 )
             )
             return
-        await self._run_plan(decision, crashed, immediate)
+        await self._run_plan(decision)
 
-    async def _run_plan(self, plan: Restart, crashed: Slot | None, immediate: bool) -> None:
-        slot = self.slots.get(plan.child)
+    async def _run_plan(self, plan: Restart) -> None:
+        path = f"{self.path}/{plan.child}"
         self.host.bus.emit(
             Kind.RESTARTING,
-            f"{self.path}/{plan.child}",
+            path,
             detail=self.spec.strategy.value,
             reason=",".join(plan.start) if len(plan.start) > 1 else None,
+            cause=plan.cause.value,
         )
         for cid in plan.terminate:
             await self._terminate_slot(cid)
-        if slot is None:
-            return
-        delay = 0.0 if immediate else self._backoff_delay(slot)
-        if delay > 0:
-            rules.start_failed(self.state, plan.child)  # held as "restarting" until the timer fires
-            self.host.bus.emit(Kind.RESTART_DELAYED, slot.path, delay=round(delay, 4))
-            self.host.tg.start_soon(self._timer, delay, StartLater(plan.child, plan.start))
+        if plan.delay > 0:
+            rules.delayed(self.state, plan.child)  # "restarting" until the timer fires
+            self.host.bus.emit(Kind.RESTART_DELAYED, path, delay=round(plan.delay, 4))
+            self.host.tg.start_soon(self._timer, plan.delay, StartLater(plan.child, plan.start))
             return
         await self._start_ids(plan.child, plan.start)
 
@@ -266,8 +236,7 @@ class Supervisor(Startup, Operations):
             except StartAborted:
                 return  # the whole tree is stopping: leave it stopped, no retry
             except StartError:
-                rules.start_failed(self.state, cid)
-                delay = self._backoff_delay(slot)
+                delay = rules.start_failed(self.state, cid, time.monotonic(), random.random())
                 if delay > 0:
                     self.host.bus.emit(Kind.RESTART_DELAYED, slot.path, delay=round(delay, 4))
                     self.host.tg.start_soon(self._timer, delay, TryAgain(cid))
@@ -276,28 +245,9 @@ class Supervisor(Startup, Operations):
                 return
             slot.restarts += 1
 
-    async def _recycled(self, slot: Slot, why: str) -> None:
-        """The child drained and ended as asked: start it again (no intensity, no siblings)."""
-        again = rules.child_recycled(self.state, slot.id)
-        self.host.bus.emit(Kind.RECYCLED, slot.path, reason=why, detail="restart" if again else "removed")
-        self._drop_removed()
-        if again:
-            await self._start_ids(slot.id, (slot.id,))
-
     async def _timer(self, delay: float, msg: Msg) -> None:
         await anyio.sleep(delay)
         self._post(msg)
-
-    def _backoff_delay(self, slot: Slot) -> float:
-        backoff: Backoff | None = slot.spec.backoff
-        if backoff is None:
-            return 0.0
-        if slot.started_at and time.monotonic() - slot.started_at >= backoff.reset_after:
-            slot.in_a_row = 0
-        n = slot.in_a_row
-        slot.in_a_row += 1
-        base = min(backoff.max, backoff.initial * backoff.factor**n)
-        return max(0.0, base * (1 + backoff.jitter * random.uniform(-1, 1)))
 
     async def _start_slot(self, slot: Slot) -> None:
         spec = slot.spec
@@ -323,7 +273,7 @@ class Supervisor(Startup, Operations):
                 self.host.bus.emit(Kind.START_FAILED, slot.path, detail=str(exc))
             raise
         slot.started_at = time.monotonic()
-        rules.child_started(self.state, slot.id)
+        rules.child_started(self.state, slot.id, slot.started_at)
 
     def _child_proc_down(self, slot_id: str) -> Callable[[ChildHandle], None]:
         return lambda proc: self._post(ChildDown(slot_id, proc))
@@ -388,31 +338,16 @@ class Supervisor(Startup, Operations):
             for sid in [s for s in self.slots if s not in live]:
                 self._forget_checkpoint(self.slots.pop(sid))
 
-    def _all_slots(self) -> list[tuple[Supervisor, Slot]]:
-        out: list[tuple[Supervisor, Slot]] = []
-        for slot in self.slots.values():
-            out.append((self, slot))
-            if isinstance(slot.instance, Supervisor):
-                out.extend(slot.instance._all_slots())
-        return out
-
-    @staticmethod
-    def _exit_of(instance: ChildHandle | Node) -> ExitLike:
-        ex = instance.exit
-        assert ex is not None
-        return ex
-
-    def _emit_exit(self, slot: Slot, instance: ChildHandle | Node, ex: ExitLike) -> None:
+    def _emit_exit(self, slot: Slot, instance: ChildHandle | Node, facts: rules.ExitFacts) -> None:
         if not isinstance(instance, Node) and instance.exit is not None:
-            st = instance.exit.status
             self.host.bus.emit(
                 Kind.CHILD_EXITED,
                 slot.path,
                 pid=instance.pid,
-                code=st.code,
-                signal=_signame(st.signal),
+                code=facts.code,
+                signal=_signame(facts.signal),
                 requested=False,
-                reason=instance.exit.fault or ("normal" if ex.normal else "crash"),
+                reason=facts.fault or ("normal" if rules.is_normal(facts) else "crash"),
                 detail=instance.last_words,
             )
 
@@ -430,6 +365,24 @@ class Supervisor(Startup, Operations):
 
     def _begin(self) -> None:
         self.host.tg.start_soon(self._loop, name=f"supervisor {self.path}")
+
+
+def _facts(instance: ChildHandle | Node) -> rules.ExitFacts:
+    """What the rules need to know of how a child ended."""
+    if isinstance(instance, Node):
+        ex = instance.exit
+        assert ex is not None
+        killed = ex.reason == "killed" and not ex.requested
+        return rules.ExitFacts(requested=ex.requested, gave_up=not killed and not ex.requested, killed=killed)
+    end = instance.exit
+    assert end is not None
+    return rules.ExitFacts(
+        code=end.status.code,
+        signal=end.status.signal,
+        requested=end.requested,
+        fault=end.fault,
+        drained=instance.recycle,
+    )
 
 
 def _signame(sig: int | None) -> str | None:
