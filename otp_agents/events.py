@@ -80,6 +80,7 @@ class Event(msgspec.Struct, omit_defaults=True, frozen=True):
     threshold: float | None = None  # the configured limit it was compared with
     file: str | None = None  # a file the event refers to (a stack dump)
     cause: str | None = None  # why a child is started again (restarting, recycled): rules.Cause
+    output: str | None = None  # child_exited: the last lines it wrote on stderr
 
 
 _json = msgspec.json.Encoder()

@@ -42,7 +42,7 @@ def _shape(row: dict[str, Any]) -> dict[str, Any]:
     """An event line with what varies from run to run replaced by its type."""
     out: dict[str, Any] = {}
     for key, value in row.items():
-        if key in ("ts", "pid", "value", "delay"):
+        if key in ("ts", "pid", "value", "delay", "output"):  # what varies (output: paths, lines)
             out[key] = type(value).__name__
         else:
             out[key] = value
@@ -162,7 +162,9 @@ def _cli_shape(command: click.Command) -> dict[str, Any]:
     )
     out: dict[str, Any] = {"params": params}
     if isinstance(command, click.Group):
-        out["commands"] = {name: _cli_shape(sub) for name, sub in sorted(command.commands.items())}
+        ctx = click.Context(command)
+        subs = {name: command.get_command(ctx, name) for name in command.list_commands(ctx)}
+        out["commands"] = {name: _cli_shape(sub) for name, sub in sorted(subs.items()) if sub is not None}
     return out
 
 

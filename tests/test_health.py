@@ -113,8 +113,8 @@ async def test_healthy_worker_answers_from_its_loop_with_asyncio_tasks_in_the_ch
         proc = slot.instance
         assert proc is not None and not isinstance(proc, type(tree.root))
         dump = await tree.host.dumper.take(proc, "operator")  # type: ignore[arg-type]
-        assert dump is not None
-        text = dump.read_text()
+        assert dump is not None and dump.route == "channel" and dump.complete
+        text = dump.file.read_text()
         assert "route: channel" in text and "Task " in text and "steady" in text
         assert health.SLOW_PING_EVERY > 0
     assert rec.of(Kind.HANG) == []

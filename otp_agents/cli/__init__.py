@@ -1,7 +1,6 @@
-"""``otp-agents``: the command line. ``app`` holds the command group; ``run``, ``check`` and
-``operate`` each add their verbs to it."""
+"""``otp-agents``: the command line. ``app`` holds the command group; ``run``, ``check``,
+``logs`` and ``operate`` each add their verbs to it when first used."""
 
-from otp_agents.cli import check, operate, run
 from otp_agents.cli.app import main
 
-__all__ = ["check", "main", "operate", "run"]
+__all__ = ["main"]

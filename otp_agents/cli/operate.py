@@ -5,13 +5,15 @@ answer (``status``, ``restart``, ``terminate``, ``start``, ``start-child``, ``du
 from __future__ import annotations
 
 import json
+import os
 import sys
-from typing import Any
+import time
 
 import click
 import msgspec
 
 from otp_agents.cli.app import json_option, main, state_dir_option
+from otp_agents.cli.table import render
 from otp_agents.errors import EXIT_ERROR, EXIT_NOT_RUNNING, REPLY_EXIT, NotRunning
 from otp_agents.ops import control_client as control
 
@@ -45,49 +47,31 @@ def _finish(reply: control.Reply, as_json: bool) -> None:
 
 
 @main.command("status")
+@click.argument("path", required=False, default="")
+@click.option(
+    "--watch", type=click.FloatRange(min=0.2), metavar="SECONDS", help="Redraw every SECONDS until Ctrl-C."
+)
 @state_dir_option
 @json_option
-def status_cmd(state_dir: str, as_json: bool) -> None:
-    """Show the tree: state, pid, uptime, restarts, memory, last ping RTT of every child."""
-    reply = _ask(state_dir, "status")
-    if as_json or not reply.ok:
-        _finish(reply, as_json)
-    colour = sys.stdout.isatty()
-    root = reply.data
-    click.echo(f"{root['path']}  supervisor {root['strategy']}  pid {root['pid']}  up {_age(root['uptime'])}")
-    for line in _status_lines(root["children"], 1, colour):
-        click.echo(line)
-
-
-_COLOURS = {"running": "green", "stopped": "yellow", "restarting": "red", "held": "blue"}
-
-
-def _status_lines(children: list[dict[str, Any]], depth: int, colour: bool) -> list[str]:
-    lines = []
-    for c in children:
-        state = c["status"]
-        shown = click.style(f"{state:<10}", fg=_COLOURS.get(state)) if colour else f"{state:<10}"
-        parts = [f"{'  ' * depth}{c['path']:<32}", shown, f"{c['kind']:<10}"]
-        parts.append(f"pid {c['pid']:<7}" if c.get("pid") else " " * 11)
-        parts.append(f"up {_age(c['uptime']):<8}" if c.get("uptime") is not None else " " * 11)
-        parts.append(f"restarts {c['restarts']:<3}")
-        if c.get("memory_mb") is not None:
-            parts.append(f"mem {c['memory_mb']:.1f} MB")
-        if c.get("rtt_ms") is not None:
-            parts.append(f"rtt {c['rtt_ms']:.2f} ms")
-        lines.append("  ".join(parts).rstrip())
-        if "children" in c:
-            lines.extend(_status_lines(c["children"], depth + 1, colour))
-    return lines
-
-
-def _age(seconds: float) -> str:
-    s = int(seconds)
-    if s < 120:
-        return f"{seconds:.1f}s" if s < 10 else f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+def status_cmd(path: str, watch: float | None, state_dir: str, as_json: bool) -> None:
+    """Show the tree, or the child or subtree at PATH: state, pid, uptime, restarts, how and when
+    it last exited and why, when a restarting child is tried next, CPU, memory, ping RTT."""
+    colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    while True:
+        reply = _ask(state_dir, "status", path)
+        if as_json or not reply.ok:
+            _finish(reply, as_json)
+        lines = render(reply.data, colour)
+        if watch is None:
+            click.echo("\n".join(lines))
+            return
+        if sys.stdout.isatty():
+            click.clear()
+        click.echo("\n".join(lines))
+        try:
+            time.sleep(watch)
+        except KeyboardInterrupt:
+            return
 
 
 def _path_command(name: str, help_text: str) -> None:
@@ -116,7 +100,7 @@ def dump_cmd(path: str, state_dir: str, as_json: bool) -> None:
     if reply.ok and not as_json:
         click.echo(reply.data["text"])
         click.echo(f"(kept in {reply.data['file']})", err=True)
-        sys.exit(0)
+        sys.exit(0 if reply.data.get("complete", True) else EXIT_ERROR)
     _finish(reply, as_json)
 
 
@@ -158,6 +142,8 @@ def events_cmd(prefix: str, kinds: tuple[str, ...], state_dir: str) -> None:
     req = control.Request(op="events", path=prefix, kinds=list(kinds))
     try:
         for reply in control.stream_requests(control.socket_path(state_dir), req, timeout=None):
+            if not reply.ok:  # a filter it refused (an unknown kind, a path not in the tree)
+                _finish(reply, False)
             for row in reply.data or []:
                 click.echo(json.dumps(row))
     except NotRunning as exc:

@@ -116,7 +116,12 @@ def run_cmd(
     keeper = guard.start()  # before the event loop: forking is only safe without threads
     keeper.contain()  # into a cgroup of our own, if this machine lets us make one
     logging.getLogger("otp_agents").info(
-        "supervisor pid %d; a death is contained by %s", os.getpid(), keeper.containment
+        "otp-agents %s; tree %s; state dir %s; supervisor pid %d; a death is contained by %s",
+        _version(),
+        os.path.abspath(tree_path(tree)),
+        os.path.abspath(state_dir),
+        os.getpid(),
+        keeper.containment,
     )
     try:
         outcome = anyio.run(
@@ -136,8 +141,22 @@ def run_cmd(
     finally:
         keeper.close()
         os.close(lock)
-    click.echo(f"otp-agents: {outcome.message}", err=True)
+    if log_format == "json":  # every line of a JSON log is JSON, the last one too
+        logging.getLogger("otp_agents").log(
+            logging.INFO if outcome.code == 0 else logging.ERROR, outcome.message
+        )
+    else:
+        click.echo(f"otp-agents: {outcome.message}", err=True)
     sys.exit(outcome.code)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("otp-agents")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def _redact_record(record: logging.LogRecord) -> bool:
@@ -200,6 +219,11 @@ class _JsonFormatter(logging.Formatter):
         event = getattr(record, "otp_event", None)
         if event is not None:
             row["event"] = msgspec.to_builtins(event)
+        child = getattr(record, "child", None)
+        if child is not None:  # a line a child wrote
+            row.update(
+                child=child, pid=getattr(record, "child_pid", None), stream=getattr(record, "stream", None)
+            )
         if record.exc_info:
             row["exception"] = self.formatException(record.exc_info)
         return json.dumps(row)

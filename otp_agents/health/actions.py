@@ -41,5 +41,7 @@ async def kill_for(proc: ChildProcess, host: HealthHost, reason: str) -> None:
         return
     proc.health_kill = reason
     dump = await host.dumper.take(proc, reason)
-    host.bus.emit(Kind.HEALTH_KILL, proc.path, pid=proc.pid, reason=reason, file=str(dump) if dump else None)
+    host.bus.emit(
+        Kind.HEALTH_KILL, proc.path, pid=proc.pid, reason=reason, file=str(dump.file) if dump else None
+    )
     proc.fault(reason)

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -60,6 +61,18 @@ def slug(path: str) -> str:
     return path.replace("/", ".")
 
 
+@dataclass(frozen=True)
+class Dump:
+    """A stack dump kept on disk, and the route that got it (``none``: nothing could be had)."""
+
+    file: Path
+    route: str
+
+    @property
+    def complete(self) -> bool:
+        return self.route != "none"
+
+
 class Dumper:
     def __init__(self, state_dir: Path, bus: EventBus, tracked: dict[int, str]) -> None:
         self.dir = state_dir / "dumps"
@@ -73,7 +86,7 @@ class Dumper:
         """A fresh file for one process' faulthandler output (removed when it is reaped)."""
         return str(self.dir / f".signal.{slug(path)}.{os.getpid()}.{next(self._seq)}")
 
-    async def take(self, proc: ChildProcess, reason: str) -> Path | None:
+    async def take(self, proc: ChildProcess, reason: str) -> Dump | None:
         """Dump ``proc``'s stacks by the first route that works; keep and announce the result."""
         timeout = proc.spec.settings.dump_timeout
         state = _process_state(proc.pid)
@@ -115,7 +128,7 @@ class Dumper:
             )
             return None
         self.bus.emit(Kind.DUMP_TAKEN, proc.path, pid=proc.pid, reason=reason, detail=route, file=str(target))
-        return target
+        return Dump(target, route)
 
 
 def _remove_stale_signal_files(where: Path) -> None:

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Protocol
 
 import anyio.abc
 
 from otp_agents.events import EventBus
+from otp_agents.health.dump import Dump
 from otp_agents.proc.handle import ChildProcess
 
 
 class Dumps(Protocol):
-    async def take(self, proc: ChildProcess, reason: str) -> Path | None:
+    async def take(self, proc: ChildProcess, reason: str) -> Dump | None:
         """A stack dump of ``proc`` by every route that works; the file, or None."""
 
 

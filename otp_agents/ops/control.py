@@ -197,8 +197,8 @@ class ControlServer:
             Dump: self._dump,
         }
 
-    async def _status(self, _: Status) -> Reply:
-        return Reply(ok=True, data=status(self.tree))
+    async def _status(self, verb: Status) -> Reply:
+        return Reply(ok=True, data=status(self.tree, verb.path))
 
     async def _stop(self, _: Stop) -> Reply:
         self.on_stop()
@@ -222,7 +222,10 @@ class ControlServer:
     async def _terminate(self, verb: Terminate) -> Reply:
         sup, child_id = self._parent(verb.path)
         await sup.terminate_child(child_id)
-        return Reply(ok=True, message=f"terminated {verb.path}; it stays down until `start`")
+        if child_id in sup.slots:
+            return Reply(ok=True, message=f"terminated {verb.path}; it stays down until `start`")
+        why = "a dynamic child" if sup.spec.strategy.value == "simple_one_for_one" else "a temporary child"
+        return Reply(ok=True, message=f"terminated {verb.path}; it is removed ({why} does not stay stopped)")
 
     async def _start(self, verb: Start) -> Reply:
         sup, child_id = self._parent(verb.path)
@@ -237,7 +240,9 @@ class ControlServer:
         dump = await self.tree.host.dumper.take(inst, "operator")
         if dump is None:
             raise Refused(f"{verb.path}: the dump could not be written")
-        return Reply(ok=True, message=str(dump), data={"file": str(dump), "text": dump.read_text()})
+        text = dump.file.read_text()
+        data = {"file": str(dump.file), "text": text, "route": dump.route, "complete": dump.complete}
+        return Reply(ok=True, message=str(dump.file), data=data)
 
     def _parent(self, path: str) -> tuple[Supervisor, str]:
         parent, _, child_id = path.rpartition("/")
@@ -247,6 +252,10 @@ class ControlServer:
         return sup, child_id
 
     async def _events(self, verb: Events, stream: anyio.abc.SocketStream) -> None:
+        problem = _bad_filter(self.tree, verb)
+        if problem is not None:
+            await stream.send(wire.encode(Reply(ok=False, code="refused", message=problem)))
+            return
         sub = self.tree.bus.subscribe(maxlen=10_000)
         kinds = set(verb.kinds)
         prefix = verb.path
@@ -264,6 +273,19 @@ class ControlServer:
                     await stream.send(wire.encode(Reply(ok=True, data=rows, more=True)))
         finally:
             sub.close()
+
+
+def _bad_filter(tree: Tree, verb: Events) -> str | None:
+    """Why an events filter can never match, or None: a kind that does not exist, a path
+    outside the tree."""
+    known = {k.value for k in Kind}
+    unknown = [k for k in verb.kinds if k not in known]
+    if unknown:
+        return f"unknown event kind {unknown[0]!r} (known: {', '.join(sorted(known))})"
+    root = tree.root.path
+    if verb.path and verb.path != root and not verb.path.startswith(root + "/"):
+        return f"{verb.path!r} is not in this tree (its root is {root!r})"
+    return None
 
 
 def _under(event: Event, prefix: str) -> bool:

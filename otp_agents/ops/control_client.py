@@ -11,7 +11,6 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any, get_args
 
-import anyio
 import msgspec
 
 from otp_agents.errors import NotRunning
@@ -37,7 +36,9 @@ class _Verb(msgspec.Struct, tag_field="op"):
 
 
 class Status(_Verb, tag="status"):
-    """The whole tree (``otp-agents status``)."""
+    """The whole tree, or the child or subtree at ``path`` (``otp-agents status [PATH]``)."""
+
+    path: str = ""
 
 
 class Restart(_Verb, tag="restart"):
@@ -160,6 +161,8 @@ def stream_requests(path: Path, req: Request, timeout: float | None = 30.0) -> A
 
 async def call(path: str | Path, req: Request, timeout: float = 30.0) -> Reply:  # noqa: ASYNC109
     """Async client for workers inside the tree: one request, its one reply, within ``timeout``."""
+    import anyio  # the async clients only: the CLI's blocking client does not load it
+
     with anyio.fail_after(timeout):
         async with contextlib.aclosing(stream(path, req)) as replies:
             async for reply in replies:
@@ -169,6 +172,8 @@ async def call(path: str | Path, req: Request, timeout: float = 30.0) -> Reply: 
 
 async def stream(path: str | Path, req: Request) -> AsyncGenerator[Reply, None]:
     """Async client: the replies to ``req`` (many, for ``events``) until the last one."""
+    import anyio
+
     try:
         conn = await anyio.connect_unix(str(path))
     except (FileNotFoundError, ConnectionRefusedError) as exc:

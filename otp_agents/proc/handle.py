@@ -37,6 +37,7 @@ from otp_agents import linux
 from otp_agents.events import EventBus, Kind
 from otp_agents.linux import ExitStatus
 from otp_agents.proc.guard import Guard
+from otp_agents.proc.output import Output
 from otp_agents.spec.model import ProcessSpec
 from otp_agents.wire.channel import Channel, ChannelClosed
 from otp_agents.wire.env import PLAIN_BYE
@@ -73,6 +74,9 @@ class ProcHost(Protocol):
     def on_gone(self, proc: ChildProcess) -> None:
         """The process is gone and its last frames are read."""
 
+    async def on_output(self, proc: ChildProcess, stream: str, line: str) -> None:
+        """One line the child wrote on stdout (``out``) or stderr (``err``)."""
+
 
 @dataclass
 class Exit:
@@ -105,6 +109,7 @@ class ChildProcess:
         self.pid = pid
         self.forked_from: str | None = None  # the zygote's image, when forked rather than spawned
         self.started_at = time.monotonic()
+        self.started_wall = time.time()  # names its log file
         self.exited = anyio.Event()
         self.exit: Exit | None = None
         self.channel: Channel | None = None
@@ -123,6 +128,7 @@ class ChildProcess:
         self.recycle: str | None = None  # asked to drain: its exit is a recycle, not a crash
         self.health_kill: str | None = None
         self.last_words: str | None = None  # the reason in its Bye, when it stated one
+        self.output: Output | None = None  # its stdout and stderr, being read
         self.signal_file: str | None = None  # where faulthandler writes on dump_signal
         self.dump_signal: int | None = None
         self._dump_seq = 0
@@ -160,9 +166,17 @@ class ChildProcess:
             with anyio.move_on_after(DRAIN_WAIT):
                 await self._reader_done.wait()
             await self.channel.aclose()
+        if self.output is not None:  # its last words on stderr belong to this exit's report
+            with anyio.move_on_after(DRAIN_WAIT):
+                await self.output.done.wait()
         self._host.on_gone(self)  # after its last frames: a late publish cannot outlive it
         self.exited.set()
         self._on_exit(self)
+
+    @property
+    def last_output(self) -> list[str]:
+        """The last lines it wrote on stderr (what a crash usually explains itself with)."""
+        return list(self.output.stderr_tail) if self.output is not None else []
 
     def _untrack(self) -> None:
         self._host.tracked.pop(self.pid, None)

@@ -108,5 +108,12 @@ async def handshake(proc: ChildProcess, channel: Channel, spec: WorkerSpec, host
         problem = f"exited before it was ready ({proc.exit.status.describe()})"
     if problem is not None and proc.last_words:
         problem = f"{problem}: {proc.last_words}"
+    elif problem is not None and proc.exit is not None and (said := last_said(proc.last_output)):
+        problem = f"{problem}; its stderr ends: {said}"
     if problem is not None:
         raise StartError(problem)
+
+
+def last_said(lines: list[str]) -> str | None:
+    """The last non-empty line of a child's stderr (a traceback's last line names the error)."""
+    return next((line.strip() for line in reversed(lines) if line.strip()), None)

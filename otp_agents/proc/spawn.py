@@ -21,6 +21,7 @@ from otp_agents import linux
 from otp_agents.errors import StartError
 from otp_agents.events import Kind
 from otp_agents.proc.handle import ChildProcess, ProcHost
+from otp_agents.proc.output import Output, Pipes
 from otp_agents.proc.session import handshake
 from otp_agents.proc.zygote_client import ZygoteClient, ZygoteUnavailable
 from otp_agents.spec.model import CommandSpec, ProcessSpec, WorkerSpec, ZygoteSpec
@@ -103,7 +104,7 @@ def _resolve(program: str, env: dict[str, str], cwd: str | None) -> None:
 
 
 def _popen(
-    argv: list[str], spec: ProcessSpec, env: dict[str, str], pass_fds: tuple[int, ...]
+    argv: list[str], spec: ProcessSpec, env: dict[str, str], pass_fds: tuple[int, ...], pipes: Pipes
 ) -> subprocess.Popen[bytes]:
     _resolve(argv[0], env, spec.cwd)
     hook: Callable[[], None] | None = None
@@ -117,6 +118,8 @@ def _popen(
             env=env,
             cwd=spec.cwd,
             stdin=subprocess.DEVNULL,
+            stdout=pipes.out_w,
+            stderr=pipes.err_w,
             close_fds=True,
             pass_fds=pass_fds,
             process_group=0,
@@ -126,7 +129,7 @@ def _popen(
         if exc.errno in (errno.EMFILE, errno.ENFILE):
             raise StartError(
                 f"the supervisor is out of file descriptors ({exc.strerror}); "
-                "raise its limit (about 2 per protocol worker)"
+                "raise its limit (about 4 per child)"
             ) from None
         if exc.errno in (errno.EAGAIN, errno.ENOMEM) and exc.filename is None:
             raise StartError(
@@ -157,13 +160,23 @@ async def spawn(
             if isinstance(spec, WorkerSpec)
             else linux.parse_signal(spec.settings.dump_signal or "")
         )
+    pipes = _pipes()
     if isinstance(spec, CommandSpec):
-        proc = _track(path, spec, _popen(argv, spec, env, ()), host, on_exit)
+        try:
+            proc = _track(path, spec, _popen(argv, spec, env, (), pipes), host, on_exit)
+        except BaseException:
+            pipes.close()
+            raise
+        _capture(proc, pipes, host)
         proc.signal_file, proc.dump_signal = signal_file, dump_signal
         proc.ready = True
         return proc
 
-    ours, theirs = _channel_pair()
+    try:
+        ours, theirs = _channel_pair()
+    except BaseException:
+        pipes.close()
+        raise
     forked: int | None = None
     popen: subprocess.Popen[bytes] | None = None
     env[ENV_PATH] = path
@@ -173,7 +186,7 @@ async def spawn(
     host.forks_in_flight += 1  # a forked worker is our child before we track it: no orphan sweep
     try:
         if spec.zygote is not None and spec.module is not None:
-            forked = await _fork(path, spec, spec.zygote, env, theirs.fileno(), host)
+            forked = await _fork(path, spec, spec.zygote, env, (theirs.fileno(), *pipes.child_fds), host)
             if forked is None:
                 # The zygote may still act on the request it was sent: give the cold start a
                 # channel that no late fork can share.
@@ -182,18 +195,20 @@ async def spawn(
                 ours, theirs = _channel_pair()
         if forked is None:
             env[ENV_FD] = str(theirs.fileno())
-            popen = _popen(argv, spec, env, (theirs.fileno(),))
+            popen = _popen(argv, spec, env, (theirs.fileno(),), pipes)
         started: subprocess.Popen[bytes] | int | None = popen if popen is not None else forked
         assert started is not None
         proc = _track(path, spec, started, host, on_exit)
     except BaseException:
         ours.close()
+        pipes.close()
         raise
     finally:
         theirs.close()
         host.forks_in_flight -= 1
         if forked is not None:
             host.after_reap()  # whatever the sweep left alone meanwhile
+    _capture(proc, pipes, host)
     if forked is not None:
         proc.forked_from = spec.zygote
     if isinstance(spec, ZygoteSpec):
@@ -223,7 +238,7 @@ async def spawn(
 
 
 async def _fork(
-    path: str, spec: WorkerSpec, image: str, env: dict[str, str], fd: int, host: SpawnHost
+    path: str, spec: WorkerSpec, image: str, env: dict[str, str], fds: tuple[int, ...], host: SpawnHost
 ) -> int | None:
     """The pid of the worker forked by ``image``'s zygote, or None (after a ``zygote_fallback``
     event saying why) when it must be started cold."""
@@ -231,7 +246,7 @@ async def _fork(
     try:
         client = _zygote_client(image, host)
         request = ForkRequest(path=path, target=spec.module, args=list(spec.args), env=env, cwd=spec.cwd)
-        pid = await client.fork(request, fd)
+        pid = await client.fork(request, fds)
     except ZygoteUnavailable as exc:
         host.bus.emit(Kind.ZYGOTE_FALLBACK, path, reason=image, detail=str(exc))
         return None
@@ -255,6 +270,24 @@ def _zygote_client(image: str, host: SpawnHost) -> ZygoteClient:
             client.close()
         client = host.zygote_clients[image] = ZygoteClient(address, pid)
     return client
+
+
+def _pipes() -> Pipes:
+    try:
+        return Pipes()
+    except OSError as exc:
+        raise StartError(f"cannot create the pipes for the child's output: {exc.strerror or exc}") from None
+
+
+def _capture(proc: ChildProcess, pipes: Pipes, host: SpawnHost) -> None:
+    """The child has its ends of the pipes: read ours until it (and what it left) is gone."""
+    pipes.parent_side()
+
+    async def sink(stream: str, line: str) -> None:
+        await host.on_output(proc, stream, line)
+
+    proc.output = Output(pipes, sink)
+    host.tg.start_soon(proc.output.run, name=f"output {proc.path}")
 
 
 def _channel_pair() -> tuple[socket.socket, socket.socket]:

@@ -45,7 +45,7 @@ class ZygoteClient:
             raise
         return sock
 
-    async def fork(self, request: ForkRequest, channel_fd: int) -> int:
+    async def fork(self, request: ForkRequest, fds: tuple[int, ...]) -> int:
         """Fork a worker; returns its pid (already adopted by this process)."""
         payload = _encode(request)
         if len(payload) > MAX_REQUEST:
@@ -53,7 +53,7 @@ class ZygoteClient:
         async with self._lock:
             try:
                 with anyio.fail_after(REQUEST_TIMEOUT):
-                    return await self._exchange(payload, channel_fd)
+                    return await self._exchange(payload, fds)
             except TimeoutError:
                 self.close()
                 raise ZygoteUnavailable(f"no answer within {REQUEST_TIMEOUT}s") from None
@@ -64,14 +64,14 @@ class ZygoteClient:
                 self.close()
                 raise
 
-    async def _exchange(self, payload: bytes, channel_fd: int) -> int:
+    async def _exchange(self, payload: bytes, fds: tuple[int, ...]) -> int:
         if self._sock is None:
             self._sock = self._connect()
         sock = self._sock
-        fds = array.array("i", [channel_fd])
+        passed = array.array("i", fds)
         while True:
             try:
-                sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+                sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, passed)])
                 break
             except BlockingIOError:
                 await anyio.wait_writable(sock)

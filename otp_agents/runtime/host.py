@@ -19,6 +19,7 @@ from otp_agents.proc.spawn import spawn
 from otp_agents.proc.zygote_client import ZygoteClient
 from otp_agents.runtime.checkpoint import CheckpointStore
 from otp_agents.runtime.frames import serve as serve_frame
+from otp_agents.runtime.logs import ChildLogs
 from otp_agents.runtime.services import withdraw_all
 from otp_agents.spec.model import ProcessSpec
 from otp_agents.wire.messages import Message, Report
@@ -49,12 +50,14 @@ class Host:
     memory: MemoryWatch = field(init=False)
     heartbeats: Heartbeats = field(init=False)
     checkpoints: CheckpointStore = field(init=False)
+    logs: ChildLogs = field(init=False)
 
     def __post_init__(self) -> None:
         self.dumper = Dumper(self.state_dir, self.bus, self.tracked)
         self.memory = MemoryWatch(self.bus)
         self.heartbeats = Heartbeats(self)
         self.checkpoints = CheckpointStore(self.state_dir, self.bus, self.tg)
+        self.logs = ChildLogs(self.state_dir)
 
     # -- the engine's port (tree/ports.py) -------------------------------------------------------
 
@@ -85,6 +88,9 @@ class Host:
 
     def on_gone(self, proc: ChildProcess) -> None:
         withdraw_all(self, proc)
+
+    async def on_output(self, proc: ChildProcess, stream: str, line: str) -> None:
+        await self.logs.write(proc, stream, line)
 
     def signal_file(self, path: str) -> str:
         return self.dumper.signal_file(path)

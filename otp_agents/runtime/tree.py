@@ -66,6 +66,15 @@ async def running(
         host = Host(tg=tg, bus=bus, guard=guard, state_dir=state)
         tg.start_soon(host.memory.run, name="memory sampler")
         tg.start_soon(host.heartbeats.run, name="heartbeats")
+        logs_done = anyio.Event()
+
+        async def write_logs() -> None:
+            try:
+                await host.logs.run()
+            finally:
+                logs_done.set()
+
+        tg.start_soon(write_logs, name="child logs")
         if on_host is not None:
             on_host(host)
         writer_done = anyio.Event()
@@ -108,8 +117,10 @@ async def running(
             if subreaper:
                 await reaper.kill_adopted(host, spec.id)
             bus.close()
+            host.logs.close()
             with anyio.move_on_after(5):
                 await writer_done.wait()
+                await logs_done.wait()
         tg.cancel_scope.cancel()
     if start_error is not None:
         raise start_error

@@ -15,6 +15,7 @@ import re
 import signal
 import tomllib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,23 +24,26 @@ import msgspec
 from otp_agents.errors import ConfigError
 from otp_agents.spec.model import (
     HEALTH_DEFAULTS,
+    LOG_DEFAULTS,
     AutoShutdown,
     ChildSpec,
     CommandSpec,
     HealthSettings,
+    LogSettings,
     RestartType,
     Strategy,
     SupervisorSpec,
     WorkerSpec,
     ZygoteSpec,
     resolve_health,
+    resolve_logs,
 )
 from otp_agents.wire.messages import MAX_CHECKPOINT
 
 ZYGOTE_MODULE = "otp_agents.zygote.program:main"
 _MODULE_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _SUPERVISOR_KEYS = {"children", "strategy"}
-_RESERVED = ("kind", "settings")
+_RESERVED = ("kind", "settings", "log_settings")
 _ROOT_ONLY_FORBIDDEN = ("restart", "significant", "shutdown", "backoff")
 
 
@@ -76,7 +80,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SupervisorSpec
     for key in (*_ROOT_ONLY_FORBIDDEN, *_RESERVED):
         if key in data:
             raise ConfigError(source, key, "not allowed on the root supervisor (it has no parent)")
-    spec = _supervisor(data, source, "", HEALTH_DEFAULTS)
+    spec = _supervisor(data, source, "", _Inherited())
     _check_images(spec, source)
     return spec
 
@@ -178,8 +182,19 @@ def _friendly(problem: str, leaf: str, value: Any) -> str:
     return problem
 
 
+@dataclass(frozen=True)
+class _Inherited:
+    """What a child gets from the supervisors above it."""
+
+    health: HealthSettings = HEALTH_DEFAULTS
+    logs: LogSettings = LOG_DEFAULTS
+
+    def below(self, node: SupervisorSpec) -> _Inherited:
+        return _Inherited(resolve_health(self.health, node.health), resolve_logs(self.logs, node.logs))
+
+
 def _child(
-    data: object, source: str, keypath: str, parent_auto: AutoShutdown, inherited: HealthSettings
+    data: object, source: str, keypath: str, parent_auto: AutoShutdown, inherited: _Inherited
 ) -> ChildSpec:
     if not isinstance(data, dict):
         raise ConfigError(source, keypath, f"expected a table describing a child, got {_kind(data)}")
@@ -264,11 +279,12 @@ def _check_worker(spec: WorkerSpec, source: str, keypath: str) -> None:
 
 
 def _with_settings(
-    spec: CommandSpec | WorkerSpec, inherited: HealthSettings, source: str, keypath: str
+    spec: CommandSpec | WorkerSpec, inherited: _Inherited, source: str, keypath: str
 ) -> CommandSpec | WorkerSpec:
-    settings = resolve_health(inherited, spec.health)
+    settings = resolve_health(inherited.health, spec.health)
     _check_health(settings, source, _join(keypath, "health"))
-    return msgspec.structs.replace(spec, settings=settings)
+    logs = resolve_logs(inherited.logs, spec.logs)
+    return msgspec.structs.replace(spec, settings=settings, log_settings=logs)
 
 
 def _check_health(h: HealthSettings, source: str, keypath: str) -> None:
@@ -304,7 +320,7 @@ def _check_health(h: HealthSettings, source: str, keypath: str) -> None:
             )
 
 
-def _supervisor(data: dict[str, Any], source: str, keypath: str, inherited: HealthSettings) -> SupervisorSpec:
+def _supervisor(data: dict[str, Any], source: str, keypath: str, inherited: _Inherited) -> SupervisorSpec:
     raw_children = data.get("children", [])
     if not isinstance(raw_children, list):
         raise ConfigError(
@@ -313,7 +329,7 @@ def _supervisor(data: dict[str, Any], source: str, keypath: str, inherited: Heal
     own = {k: v for k, v in data.items() if k != "children"}
     own["kind"] = "supervisor"
     head: SupervisorSpec = _convert(own, SupervisorSpec, source, keypath)
-    inherited = resolve_health(inherited, head.health)
+    inherited = inherited.below(head)
     children: list[ChildSpec] = []
     seen: dict[str, int] = {}
     for i, raw in enumerate(raw_children):

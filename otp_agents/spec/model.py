@@ -19,7 +19,7 @@ Ready within ``start_timeout`` (10 s, LiveKit Agents' initialize timeout), and a
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 
@@ -120,6 +120,43 @@ HEALTH_DEFAULTS = HealthSettings()
 
 def resolve_health(base: HealthSettings, override: Health | None) -> HealthSettings:
     """``base`` with every field that ``override`` sets replaced."""
+    return _override(base, override)
+
+
+_S = TypeVar("_S", bound=msgspec.Struct)
+
+
+def _override(base: _S, override: msgspec.Struct | None) -> _S:
+    if override is None:
+        return base
+    fields = override.__struct_fields__
+    changes = {f: getattr(override, f) for f in fields if getattr(override, f) is not None}
+    return msgspec.structs.replace(base, **changes) if changes else base
+
+
+class Logs(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
+    """Where a child's stdout and stderr go. Optional fields, inherited like ``health``."""
+
+    max_bytes: Annotated[int, msgspec.Meta(ge=4096)] | None = None  # one file, before it rotates
+    backups: Annotated[int, msgspec.Meta(ge=0, le=100)] | None = None  # rotated files kept per instance
+    keep: Annotated[int, msgspec.Meta(ge=1, le=1000)] | None = None  # instances kept per child path
+    echo: bool | None = None  # each line also in the supervisor's own log
+
+
+class LogSettings(msgspec.Struct, frozen=True):
+    """Resolved log settings of one process child."""
+
+    max_bytes: int = 10 * 1024 * 1024
+    backups: int = 3
+    keep: int = 5
+    echo: bool = True
+
+
+LOG_DEFAULTS = LogSettings()
+
+
+def resolve_logs(base: LogSettings, override: Logs | None) -> LogSettings:
+    """``base`` with every field that ``override`` sets replaced."""
     if override is None:
         return base
     changes = {
@@ -133,8 +170,10 @@ class _ChildBase(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     restart: RestartType = RestartType.PERMANENT
     significant: bool = False
     backoff: Backoff | None = None
-    # As written in the tree file; config.py resolves inheritance into ``settings``.
+    # As written in the tree file; spec/load.py resolves inheritance into ``settings`` and
+    # ``log_settings``.
     health: Health | None = None
+    logs: Logs | None = None
 
 
 class _ProcessBase(_ChildBase, kw_only=True, frozen=True):
@@ -146,8 +185,9 @@ class _ProcessBase(_ChildBase, kw_only=True, frozen=True):
     shutdown: Shutdown = 5.0
     # Signal sent first when the supervisor stops the child (SIGKILL follows after ``shutdown``).
     stop_signal: str = "SIGTERM"
-    # Resolved by config.py from the supervisors' and the child's ``health`` tables.
+    # Resolved by spec/load.py from the supervisors' and the child's ``health`` and ``logs`` tables.
     settings: HealthSettings = HEALTH_DEFAULTS
+    log_settings: LogSettings = LOG_DEFAULTS
 
 
 class CommandSpec(_ProcessBase, kw_only=True, frozen=True, tag_field="kind", tag="command"):

@@ -45,10 +45,23 @@ class Slot:
     instance: ChildHandle | Node | None = None
     started_at: float = 0.0
     restarts: int = 0  # restarts of this child since the supervisor started
+    last_exit: LastExit | None = None  # how its last instance ended (or failed to start)
+    retry_at: float | None = None  # while restarting: when the next start is tried (monotonic)
 
     @property
     def id(self) -> str:
         return self.spec.id
+
+
+@dataclass(frozen=True)
+class LastExit:
+    """How a child's last instance ended, for ``status`` to say why it is down."""
+
+    how: str  # "exit code 3", "killed by SIGKILL", "not started"
+    reason: str  # crash | normal | stopped | hang | memory | start_failed | a protocol error
+    at: float  # wall clock
+    detail: str | None = None  # its stated reason (Bye), or the start error
+    output: tuple[str, ...] = ()  # the last lines of its stderr
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,10 @@ class ChildHandle(Protocol):
     @property
     def exit(self) -> ExitReport | None: ...
 
+    @property
+    def last_output(self) -> list[str]:
+        """The last lines it wrote on stderr."""
+
     async def stop(self) -> bool:
         """The stop ladder; True if it needed SIGKILL."""
 

@@ -25,7 +25,7 @@ import anyio.lowlevel
 from otp_agents.errors import ChildNotFound, Refused, StartAborted, StartError
 from otp_agents.events import Kind
 from otp_agents.spec.model import ProcessSpec, Strategy, SupervisorSpec
-from otp_agents.tree import rules
+from otp_agents.tree import reports, rules
 from otp_agents.tree.mailbox import Call, ChildDown, Mailbox, Msg, StartLater, Stop, TryAgain
 from otp_agents.tree.node import ChildInfo, Node, Slot, SupervisorExit
 from otp_agents.tree.operations import Operations
@@ -172,7 +172,7 @@ class Supervisor(Startup, Operations):
             return  # stale: the supervisor already stopped this instance itself
         slot.instance = None
         facts = _facts(instance)
-        self._emit_exit(slot, instance, facts)
+        reports.exited(self.host.bus, slot, instance, facts)
         decision = rules.on_exit(self.state, slot_id, facts, time.monotonic(), random.random())
         self._drop_removed()
         await self._apply(decision, (slot.path, instance.exit.describe()))
@@ -220,6 +220,8 @@ class Supervisor(Startup, Operations):
             await self._terminate_slot(cid)
         if plan.delay > 0:
             rules.delayed(self.state, plan.child)  # "restarting" until the timer fires
+            if (waiting := self.slots.get(plan.child)) is not None:
+                waiting.retry_at = time.monotonic() + plan.delay
             self.host.bus.emit(Kind.RESTART_DELAYED, path, delay=round(plan.delay, 4))
             self.host.tg.start_soon(self._timer, plan.delay, StartLater(plan.child, plan.start))
             return
@@ -237,6 +239,7 @@ class Supervisor(Startup, Operations):
                 return  # the whole tree is stopping: leave it stopped, no retry
             except StartError:
                 delay = rules.start_failed(self.state, cid, time.monotonic(), random.random())
+                slot.retry_at = time.monotonic() + delay
                 if delay > 0:
                     self.host.bus.emit(Kind.RESTART_DELAYED, slot.path, delay=round(delay, 4))
                     self.host.tg.start_soon(self._timer, delay, TryAgain(cid))
@@ -270,9 +273,10 @@ class Supervisor(Startup, Operations):
                 # If it already died, its watcher has queued a ChildDown for this very instance.
         except StartError as exc:
             if not isinstance(exc, StartAborted):
-                self.host.bus.emit(Kind.START_FAILED, slot.path, detail=str(exc))
+                reports.start_failed(self.host.bus, slot, exc)
             raise
         slot.started_at = time.monotonic()
+        slot.retry_at = None
         rules.child_started(self.state, slot.id, slot.started_at)
 
     def _child_proc_down(self, slot_id: str) -> Callable[[ChildHandle], None]:
@@ -291,7 +295,7 @@ class Supervisor(Startup, Operations):
             # serial, so its ChildDown is only looked at after this, and is then stale.
             if not isinstance(inst, Node):
                 killed = await inst.stop()
-                self._emit_terminated(slot, inst, killed)
+                reports.terminated(self.host.bus, slot, inst, killed)
             else:
                 await inst.stop_within(slot.spec.shutdown)
             slot.instance = None
@@ -338,31 +342,6 @@ class Supervisor(Startup, Operations):
             for sid in [s for s in self.slots if s not in live]:
                 self._forget_checkpoint(self.slots.pop(sid))
 
-    def _emit_exit(self, slot: Slot, instance: ChildHandle | Node, facts: rules.ExitFacts) -> None:
-        if not isinstance(instance, Node) and instance.exit is not None:
-            self.host.bus.emit(
-                Kind.CHILD_EXITED,
-                slot.path,
-                pid=instance.pid,
-                code=facts.code,
-                signal=_signame(facts.signal),
-                requested=False,
-                reason=facts.fault or ("normal" if rules.is_normal(facts) else "crash"),
-                detail=instance.last_words,
-            )
-
-    def _emit_terminated(self, slot: Slot, proc: ChildHandle, killed: bool) -> None:
-        st = proc.exit.status if proc.exit else None
-        self.host.bus.emit(
-            Kind.CHILD_TERMINATED,
-            slot.path,
-            pid=proc.pid,
-            code=st.code if st else None,
-            signal=_signame(st.signal) if st else None,
-            requested=True,
-            killed=killed,
-        )
-
     def _begin(self) -> None:
         self.host.tg.start_soon(self._loop, name=f"supervisor {self.path}")
 
@@ -383,14 +362,6 @@ def _facts(instance: ChildHandle | Node) -> rules.ExitFacts:
         fault=end.fault,
         drained=instance.recycle,
     )
-
-
-def _signame(sig: int | None) -> str | None:
-    if sig is None:
-        return None
-    from otp_agents.linux import signal_name
-
-    return signal_name(sig)
 
 
 __all__ = ["ChildInfo", "ChildNotFound", "ProcessSpec", "Refused", "Slot", "Supervisor", "SupervisorExit"]

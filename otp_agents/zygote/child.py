@@ -52,13 +52,23 @@ def exit_after(body: Callable[[], None]) -> NoReturn:
         os._exit(code)
 
 
-def run_worker(request: ForkRequest, fd: int) -> int:
+def run_worker(request: ForkRequest, fds: tuple[int, ...]) -> int:
+    """Become the worker: ``fds`` is its channel, then (when the supervisor captures the output)
+    the write ends of its stdout and stderr pipes."""
     from otp_agents.worker import loop as worker_lib
     from otp_agents.worker.entry import load
 
     drop_zygote_state()
     os.environ.clear()
     os.environ.update(request.env)
+    fd = fds[0]
+    if len(fds) == 3:  # its own stdout and stderr, read by the supervisor into its own log
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(fds[1], 1)
+        os.dup2(fds[2], 2)
+        os.close(fds[1])
+        os.close(fds[2])
     os.environ[ENV_FD] = str(fd)
     if request.cwd:
         os.chdir(request.cwd)

@@ -151,10 +151,10 @@ class Zygote:
             conn.close()
             return
         try:
-            if len(fds) != 1:
-                raise ValueError(f"expected one channel fd, got {len(fds)}")
+            if len(fds) not in (1, 3):
+                raise ValueError(f"expected the channel fd and maybe stdout and stderr, got {len(fds)} fds")
             request = _decode_request(data)
-            pid = self.fork(request, fds[0])
+            pid = self.fork(request, tuple(fds))
             reply = ForkReply(pid=pid)
         except Exception as exc:  # every failure is an answer, never a crash
             reply = ForkReply(error=f"{type(exc).__name__}: {exc}")
@@ -166,16 +166,16 @@ class Zygote:
 
     # -- forking -------------------------------------------------------------------------------
 
-    def fork(self, request: ForkRequest, channel_fd: int) -> int:
+    def fork(self, request: ForkRequest, fds: tuple[int, ...]) -> int:
         """A worker for ``request``: a spare if one is waiting, else a fresh fork."""
         if threading.active_count() != 1:
             raise RuntimeError(f"the zygote has {threading.active_count()} threads; it forks only with one")
         while self.spares:
             spare = self.spares.pop(0)
-            if self._hand_over(spare, request, channel_fd):
+            if self._hand_over(spare, request, fds):
                 self.last_handover = time.monotonic()
                 return spare.pid
-        return self._double_fork(lambda: self._become(request, channel_fd), own_group=True)
+        return self._double_fork(lambda: self._become(request, fds), own_group=True)
 
     def refill(self, at_most: int = 64) -> None:
         for _ in range(min(at_most, self.idle - len(self.spares))):
@@ -189,13 +189,13 @@ class Zygote:
                 theirs.close()
             self.spares.append(Spare(pid, mine))
 
-    def _hand_over(self, spare: Spare, request: ForkRequest, channel_fd: int) -> bool:
+    def _hand_over(self, spare: Spare, request: ForkRequest, fds: tuple[int, ...]) -> bool:
         """Give the request to a spare. No answer is awaited: a dead spare fails the send (it is
         also evicted as soon as it dies), and its process group is set by the spare itself and
         by the supervisor, its parent, whichever comes first."""
         try:
-            fds = array.array("i", [channel_fd])
-            spare.sock.sendmsg([_encode(request)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            passed = array.array("i", fds)
+            spare.sock.sendmsg([_encode(request)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, passed)])
             return True
         except OSError:
             return False
@@ -255,11 +255,11 @@ class Zygote:
         for sock in (self.channel, self.listener, *self.conns, *(s.sock for s in self.spares)):
             sock.close()
 
-    def _become(self, request: ForkRequest, channel_fd: int) -> None:
+    def _become(self, request: ForkRequest, fds: tuple[int, ...]) -> None:
         with contextlib.suppress(OSError):
             os.setpgid(0, 0)
         self._adopted()
-        raise SystemExit(run_worker(request, channel_fd))  # this process never returns to close it
+        raise SystemExit(run_worker(request, fds))  # this process never returns to close it
 
     def _wait_as_spare(self, sock: socket.socket, zygote_end: socket.socket) -> None:
         zygote_end.close()
@@ -269,7 +269,7 @@ class Zygote:
         # of shared objects): 2.3 ms against 0.6 ms in the zygote. Pay that now, while idle.
         warm_up()
         fds = array.array("i")
-        data, ancdata, _flags, _addr = sock.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(fds.itemsize))
+        data, ancdata, _flags, _addr = sock.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(3 * fds.itemsize))
         if not data:  # the zygote is gone or stopping: so are we
             raise SystemExit(0)
         for level, kind, blob in ancdata:
@@ -279,4 +279,4 @@ class Zygote:
         with contextlib.suppress(OSError):
             os.setpgid(0, 0)
         sock.close()
-        raise SystemExit(run_worker(request, fds[0]))
+        raise SystemExit(run_worker(request, tuple(fds)))
