@@ -5,13 +5,21 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TREE ?= supervisors/default.toml
 
-.PHONY: setup voice-deps system-deps run check test lint bench
+.PHONY: setup setup-run voice-deps system-deps run check test lint bench
 
-$(VENV)/.installed: pyproject.toml requirements.lock
+# Two installs: what the default tree needs (the runtime and the voice stack), and on top of it
+# what the tests, benchmarks, fuzzing and deploy checks need.
+$(VENV)/.installed-run: pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[voice]'
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-run
 	$(PY) -m pip install --quiet -c requirements.lock -e '.[voice,agents,test,bench,fuzz,deploy]'
 	touch $@
+
+setup-run: $(VENV)/.installed-run
 
 setup: $(VENV)/.installed
 
@@ -42,10 +50,10 @@ system-deps: voice-deps
 	  fi; \
 	fi
 
-run: setup voice-deps
+run: setup-run voice-deps
 	$(VENV)/bin/otp-agents run $(TREE)
 
-check: setup
+check: setup-run
 	$(VENV)/bin/otp-agents check $(TREE)
 
 lint: setup

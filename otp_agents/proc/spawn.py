@@ -127,10 +127,7 @@ def _popen(
         )
     except OSError as exc:
         if exc.errno in (errno.EMFILE, errno.ENFILE):
-            raise StartError(
-                f"the supervisor is out of file descriptors ({exc.strerror}); "
-                "raise its limit (about 4 per child)"
-            ) from None
+            raise _out_of_fds(exc) from None
         if exc.errno in (errno.EAGAIN, errno.ENOMEM) and exc.filename is None:
             raise StartError(
                 f"cannot create a process ({exc.strerror}): the limit on processes is reached "
@@ -272,10 +269,18 @@ def _zygote_client(image: str, host: SpawnHost) -> ZygoteClient:
     return client
 
 
+def _out_of_fds(exc: OSError) -> StartError:
+    return StartError(
+        f"the supervisor is out of file descriptors ({exc.strerror}); raise its limit (about 4 per child)"
+    )
+
+
 def _pipes() -> Pipes:
     try:
         return Pipes()
     except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise _out_of_fds(exc) from None
         raise StartError(f"cannot create the pipes for the child's output: {exc.strerror or exc}") from None
 
 
@@ -294,6 +299,8 @@ def _channel_pair() -> tuple[socket.socket, socket.socket]:
     try:
         return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise _out_of_fds(exc) from None
         raise StartError(f"cannot create the worker channel: {exc.strerror or exc}") from None
 
 
