@@ -24,9 +24,6 @@ beside the process handles), ``runtime`` (the only place joining engine, handles
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 _WHERE = {
     "running": "otp_agents.runtime.tree",
     "Tree": "otp_agents.runtime.tree",
@@ -86,7 +83,9 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
+    import importlib  # here, not above: a child importing otp_agents.worker pays for nothing else
+
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'otp_agents' has no attribute {name!r}")

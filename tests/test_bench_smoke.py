@@ -82,3 +82,31 @@ def test_control_latency_benchmark_runs(tmp_path: Path) -> None:
     assert all(
         r["requests"] == 20 and r["median_ms"] > 0 and r["restarts_per_second_during"] > 0 for r in results
     )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cli_status_benchmark_runs_both_tools_in_both_scenarios(tmp_path: Path) -> None:
+    out = tmp_path / "cli.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "cli_status.py"),
+            "--runs",
+            "3",
+            "--storm",
+            "5",
+            "--output",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert [r["scenario"] for r in results] == ["idle", "storm"]
+    for r in results:
+        for tool in ("otp-agents", "supervisorctl"):
+            assert 0 < r[tool]["median_ms"] <= r[tool]["max_ms"], (r["scenario"], tool)
