@@ -334,7 +334,9 @@ restart = "transient"
 
 def test_json_log_format(tmp_path: Path) -> None:
     tree = write_tree(
-        tmp_path, '[[children]]\nid = "a"\ncommand = ["sh", "-c", "exit 3"]\nrestart = "transient"\n'
+        tmp_path,
+        '[[children]]\nid = "a"\ncommand = ["sh", "-c", "echo not json; echo {broken >&2; exit 3"]\n'
+        'restart = "transient"\n',
     )
     proc = subprocess.run(
         [*CLI, "run", str(tree), "--log-format", "json", "--state-dir", str(tmp_path / "st")],
@@ -345,7 +347,10 @@ def test_json_log_format(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 1
-    rows = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    rows = [json.loads(line) for line in proc.stderr.splitlines()]  # every line is JSON
+    said = {(r["stream"], r["message"].rsplit(": ", 1)[-1]) for r in rows if r.get("child") == "root/a"}
+    assert said == {("out", "not json"), ("err", "{broken")}  # the child's lines, labelled
+    assert rows[-1]["message"].startswith("root: root supervisor gave up")  # the last line too
     exited = [r for r in rows if r.get("event", {}).get("kind") == "child_exited"]
     assert exited and exited[0]["event"]["path"] == "root/a" and exited[0]["event"]["code"] == 3
     assert exited[0]["level"] == "warning" and "root/a" in exited[0]["message"]
