@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout that is not ins
 
 import msgspec  # noqa: E402
 
-from otp_agents.wire import framing as wire
+from otp_agents.wire import framing as wire  # noqa: E402
 from otp_agents.wire.messages import (  # noqa: E402
     ALL_MESSAGES,
     MAX_FRAME,
