@@ -13,12 +13,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 from otp_agents.worker import Worker, run
 
 
 async def main(worker: Worker) -> None:
+    # LiveKit Agents logs what goes wrong in a job (a tool that raised, a provider error) and
+    # nothing else says it: to stderr, which the supervisor keeps in this leaf's log.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     p = argparse.ArgumentParser(prog="agents_host")
     p.add_argument("agent", help="the LiveKit Agents app file (defines an AgentServer)")
     mode = p.add_mutually_exclusive_group(required=True)
@@ -38,12 +42,31 @@ async def main(worker: Worker) -> None:
         metavar="N",
         help="server mode: job processes kept warm (LiveKit's num_idle_processes; default: one per core)",
     )
+    p.add_argument(
+        "--providers",
+        choices=["app", "offline"],
+        default="app",
+        help="app: the providers the app's code names; offline: local ones in their place (no network)",
+    )
+    p.add_argument(
+        "--llm-script", type=Path, metavar="FILE", help="offline: the scripted test-double LLM's script"
+    )
+    p.add_argument(
+        "--llm-url", metavar="URL", help="offline: a real model, an OpenAI-compatible /v1 base URL"
+    )
+    p.add_argument("--llm-model", default="local", metavar="NAME", help="the model name sent to --llm-url")
     args = p.parse_args(worker.args)
     try:
         from otp_agents.voice.agents_app import AgentFileError, load_app
         from otp_agents.voice.agents_host import run_console, run_server
     except ImportError as exc:
         await fail(worker, f"livekit-agents is not installed ({exc}); pip install 'otp-agents[agents]'")
+    if args.providers == "offline":
+        from otp_agents.voice.agents_offline import Offline, install
+
+        offline = Offline(llm_script=args.llm_script, llm_url=args.llm_url, llm_model=args.llm_model)
+        for line in install(offline):
+            await worker.log(f"agents host: offline: {line}")
     try:
         server = load_app(args.agent, "start" if args.server else "console")
     except AgentFileError as exc:

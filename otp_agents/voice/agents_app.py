@@ -50,7 +50,8 @@ def load_app(path: str | Path, command: str = "start") -> AgentServer:
     if not file.is_file():
         raise AgentFileError(f"{path}: no such agent file")
     try:
-        code = compile(file.read_bytes(), str(file), "exec")
+        # dont_inherit: the app is compiled as itself, not with this module's `from __future__` flags
+        code = compile(file.read_bytes(), str(file), "exec", dont_inherit=True)
     except (SyntaxError, ValueError) as exc:
         raise AgentFileError(f"{path}: not a Python module: {exc}") from None
     handed: list[Any] = []

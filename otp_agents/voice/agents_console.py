@@ -66,6 +66,16 @@ class CallLog:
     states: list[str] = field(default_factory=list)  # agent states in order
     connections: int = 0
     errors: list[str] = field(default_factory=list)  # malformed messages; each cost one connection
+    tools: list[ToolCall] = field(default_factory=list)  # function tools the app ran, in order
+    handoffs: list[tuple[str, str]] = field(default_factory=list)  # (from agent, to agent)
+    session_errors: list[str] = field(default_factory=list)  # errors the session reported
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str  # JSON, as the LLM gave them
+    output: str  # what the tool returned, as the LLM got it back
 
 
 class ConsoleCall:
@@ -226,6 +236,18 @@ class ConsoleCall:
             message = event.conversation_item_added.item.message
             if message.role == pb.ASSISTANT:
                 self.log.said.append(" ".join(c.text for c in message.content if c.text))
+        elif kind == "conversation_item_added" and event.conversation_item_added.item.HasField(
+            "agent_handoff"
+        ):
+            handoff = event.conversation_item_added.item.agent_handoff
+            self.log.handoffs.append((handoff.old_agent_id, handoff.new_agent_id))
+        elif kind == "function_tools_executed":
+            done = event.function_tools_executed
+            outputs = {o.call_id: o.output for o in done.function_call_outputs}
+            for call in done.function_calls:
+                self.log.tools.append(ToolCall(call.name, call.arguments, outputs.get(call.call_id, "")))
+        elif kind == "error":
+            self.log.session_errors.append(event.error.message)
         elif kind == "agent_state_changed":
             state = event.agent_state_changed.new_state
             self.log.states.append(pb.AgentState.Name(state))
