@@ -137,7 +137,14 @@ async def entrypoint_ran(run: Hosted, stand_in: StandIn, app: Path, job: str = "
 
 def test_livekit_examples_are_kept_byte_for_byte() -> None:
     table = (LIVEKIT_EXAMPLES / "SOURCE.md").read_text()
-    for name in ("basic_agent.py", "minimal_worker.py"):
+    for name in (
+        "basic_agent.py",
+        "minimal_worker.py",
+        "restaurant_agent.py",
+        "drive_thru/agent.py",
+        "drive_thru/database.py",
+        "drive_thru/order.py",
+    ):
         digest = hashlib.sha256((LIVEKIT_EXAMPLES / name).read_bytes()).hexdigest()
         assert f"`{name}`" in table and digest in table, name
 
