@@ -14,6 +14,7 @@ import pytest
 
 from otp_agents.voice.agent import Agent, Conversation, default_agents
 from otp_agents.voice.audio import SAMPLE_RATE
+from otp_agents.voice.eot import TurnModel
 from otp_agents.voice.local_io import WavInput, WavSink
 from otp_agents.voice.pipeline import PipelineEvent, PipelineSettings, VoicePipeline
 from otp_agents.voice.providers import ProviderStats, RetryPolicy
@@ -65,6 +66,7 @@ async def hold_call(
     start_agent: str = "receptionist",
     stt: STT | None = None,
     realtime: bool = False,
+    turn_model: TurnModel | None = None,
 ) -> Call:
     """Run one conversation through the real offline stack, on the virtual clock unless
     ``realtime``."""
@@ -82,6 +84,7 @@ async def hold_call(
         on_event=call.events.append,
         stats=stats,
         virtual_clock=not realtime,
+        turn_model=turn_model,
     )
     call.pipeline = pipeline
     pipeline.taps.append(sink.user_frame)

@@ -32,6 +32,7 @@ import msgspec
 
 from otp_agents.voice.agent import Agent, Conversation, default_agents
 from otp_agents.voice.audio import AudioInput, AudioSink
+from otp_agents.voice.eot import LocalEOT, TurnSettings
 from otp_agents.voice.inference import RemoteSTT
 from otp_agents.voice.llm_agent import ChatCompletionsAgent
 from otp_agents.voice.local_io import WavInput, WavSink
@@ -75,6 +76,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--llm-key-env", default="OPENAI_API_KEY", help="environment variable holding its API key")
     p.add_argument("--virtual-clock", action="store_true", help="replies take no conversation time")
     p.add_argument("--endpointing", type=float, default=0.5, help="min endpointing delay (s)")
+    p.add_argument("--max-endpointing", type=float, default=3.0, help="wait after an unlikely end (s)")
+    p.add_argument(
+        "--turn-detector",
+        choices=("eot", "silence"),
+        default="eot",
+        help="end of turn: LiveKit's audio end-of-turn model (eot) or silence alone",
+    )
     p.add_argument("--interruption", type=float, default=0.5, help="min speech that interrupts the agent (s)")
     p.add_argument("--no-interruptions", action="store_true")
     p.add_argument("--noise-suppression", action="store_true")
@@ -232,6 +240,7 @@ class Leaf:
             allow_interruptions=not a.no_interruptions,
             noise_suppression=a.noise_suppression,
             vad=VADSettings(),
+            turn=TurnSettings(max_endpointing_delay=a.max_endpointing),
         )
 
     def start_position(self) -> float:
@@ -293,6 +302,7 @@ class Leaf:
             on_turn=self.after_turn,
             stats=self.stats,
             virtual_clock=self.args.virtual_clock,
+            turn_model=LocalEOT() if self.args.turn_detector == "eot" else None,
         )
         self.pipeline = pipeline
         await pipeline.prepare()  # renders the fallback line: the TTS voices work

@@ -10,7 +10,8 @@ A turn, step by step:
    on goes to a new STT utterance.
 2. Speech ends (``min_silence`` of quiet). The turn is committed ``min_endpointing_delay``
    seconds after the speech ended, unless the user speaks again first, in which case the same
-   utterance simply goes on.
+   utterance simply goes on. With a turn model (voice/eot.py) the end of speech is first scored
+   for meaning: an unlikely end of turn waits ``max_endpointing_delay`` instead.
 3. On commit a reply task starts: the transcript (STT, retried), the agent's streamed text,
    each complete sentence synthesized (TTS, retried, then the next TTS) and queued on the sink.
    The first sentence plays while the rest is still being written and synthesized.
@@ -45,6 +46,7 @@ from otp_agents.voice.audio import (
     resample,
 )
 from otp_agents.voice.denoise import NoiseSuppressor
+from otp_agents.voice.eot import TurnModel, tail
 from otp_agents.voice.providers import ProviderError, ProviderStats, call
 from otp_agents.voice.replies import Replies, as_provider_error
 from otp_agents.voice.stt import STT, STTStream
@@ -69,6 +71,7 @@ class VoicePipeline(Replies):
         stats: ProviderStats | None = None,
         virtual_clock: bool = False,
         start_time: float = 0.0,
+        turn_model: TurnModel | None = None,
     ) -> None:
         self.settings = settings or PipelineSettings()
         self.settings.check()
@@ -90,6 +93,10 @@ class VoicePipeline(Replies):
         self._preroll: deque[np.ndarray] = deque(maxlen=pad)
         self._utterance: Utterance | None = None
         self._endpoint_at: float | None = None
+        self.turn_model = turn_model
+        self._judged = anyio.Event()  # no end-of-turn prediction in flight
+        self._judged.set()
+        self._judging = 0  # the speech end being judged; a newer one makes older results moot
         self._barge_from: float | None = None
         self._replies: list[Reply] = []  # reply tasks alive (producing, or waiting their turn)
         self._audible: list[Reply] = []  # replies with audio in the sink, oldest first
@@ -172,6 +179,7 @@ class VoicePipeline(Replies):
     async def _step(self, samples: np.ndarray) -> None:
         if self.virtual_clock:
             await self._idle.wait()
+            await self._judged.wait()
         if self._denoise is not None:
             samples = self._denoise.process(samples)
         for tap in self.taps:
@@ -197,9 +205,10 @@ class VoicePipeline(Replies):
         time unless on the virtual clock). Gives up, leaving ``completed`` False, only after
         ``drain_playout_limit`` seconds with no reply being produced."""
         silence = np.zeros(FRAME_SAMPLES, dtype=np.int16)
-        idle_budget = (
-            self.settings.drain_playout_limit + self.settings.min_endpointing_delay
-        ) / FRAME_SECONDS
+        wait = self.settings.min_endpointing_delay
+        if self.turn_model is not None:
+            wait = self.settings.turn.max_endpointing_delay
+        idle_budget = (self.settings.drain_playout_limit + wait) / FRAME_SECONDS
         hard_budget = 4 * idle_budget  # a reply stuck in retries ends here at the latest
         steps = idle_steps = 0
         while self.in_turn and idle_steps < idle_budget and steps < hard_budget:
@@ -228,9 +237,10 @@ class VoicePipeline(Replies):
 
     def _on_edge(self, edge: SpeechEdge) -> None:
         if edge.edge is Edge.START:
-            if self._utterance is not None and self._endpoint_at is not None:
+            if self._utterance is not None and self._utterance.ended is not None:
                 self._endpoint_at = None  # a pause, not the end of the turn: keep listening
                 self._utterance.ended = None
+                self._judging += 1
             elif self._utterance is None:
                 utt = Utterance(started=edge.at)
                 self._utterance = utt
@@ -242,9 +252,34 @@ class VoicePipeline(Replies):
                 self._barge_from = edge.at
         else:
             self._barge_from = None
-            if self._utterance is not None:
-                self._utterance.ended = edge.at
+            if self._utterance is None:
+                return
+            self._utterance.ended = edge.at
+            if self.turn_model is None:
                 self._endpoint_at = edge.at + self.settings.min_endpointing_delay
+            else:
+                self._judging += 1
+                self._judged = anyio.Event()
+                assert self._tg is not None
+                utt, model = self._utterance, self.turn_model
+                self._tg.start_soon(self._judge, utt, model, self._judging, self._judged)
+
+    async def _judge(self, utt: Utterance, model: TurnModel, judging: int, done: anyio.Event) -> None:
+        """Score the end of speech; the turn ends after the min delay if it is likely over,
+        after the max delay if not. A failed prediction falls back to the min delay."""
+        try:
+            p = await model.probability(tail(utt.samples, model.window))
+        except Exception as exc:
+            p = 1.0
+            self._emit("end_of_turn_error", text=f"{model.name}: {exc}")
+        finally:
+            done.set()
+        if judging != self._judging or self._utterance is not utt or utt.ended is None:
+            return  # the caller went on speaking meanwhile
+        likely = p >= self.settings.turn.threshold
+        delay = self.settings.min_endpointing_delay if likely else self.settings.turn.max_endpointing_delay
+        self._endpoint_at = utt.ended + delay
+        self._emit("end_of_turn", value=round(p, 3), fields={"delay": delay})
 
     def _maybe_interrupt(self) -> None:
         assert self._barge_from is not None
@@ -280,6 +315,7 @@ class VoicePipeline(Replies):
         utt = self._utterance
         assert utt is not None
         self._utterance, self._endpoint_at = None, None
+        self._judging += 1
         utt.before, self._carry = self._carry, None
         self._to_stt(("finish", utt))
         self._emit("user_turn_end", value=round(self.now - (utt.ended or self.now), 3))

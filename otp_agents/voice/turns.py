@@ -11,6 +11,7 @@ import msgspec
 import numpy as np
 
 from otp_agents.voice.agent import ChatMessage
+from otp_agents.voice.eot import TurnSettings
 from otp_agents.voice.providers import ProviderError, RetryPolicy
 from otp_agents.voice.vad import VADSettings
 
@@ -22,6 +23,7 @@ class PipelineSettings:
     allow_interruptions: bool = True
     noise_suppression: bool = False
     vad: VADSettings = field(default_factory=VADSettings)
+    turn: TurnSettings = field(default_factory=TurnSettings)  # with a turn model (end of turn)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     fallback_line: str = "Sorry, I am having trouble right now. Please say that again."
     max_utterance: float = 30.0  # seconds of user audio kept per turn (for STT retries)
@@ -31,6 +33,7 @@ class PipelineSettings:
         if self.min_endpointing_delay < 0 or self.min_interruption_duration < 0:
             raise ValueError("endpointing and interruption durations must be >= 0")
         self.vad.check()
+        self.turn.check(self.min_endpointing_delay)
 
 
 class PipelineEvent(msgspec.Struct, omit_defaults=True):
