@@ -100,9 +100,8 @@ def script(lines: list[str]) -> str:
 
 async def run_call(wav: Path, out: Path, min_delay: float, model: TurnModel | None) -> list[PipelineEvent]:
     events: list[PipelineEvent] = []
-    settings = PipelineSettings(
-        min_endpointing_delay=min_delay, allow_interruptions=False, turn=TurnSettings(max_endpointing_delay=3.0)
-    )
+    turn = TurnSettings(max_endpointing_delay=3.0)
+    settings = PipelineSettings(min_endpointing_delay=min_delay, allow_interruptions=False, turn=turn)
     pipeline = VoicePipeline(
         vad=SileroVAD(),
         stt=PocketSphinxSTT(),

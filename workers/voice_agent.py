@@ -80,8 +80,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--turn-detector",
         choices=("eot", "silence"),
-        default="eot",
-        help="end of turn: LiveKit's audio end-of-turn model (eot) or silence alone",
+        default="silence",
+        help="end of turn: silence alone, or LiveKit's audio end-of-turn model (eot) on top",
     )
     p.add_argument("--interruption", type=float, default=0.5, help="min speech that interrupts the agent (s)")
     p.add_argument("--no-interruptions", action="store_true")
