@@ -78,6 +78,9 @@ class Okay:
     async def reply(self, text: str, session: Session) -> AsyncIterator[str]:
         yield "Okay."
 
+    def greeting(self, session: Session) -> str | None:
+        return None
+
 
 class TimedEOT:
     """The real model, with each prediction's wall time kept."""
