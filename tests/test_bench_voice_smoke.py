@@ -35,3 +35,25 @@ def test_quick_voice_fleet_benchmark(tmp_path: Path) -> None:
     for key in ("latency_median_s", "processing_median_ms", "cpu_per_call_second_pct", "rss_median_mb"):
         assert isinstance(result[key], float), key
     assert result["latency_median_s"] > 0
+
+
+@needs_tts
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_quick_turn_detection_benchmark(tmp_path: Path) -> None:
+    out = tmp_path / "turns.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "turn_detection.py"), "--quick", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    configs = [v for k, v in results.items() if k != "model_time_ms"]
+    assert len(configs) == 4 and sum(c["eot"] for c in configs) == 2
+    for c in configs:
+        assert c["turns"] == 2 and 0 <= c["cut_ins"] <= c["paused_turns"], c
+    assert results["model_time_ms"]["n"] > 0
