@@ -224,6 +224,12 @@ def test_offline_install_resolves_cloud_providers_and_loads_missing_plugins() ->
         "print(noise_cancellation.BVC())\n"
         "print(type(MultilingualModel()).__name__)\n"
         "try:\n    realtime.RealtimeModel(voice='alloy')\nexcept Exception as exc:\n    print(exc)\n"
+        # a server the app names itself is the user's own model: kept
+        "print(openai.LLM(model='llama3', base_url='http://127.0.0.1:8080/v1').provider)\n"
+        "print(openai.LLM.with_ollama(model='llama3').provider)\n"
+        "print(type(openai.LLM.with_groq(model='llama3')).__name__)\n"
+        "import os; os.environ['OPENAI_BASE_URL'] = 'http://127.0.0.1:8081/v1'\n"
+        "print(openai.LLM(model='m').provider)\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
@@ -237,4 +243,8 @@ def test_offline_install_resolves_cloud_providers_and_loads_missing_plugins() ->
         "None",
         "TurnDetector",
         "livekit.plugins.openai.realtime.RealtimeModel has no offline counterpart (providers = offline)",
+        "http://127.0.0.1:8080/v1/chat/completions",
+        "http://localhost:11434/v1/chat/completions",
+        "RuleLLM",
+        "http://127.0.0.1:8081/v1/chat/completions",
     ]

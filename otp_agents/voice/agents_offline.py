@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import logging
+import os
 import sys
 import types
 from collections.abc import Callable, Sequence
@@ -90,11 +91,18 @@ class Offline:
 
         return FliteTTS(voice=self.voice)
 
-    def llm(self, *_args: Any, **_kwargs: Any) -> Any:
-        if self.llm_url is not None:
+    def llm(self, *_args: Any, **kwargs: Any) -> Any:
+        """The configured LLM. A server the app names itself (``openai.LLM(base_url=...)``,
+        ``openai.LLM.with_ollama()``, ``$OPENAI_BASE_URL``) is the user's own model: kept, unless
+        ``--llm-url`` says otherwise."""
+        url, model, key = self.llm_url, self.llm_model, None
+        if url is None and isinstance(kwargs.get("base_url"), str) and kwargs["base_url"]:
+            url, model = kwargs["base_url"], str(kwargs.get("model") or self.llm_model)
+            key = kwargs["api_key"] if isinstance(kwargs.get("api_key"), str) else None
+        if url is not None:
             from otp_agents.voice.agents_openai import OpenAICompatibleLLM
 
-            return OpenAICompatibleLLM(self.llm_url, self.llm_model)
+            return OpenAICompatibleLLM(url, model, api_key=key)
         if self.llm_script is not None:
             from otp_agents.voice.agents_script import ScriptedLLM
 
@@ -102,6 +110,11 @@ class Offline:
         from otp_agents.voice.agents_plugins import RuleLLM
 
         return RuleLLM()
+
+    def openai_llm(self, *args: Any, **kwargs: Any) -> Any:
+        if not kwargs.get("base_url") and os.environ.get("OPENAI_BASE_URL"):
+            kwargs["base_url"] = os.environ["OPENAI_BASE_URL"]
+        return self.llm(*args, **kwargs)
 
     def turn_detector(self, *_args: Any, **kwargs: Any) -> Any:
         from livekit.agents.inference.eot import TurnDetector
@@ -112,6 +125,9 @@ class Offline:
 
 
 _EOT_KWARGS = ("unlikely_threshold", "backchannel_threshold", "sample_rate")
+# ``openai.LLM.with_<provider>()`` constructors that mean a server on this machine, and where
+# the plugin looks for it; every other one is a cloud provider (the offline LLM instead).
+LOCAL_SERVERS = {"with_ollama": "http://localhost:11434/v1"}
 
 
 def install(offline: Offline) -> list[str]:
@@ -146,6 +162,20 @@ def _factory(name: str, build: Callable[..., Any]) -> type:
         def __call__(cls, *args: Any, **kwargs: Any) -> Any:
             return build(*args, **kwargs)
 
+        def __getattr__(cls, attr: str) -> Any:
+            if not attr.startswith("with_"):  # openai.LLM.with_ollama(), .with_groq(), ...
+                raise AttributeError(attr)
+            local = LOCAL_SERVERS.get(attr)
+
+            def with_provider(*args: Any, **kwargs: Any) -> Any:
+                if local is not None:
+                    kwargs.setdefault("base_url", local)
+                else:
+                    kwargs.pop("base_url", None)
+                return build(*args, **kwargs)
+
+            return with_provider
+
     return Stand(
         name.rsplit(".", 1)[-1], (), {"from_model_string": staticmethod(build), "__qualname__": name}
     )
@@ -157,7 +187,8 @@ def _plugin(name: str, offline: Offline) -> types.ModuleType:
     module = types.ModuleType(f"livekit.plugins.{name}")
     module.STT = _factory(f"{name}.STT", offline.stt)  # type: ignore[attr-defined]
     module.TTS = _factory(f"{name}.TTS", offline.tts)  # type: ignore[attr-defined]
-    module.LLM = _factory(f"{name}.LLM", offline.llm)  # type: ignore[attr-defined]
+    llm = offline.openai_llm if name == "openai" else offline.llm
+    module.LLM = _factory(f"{name}.LLM", llm)  # type: ignore[attr-defined]
 
     def missing(attr: str) -> Any:
         if attr.startswith("__"):

@@ -1,7 +1,7 @@
 """A real LLM for a hosted app run offline: any OpenAI-compatible chat-completions server (a
 local llama.cpp, vLLM or Ollama server, or OpenAI itself), streamed, with the app's function
-tools offered to it and its tool calls handed back to the app. The key, if any, comes from
-``$OPENAI_API_KEY``."""
+tools offered to it and its tool calls handed back to the app. The key, if any, is the one the
+app passed, else ``$OPENAI_API_KEY``."""
 
 from __future__ import annotations
 
@@ -25,10 +25,11 @@ Events = Literal["metrics_collected", "error"]
 
 
 class OpenAICompatibleLLM(llm.LLM[Events]):
-    def __init__(self, base_url: str, model: str) -> None:
+    def __init__(self, base_url: str, model: str, *, api_key: str | None = None) -> None:
         super().__init__()
         self._url = base_url.rstrip("/") + "/chat/completions"
         self._model = model
+        self._api_key = api_key
 
     @property
     def provider(self) -> str:
@@ -74,7 +75,7 @@ class _Stream(llm.LLMStream):
 
     async def _run(self) -> None:
         headers = {"Content-Type": "application/json"}
-        if key := os.environ.get("OPENAI_API_KEY"):
+        if key := self._owner._api_key or os.environ.get("OPENAI_API_KEY"):
             headers["Authorization"] = f"Bearer {key}"
         calls: dict[int, dict[str, str]] = {}
         request_id = utils.shortuuid("chat_")
