@@ -129,11 +129,16 @@ async def signal_child(tree: Tree, path: str, sig: int) -> int:
 
 def spares_of(zygote_pid: int, candidates: Iterable[int]) -> set[int]:
     """The zygote's spares among ``candidates``: workers forked ahead of need, adopted by the
-    supervisor, still in the zygote's process group."""
+    supervisor, still in the zygote's process group. A fork in progress (the zygote's own
+    short-lived intermediate child, in the same group) is not one."""
     found = set()
     for pid in candidates:
-        with contextlib.suppress(OSError):
-            if pid != zygote_pid and os.getpgid(pid) == zygote_pid:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if pid == zygote_pid or os.getpgid(pid) != zygote_pid:
+                continue
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != zygote_pid:
                 found.add(pid)
     return found
 

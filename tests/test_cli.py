@@ -241,18 +241,23 @@ def test_supervisor_killed_with_sigkill_leaves_no_zygote_worker_or_spare_behind(
     tree = write_tree(tmp_path, ZYGOTE_TREE)
     events_file = tmp_path / "events.jsonl"
     proc = start_cli(tree, backend, events_file, subprocess.DEVNULL)
-    events = wait_events(events_file, lambda ev: len(started(ev)) == 3, proc)
-    assert [
-        e.get("detail") for e in events if e["kind"] == "child_started" and e["path"] != "root/zygote"
-    ] == ["forked by zygote steady"] * 2
-    zygote_pid = started(events)["root/zygote"]
-    deadline = time.monotonic() + WAIT
-    while len(spares_of(zygote_pid, descendants(proc.pid))) < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)  # refilled after the two hand-overs
-    family = descendants(proc.pid)
-    spares = spares_of(zygote_pid, family)
-    assert len(spares) == 2 and set(started(events).values()) | spares <= family
-    assert sigkill_survivors(proc, family) == {}
+    try:
+        events = wait_events(events_file, lambda ev: len(started(ev)) == 3, proc)
+        assert [
+            e.get("detail") for e in events if e["kind"] == "child_started" and e["path"] != "root/zygote"
+        ] == ["forked by zygote steady"] * 2
+        zygote_pid = started(events)["root/zygote"]
+        deadline = time.monotonic() + WAIT
+        while len(spares_of(zygote_pid, descendants(proc.pid))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)  # refilled after the two hand-overs
+        family = descendants(proc.pid)
+        spares = spares_of(zygote_pid, family)
+        assert len(spares) == 2 and set(started(events).values()) | spares <= family
+        assert sigkill_survivors(proc, family) == {}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=WAIT)
 
 
 def _cmdline(pid: int) -> str:
