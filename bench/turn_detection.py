@@ -12,7 +12,8 @@ Each is run through the real pipeline (Silero VAD, pocketsphinx, flite) on the v
 with each endpointing configuration. Reported per configuration:
 
 * latency: from the end of the caller's speech to the turn being taken (conversation time; the
-  agent's reply comes on top), median and 90th percentile, over complete turns;
+  agent's reply comes on top), median, mean and 90th percentile, over complete turns, and how
+  many complete turns waited the max delay (judged unfinished);
 * cut-ins: paused sentences answered at their pause (split into two turns), as a share;
 * model time: wall time of one end-of-turn prediction on this machine (it runs in a thread,
   so it delays the turn only when it is longer than the min delay).
@@ -156,6 +157,8 @@ async def measure(quick: bool) -> dict[str, Any]:
                 "turns": len(latencies),
                 "latency_median_s": round(statistics.median(latencies), 3),
                 "latency_p90_s": round(pct(latencies, 0.9), 3),
+                "latency_mean_s": round(statistics.fmean(latencies), 3),
+                "waited_max": sum(1 for x in latencies if x > 2.0),
                 "cut_ins": cut,
                 "paused_turns": len(paused) * len(voices),
             }
