@@ -7,7 +7,8 @@ the memory breaker, and a stack dump before any kill. Two ways to run the app:
 
 - **console**: the LiveKit Agents console transport (length-prefixed ``AgentSessionMessage``
   protobufs over TCP, :mod:`otp_agents.voice.agents_console` is the far end), one session per
-  leaf, the job in a thread of this process. Offline: no LiveKit server needed.
+  leaf, run as one job through LiveKit's own job-process code (:mod:`~.agents_job`), its loop on
+  a thread of this process. Offline: no LiveKit server needed.
 - **server**: the app registers with the LiveKit server named by ``LIVEKIT_URL``,
   ``LIVEKIT_API_KEY`` and ``LIVEKIT_API_SECRET`` and takes jobs from it, as ``start`` would.
 
@@ -30,11 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from otp_agents.voice.agents_job import JobEnd, JobRunner, entrypoint
 from otp_agents.voice.agents_jobs import JobWatch
 from otp_agents.worker import Worker
 
 if TYPE_CHECKING:
     from livekit.agents import AgentServer
+    from livekit.agents.job import RunningJobInfo
 
 ENV_VARS = ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")
 EXIT_PEER_UNREACHABLE = 3
@@ -67,75 +70,136 @@ def _transport_class() -> type[Any]:
     from livekit.agents.voice.remote_session import TcpSessionTransport
 
     class WatchedTransport(TcpSessionTransport):
-        """The console transport, telling the host when it connects and when the peer leaves."""
+        """The console transport (on the job loop), telling the host (on the worker's loop) when
+        it connects and when the peer leaves."""
 
-        def __init__(self, host: str, port: int, owner: asyncio.AbstractEventLoop) -> None:
+        def __init__(self, host: str, port: int, console: Console) -> None:
             super().__init__(host, port)
-            self.connected = anyio.Event()
-            self.ended = anyio.Event()
-            self.error: str | None = None
-            self._owner = owner
-
-        def _tell(self, event: anyio.Event) -> None:
-            with contextlib.suppress(RuntimeError):
-                self._owner.call_soon_threadsafe(event.set)
+            self._console = console
 
         async def start(self) -> None:
             try:
                 await super().start()
             except OSError as exc:
-                self.error = f"{self._host}:{self._port}: {exc.strerror or exc}"
-                self._tell(self.ended)
+                self._console.error = f"{self._host}:{self._port}: {exc.strerror or exc}"
+                self._console.tell(self._console.ended)
                 raise
-            self._tell(self.connected)
+            self._console.tell(self._console.connected)
 
         async def __anext__(self) -> Any:
             try:
                 return await super().__anext__()
             except StopAsyncIteration:
-                self._tell(self.ended)
+                self._console.tell(self._console.ended)
                 raise
 
     return WatchedTransport
 
 
-async def run_console(worker: Worker, server: AgentServer, address: str, app_file: str) -> int:
-    """One console session against the peer at ``host:port``; returns the exit code. An
-    entrypoint that raises ends the leaf at once, with the exception as its exit reason."""
-    from livekit.agents import JobExecutorType
-    from livekit.agents.cli.cli import AgentsConsole
-    from livekit.agents.cli.tcp_console import TcpAudioInput, TcpAudioOutput
+class Console:
+    """LiveKit Agents' console I/O for one job, set up on the job's own loop (its audio objects
+    belong to the loop and the process that use them), watched from the worker's loop."""
 
-    host, _, port = address.rpartition(":")
-    transport = _transport_class()(host, int(port), asyncio.get_running_loop())
-    server.update_options(job_executor_type=JobExecutorType.THREAD)
-    console = AgentsConsole.get_instance()
-    console.enabled = True
-    console.record = False
-    console._tcp_transport = transport
-    audio_in = TcpAudioInput()
-    console._tcp_audio_input = audio_in
-    console._tcp_audio_output = TcpAudioOutput(transport)
-    worker.liveness = lambda: through_loop(console._io_loop if console._io_acquired else None)
+    def __init__(self, server: AgentServer, address: str) -> None:
+        self.server = server
+        self.host, _, port = address.rpartition(":")
+        self.port = int(port)
+        self.connected = anyio.Event()
+        self.ended = anyio.Event()
+        self.error: str | None = None
+        self._owner = asyncio.get_running_loop()
+
+    def tell(self, event: anyio.Event) -> None:
+        with contextlib.suppress(RuntimeError):  # the worker's loop is gone
+            self._owner.call_soon_threadsafe(event.set)
+
+    async def entry(self, ctx: Any) -> None:
+        """The job's entrypoint: wire the console, then run the app's own."""
+        from livekit.agents.cli.cli import AgentsConsole
+        from livekit.agents.cli.tcp_console import TcpAudioInput, TcpAudioOutput
+
+        transport = _transport_class()(self.host, self.port, self)
+        console = AgentsConsole.get_instance()
+        console.enabled = True
+        console.record = False
+        console._tcp_transport = transport
+        console._tcp_audio_input = TcpAudioInput()
+        console._tcp_audio_output = TcpAudioOutput(transport)
+        await entrypoint(self.server)(ctx)
+
+
+def console_job(server: AgentServer) -> RunningJobInfo:
+    """The job a console session runs: a fake job (a mock room), as LiveKit's console has it."""
+    from livekit.agents.job import JobAcceptArguments, RunningJobInfo
+    from livekit.agents.utils import shortuuid
+    from livekit.protocol import agent, models
+
+    room = models.Room(sid=shortuuid("SRM_"), name="console-room")
+    return RunningJobInfo(
+        accept_arguments=JobAcceptArguments(identity="console", name="", metadata=""),
+        job=agent.Job(id=shortuuid("mock-job-"), room=room, type=agent.JobType.JT_ROOM),
+        url="",
+        token="",
+        worker_id="console",
+        fake_job=True,
+    )
+
+
+async def run_console(
+    worker: Worker,
+    server: AgentServer,
+    address: str,
+    app_file: str,
+    *,
+    userdata: dict[str, Any] | None = None,
+) -> int:
+    """One console session against the peer at ``host:port``, as one job through LiveKit's own
+    job-process code (:mod:`otp_agents.voice.agents_job`); returns the exit code. An entrypoint
+    that raises ends the leaf at once, with the exception as its exit reason."""
+    console = Console(server, address)
+    runner = JobRunner(server, console_job(server), userdata=userdata, entry=console.entry)
+    worker.liveness = lambda: through_loop(runner.loop)
+    stop = anyio.Event()
+    job_over = anyio.Event()
+    ends: list[JobEnd] = []
+
+    async def job() -> None:
+        try:
+            ends.append(await runner.run(_nothing, stop.wait))
+        finally:
+            job_over.set()
 
     with _watching(app_file, limit=1) as watch:
-        async with _running(server, devmode=True, unregistered=True):
-            await server.simulate_job("console-room", agent_identity="console", fake_job=True)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(job)
             with anyio.move_on_after(30):  # the session connects right after the job starts
                 await _first_of(
-                    transport.connected.wait, transport.ended.wait, worker.wait_stopping, watch.given_up.wait
+                    console.connected.wait,
+                    console.ended.wait,
+                    worker.wait_stopping,
+                    watch.given_up.wait,
+                    job_over.wait,
                 )
+            code = 0
             if watch.given_up.is_set():
-                return await _give_up(worker, watch)
-            if transport.error or not transport.connected.is_set():
-                await _say(worker, f"console peer unreachable at {transport.error or address}")
-                return EXIT_PEER_UNREACHABLE
-            await worker.ready()
-            await _first_of(transport.ended.wait, worker.wait_stopping, watch.given_up.wait)
-            audio_in.close()
-            if watch.given_up.is_set():
-                return await _give_up(worker, watch)
-            return 0
+                code = EXIT_JOBS_FAILING
+            elif console.error or not console.connected.is_set():
+                end = ends[0] if ends else None
+                problem = end.reason if end and not end.started else None
+                await _say(worker, problem or f"console peer unreachable at {console.error or address}")
+                code = EXIT_JOBS_FAILING if problem else EXIT_PEER_UNREACHABLE
+            else:
+                await worker.ready()
+                await _first_of(console.ended.wait, worker.wait_stopping, watch.given_up.wait, job_over.wait)
+            stop.set()  # the job ends as LiveKit ends one: session closed, callbacks run
+            await job_over.wait()
+        if watch.given_up.is_set():
+            return await _give_up(worker, watch)
+    return code
+
+
+async def _nothing() -> None:
+    return None
 
 
 async def run_server(
