@@ -12,19 +12,21 @@ finish within the shutdown bound) happens while the calls are still up.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import tempfile
+from pathlib import Path
 
 import anyio
 from livekit import api
 
 from otp_agents.ops.control_client import CONTROL_SERVICE
-from otp_agents.voice.dispatch import Dispatcher
+from otp_agents.voice.dispatch import Dispatcher, Launch
 from otp_agents.voice.room import LiveKitEnv
 from otp_agents.worker import Worker, run
 
 
-def job_args(job: Any) -> list[str]:
+def job_args(launch: Launch) -> list[str]:
     # The identity the availability answer promised the server (agent-<job id>).
+    job = launch.job
     args = ["--room", job.room.name, "--job", job.id, "--identity", f"agent-{job.id}"]
     if job.participant.identity:
         args += ["--listen-to", job.participant.identity]
@@ -34,10 +36,16 @@ def job_args(job: Any) -> list[str]:
 async def main(worker: Worker) -> None:
     p = argparse.ArgumentParser(prog="livekit_dispatcher")
     p.add_argument("--jobs", required=True, help="path of the simple_one_for_one supervisor for the jobs")
-    p.add_argument("--agent-name", default="")
+    p.add_argument("--agent-name", default=None, help="default: the app's, else none")
     p.add_argument("--max-jobs", type=int, default=8)
-    p.add_argument("--load-threshold", type=float, default=0.7)
+    p.add_argument("--load-threshold", type=float, default=None, help="default: the app's, else 0.7")
     p.add_argument("--status-interval", type=float, default=2.5)
+    p.add_argument(
+        "--app",
+        action="store_true",
+        help="jobs of a LiveKit Agents app (its zygote's, or OTP_AGENTS_APP): its options, tickets",
+    )
+    p.add_argument("--tickets", type=Path, help="--app: where the jobs' tickets are written")
     args = p.parse_args(worker.args)
     env = LiveKitEnv.from_environ()  # a missing or malformed variable fails the start, named
     await worker.ready()
@@ -70,12 +78,15 @@ async def main(worker: Worker) -> None:
         control_socket=control_socket,
         jobs_supervisor=args.jobs,
         job_args=job_args,
-        agent_name=args.agent_name,
+        agent_name=args.agent_name or "",
         max_jobs=args.max_jobs,
-        load_threshold=args.load_threshold,
+        load_threshold=0.7 if args.load_threshold is None else args.load_threshold,
         status_interval=args.status_interval,
         log=log,
     )
+    if args.app:
+        for line in for_app(dispatcher, args, env.url):
+            await worker.log(f"livekit_dispatcher: {line}")
     async with anyio.create_task_group() as tg:
         tg.start_soon(dispatcher.run)
 
@@ -99,6 +110,26 @@ async def main(worker: Worker) -> None:
         while worker_log:
             await worker.log(worker_log.pop(0))
         tg.cancel_scope.cancel()
+
+
+def for_app(dispatcher: Dispatcher, args: argparse.Namespace, url: str) -> list[str]:
+    """Take the app's own options (the tree's overrides win) and launch its jobs from tickets."""
+    from otp_agents.voice import agents_zygote
+    from otp_agents.voice.agents_dispatch import app_options, forget_ticket, ticket_args
+
+    app = agents_zygote.prepared() or agents_zygote.load(agents_zygote.AppImage.from_environ())
+    options = app_options(
+        app.server, agent_name=args.agent_name, load_threshold=args.load_threshold, max_jobs=args.max_jobs
+    )
+    folder = args.tickets or Path(tempfile.mkdtemp(prefix="otp-agents-tickets-"))
+    dispatcher.agent_name = options.agent_name
+    dispatcher.load_threshold = options.load_threshold
+    dispatcher.load_fnc = options.load_fnc
+    dispatcher.job_memory = options.job_memory
+    dispatcher.decide = options.decide
+    dispatcher.job_args = ticket_args(folder, url)
+    dispatcher.on_end = forget_ticket(folder)
+    return [f"app {app.image.app}", *options.said]
 
 
 if __name__ == "__main__":

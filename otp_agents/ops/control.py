@@ -211,7 +211,8 @@ class ControlServer:
         return Reply(ok=True, message="\n".join(changes) or "no changes", data={"changes": changes})
 
     async def _start_child(self, verb: StartChild) -> Reply:
-        child = await self.tree.supervisor(verb.path).start_child(verb.args)
+        memory = (verb.memory_warn_mb, verb.memory_limit_mb)
+        child = await self.tree.supervisor(verb.path).start_child(verb.args, memory=memory)
         return Reply(ok=True, message=f"started {child}", data={"path": child})
 
     async def _restart(self, verb: Restart) -> Reply:

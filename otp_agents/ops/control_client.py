@@ -9,7 +9,7 @@ import contextlib
 import socket
 from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Any, get_args
+from typing import Annotated, Any, get_args
 
 import msgspec
 
@@ -26,6 +26,9 @@ class Request(msgspec.Struct, tag_field="type", tag="request", forbid_unknown_fi
     path: str = ""
     args: list[str] = []
     kinds: list[str] = []  # events: only these kinds (empty: all)
+    # start-child: memory bounds for this instance where its template's health sets none
+    memory_warn_mb: float | None = None
+    memory_limit_mb: float | None = None
 
 
 # -- the verbs: one Struct each, tagged by ``op`` (what each one takes is what it declares) -------
@@ -60,10 +63,14 @@ class Start(_Verb, tag="start"):
 
 
 class StartChild(_Verb, tag="start-child"):
-    """One more child of a simple_one_for_one supervisor, with ``args`` appended."""
+    """One more child of a simple_one_for_one supervisor, with ``args`` appended. The memory
+    bounds apply where the template's health table sets none (the tree's word wins): a job
+    dispatcher passes the app's own per-job limits this way."""
 
     path: str
     args: list[str] = []
+    memory_warn_mb: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    memory_limit_mb: Annotated[float, msgspec.Meta(gt=0)] | None = None
 
 
 class Dump(_Verb, tag="dump"):

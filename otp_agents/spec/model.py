@@ -218,7 +218,10 @@ class ZygoteSpec(WorkerSpec, kw_only=True, frozen=True, tag_field="kind", tag="z
     name its ``image``. Supervised like any protocol worker."""
 
     image: ImageName
-    preload: list[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][\w.]*$")]] = []
+    # Modules imported once, in order; ``module:function`` also calls that function (no
+    # arguments) after the import: the place for work that is not an import (a model loaded, an
+    # app's prewarm). Each must leave the zygote single-threaded: it forks.
+    preload: list[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?$")]] = []
     # Workers forked ahead of need, waiting for their request: a (re)start then costs a hand-over,
     # not a fork. Each costs its unshared memory (a few MB); a dead one is replaced at once.
     idle: Annotated[int, msgspec.Meta(ge=0, le=64)] = 1

@@ -17,9 +17,12 @@ class Operations(Node):
     _dynamic: bool
     _next_dynamic: int
 
-    async def start_child(self, args: list[str] | None = None) -> str:
-        """simple_one_for_one: start one more instance of the template; returns its path."""
-        return await self._call(lambda: self._start_dynamic(list(args or [])))  # type: ignore[no-any-return]
+    async def start_child(
+        self, args: list[str] | None = None, *, memory: tuple[float | None, float | None] = (None, None)
+    ) -> str:
+        """simple_one_for_one: start one more instance of the template; returns its path.
+        ``memory``: (warn, limit) MB for this instance where the template's health sets none."""
+        return await self._call(lambda: self._start_dynamic(list(args or []), memory))  # type: ignore[no-any-return]
 
     async def terminate_child(self, child_id: str) -> None:
         """Stop a child; it stays in the child list (unless temporary) and is not restarted."""
@@ -42,7 +45,9 @@ class Operations(Node):
         """Stop a child and start it again (``otp-agents restart``)."""
         await self._call(lambda: self._operator_restart(child_id))
 
-    async def _start_dynamic(self, args: list[str]) -> str:
+    async def _start_dynamic(
+        self, args: list[str], memory: tuple[float | None, float | None] = (None, None)
+    ) -> str:
         if not self._dynamic:
             raise Refused(f"{self.path} is not a simple_one_for_one supervisor")
         cap = self.spec.max_children
@@ -51,7 +56,7 @@ class Operations(Node):
         template = self.spec.children[0]
         child_id = f"{template.id}-{self._next_dynamic}"
         self._next_dynamic += 1
-        slot = self._add_slot(_with_args(template, child_id, args))
+        slot = self._add_slot(_with_memory(_with_args(template, child_id, args), *memory))
         try:
             await self._start_slot(slot)
         except StartError:
@@ -169,6 +174,21 @@ class Operations(Node):
 def _flags(spec: SupervisorSpec) -> SupervisorSpec:
     """A supervisor spec without its children: what a reload must restart it for."""
     return msgspec.structs.replace(spec, children=[])
+
+
+def _with_memory(spec: ChildSpec, warn: float | None, limit: float | None) -> ChildSpec:
+    """Memory bounds asked for at start, where the spec's own health table sets none."""
+    if not isinstance(spec, (CommandSpec, WorkerSpec)) or (warn is None and limit is None):
+        return spec
+    health = spec.settings
+    changes: dict[str, float] = {}
+    if warn is not None and health.memory_warn_mb is None:
+        changes["memory_warn_mb"] = warn
+    if limit is not None and health.memory_limit_mb is None:
+        changes["memory_limit_mb"] = limit
+    if not changes:
+        return spec
+    return msgspec.structs.replace(spec, settings=msgspec.structs.replace(health, **changes))
 
 
 def _with_args(template: ChildSpec, child_id: str, args: list[str]) -> ChildSpec:

@@ -169,7 +169,7 @@ async def run_console(
         finally:
             job_over.set()
 
-    with _watching(app_file, limit=1) as watch:
+    with watching(app_file, limit=1) as watch:
         async with anyio.create_task_group() as tg:
             tg.start_soon(job)
             with anyio.move_on_after(30):  # the session connects right after the job starts
@@ -231,7 +231,7 @@ async def run_server(
     registered = anyio.Event()
     loop = asyncio.get_running_loop()
     server.on("worker_registered", lambda *_: loop.call_soon(registered.set))
-    with _watching(app_file, limit=max_failures) as watch:
+    with watching(app_file, limit=max_failures) as watch:
         server.once("worker_started", lambda: watch.watch_pool(server._proc_pool))
         async with anyio.create_task_group() as tg:
             tg.start_soon(_relay, worker, watch)
@@ -272,7 +272,7 @@ def _ephemeral_health_port(server: AgentServer) -> None:
 
 
 @contextlib.contextmanager
-def _watching(app_file: str, limit: int) -> Iterator[JobWatch]:
+def watching(app_file: str, limit: int) -> Iterator[JobWatch]:
     watch = JobWatch(app_file, limit)
     logger = logging.getLogger("livekit.agents")
     logger.addHandler(watch)

@@ -5,15 +5,18 @@ This is LiveKit's agent worker protocol (``livekit.protocol.agent``: protobuf ``
 ``ServerMessage`` over a WebSocket at ``<url>/agent``), spoken from a supervised worker:
 
 1. register (``RegisterWorkerRequest``) and get a worker id;
-2. answer each ``AvailabilityRequest`` from real load (running jobs / ``max_jobs``; refused at
-   ``load_threshold`` or while draining);
+2. answer each ``AvailabilityRequest`` from real load (running jobs / ``max_jobs``, or the app's
+   own ``load_fnc``; refused at ``load_threshold`` or while draining), then by the app's request
+   handler when there is one (``decide``: accept as which participant, or reject);
 3. on ``JobAssignment`` start a leaf with the control socket's ``start-child`` (the same request
    an operator's ``otp-agents start-child`` makes) and report ``JS_RUNNING``, or ``JS_FAILED``
    with the reason the start failed;
 4. follow the jobs' children on the control socket's event stream: a crash is restarted by the
    jobs' supervisor (the call resumes from its checkpoint) and the job stays running; a child
    that ends for good reports ``JS_SUCCESS`` (exit 0 or terminated on request) or ``JS_FAILED``
-   with how it ended; ``JobTermination`` terminates the child;
+   with how it ended (a leaf whose *job* failed exits 0 with ``job failed: <why>`` as its last
+   words: reported failed with that error, and not restarted); ``JobTermination`` terminates the
+   child;
 5. report load every ``status_interval`` (``UpdateWorkerStatus``); WebSocket pings find a dead
    connection;
 6. when the connection drops, reconnect with capped, jittered exponential backoff and register
@@ -26,13 +29,15 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import anyio
 import anyio.abc
+import anyio.to_thread
 from google.protobuf.message import DecodeError
 from livekit.protocol import agent as lk
 
@@ -63,6 +68,22 @@ class Backoff:
         return max(0.0, base * (1 + (rng or random).uniform(-self.jitter, self.jitter)))
 
 
+REQUEST_TIMEOUT = 10.0  # the app's request handler must answer within this (else: unavailable)
+JOB_FAILED = "job failed: "  # a leaf's last words when its job, not its process, failed
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What a job's leaf is started with: the job, its assignment, and how it was accepted
+    (LiveKit's ``JobAcceptArguments``: identity, name, metadata, attributes)."""
+
+    job: Any
+    assignment: Any
+    accepted: Any
+    worker_id: str
+    received_at: float
+
+
 @dataclass
 class _Job:
     id: str
@@ -71,6 +92,9 @@ class _Job:
     failure: str | None = None  # how its child last ended, if badly
     settle: anyio.Event | None = None  # set when a restart follows an exit
     terminate_asked: bool = False  # the server ended it while it was still starting
+    accepted: Any = None  # the request handler's answer
+    launched: bool = False
+    received_at: float = 0.0
 
 
 @dataclass
@@ -79,7 +103,7 @@ class Dispatcher:
     token: Callable[[], str]  # an access token with the agent grant
     control_socket: str
     jobs_supervisor: str  # path of the simple_one_for_one supervisor that runs the jobs
-    job_args: Callable[[Any], list[str]]  # livekit Job -> argv of the leaf
+    job_args: Callable[[Launch], list[str]]  # argv of the job's leaf
     agent_name: str = ""
     max_jobs: int = 8
     load_threshold: float = 0.7
@@ -87,6 +111,10 @@ class Dispatcher:
     backoff: Backoff = field(default_factory=Backoff)
     restart_grace: float = 2.0  # an exit not followed by a restart within this is final
     log: Callable[[str], None] = lambda line: None
+    decide: Callable[[Any], Awaitable[Any]] | None = None  # Job -> accept arguments, None: reject
+    load_fnc: Callable[[], float] | None = None  # the app's own load (0..1); default: jobs/max_jobs
+    job_memory: tuple[float | None, float | None] = (None, None)  # (warn, limit) MB per job
+    on_end: Callable[[str], None] = lambda job_id: None  # a job ended for good
     jobs: dict[str, _Job] = field(default_factory=dict)
     draining: bool = False
     registrations: int = 0
@@ -96,6 +124,7 @@ class Dispatcher:
     _by_child: dict[str, _Job] = field(default_factory=dict)
     _early: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     _tg: anyio.abc.TaskGroup | None = None
+    _app_load: float = 0.0
 
     @property
     def running(self) -> int:
@@ -103,7 +132,20 @@ class Dispatcher:
 
     @property
     def load(self) -> float:
-        return min(1.0, self.running / self.max_jobs) if self.max_jobs else 1.0
+        """Running jobs against ``max_jobs``, or the app's own load when it has a ``load_fnc``."""
+        jobs = min(1.0, self.running / self.max_jobs) if self.max_jobs else 1.0
+        return jobs if self.load_fnc is None else max(self._app_load, 1.0 if jobs >= 1.0 else 0.0)
+
+    async def refresh_load(self) -> None:
+        """Run the app's ``load_fnc`` (its code may block: on a thread) and keep its answer."""
+        if self.load_fnc is None:
+            return
+        try:
+            own = float(await anyio.to_thread.run_sync(self.load_fnc))
+        except Exception as exc:  # the app's code: a failure means full, not a dead dispatcher
+            self.log(f"the app's load_fnc raised {type(exc).__name__}: {exc}; taken as full")
+            own = 1.0
+        self._app_load = min(1.0, max(0.0, own)) if own == own else 1.0
 
     # -- the connection, kept up ---------------------------------------------------------------------
 
@@ -180,6 +222,7 @@ class Dispatcher:
         seq = 0
         while True:
             seq += 1
+            await self.refresh_load()
             full = self.draining or self.load >= self.load_threshold
             await self._send(
                 lk.WorkerMessage(
@@ -209,28 +252,54 @@ class Dispatcher:
             if running:  # a new registration: claim the calls still running here, as LiveKit's worker does
                 await self._send(lk.WorkerMessage(migrate_job=lk.MigrateJobRequest(job_ids=running)))
         elif which == "availability":
-            job = msg.availability.job
-            available = not self.draining and self.load < self.load_threshold
-            await self._send(
-                lk.WorkerMessage(
-                    availability=lk.AvailabilityResponse(
-                        job_id=job.id,
-                        available=available,
-                        participant_identity=f"agent-{job.id}",
-                        participant_name="otp-agents voice agent",
-                    )
-                )
-            )
+            tg.start_soon(self._answer, msg.availability.job)
         elif which == "assignment":
-            if msg.assignment.job.id not in self.jobs:  # a repeated assignment starts nothing new
-                self.jobs[msg.assignment.job.id] = _Job(msg.assignment.job.id)
-                tg.start_soon(self._start_job, msg.assignment.job)
+            rec = self.jobs.setdefault(msg.assignment.job.id, _Job(msg.assignment.job.id))
+            if not rec.launched:  # a repeated assignment starts nothing new
+                rec.launched = True
+                tg.start_soon(self._start_job, msg.assignment)
         elif which == "termination":
             tg.start_soon(self._terminate_job, msg.termination.job_id)
 
-    async def _start_job(self, job: Any) -> None:
-        rec = self.jobs.setdefault(job.id, _Job(job.id))
-        request = control.Request(op="start-child", path=self.jobs_supervisor, args=self.job_args(job))
+    async def _answer(self, job: Any) -> None:
+        received = time.time()
+        await self.refresh_load()
+        available = not self.draining and self.load < self.load_threshold and self.running < self.max_jobs
+        accepted = None
+        if available and self.decide is not None:
+            try:
+                with anyio.fail_after(REQUEST_TIMEOUT):
+                    accepted = await self.decide(job)
+            except Exception as exc:  # the app's handler: its failure rejects this job only
+                self.log(f"job {job.id}: the app's request handler raised {type(exc).__name__}: {exc}")
+            available = accepted is not None
+        answer = lk.AvailabilityResponse(job_id=job.id, available=available)
+        if available:
+            identity = getattr(accepted, "identity", "") or f"agent-{job.id}"
+            answer.participant_identity = identity
+            answer.participant_name = getattr(accepted, "name", "") or "otp-agents voice agent"
+            answer.participant_metadata = getattr(accepted, "metadata", "") or ""
+            answer.participant_attributes.update(getattr(accepted, "attributes", None) or {})
+            if job.id not in self.jobs:
+                self.jobs[job.id] = _Job(job.id, accepted=accepted, received_at=received)
+        await self._send(lk.WorkerMessage(availability=answer))
+
+    async def _start_job(self, assignment: Any) -> None:
+        job = assignment.job
+        rec = self.jobs.setdefault(job.id, _Job(job.id, received_at=time.time()))
+        launch = Launch(job, assignment, rec.accepted, self.worker_id, rec.received_at)
+        try:
+            args = self.job_args(launch)
+        except Exception as exc:
+            await self._status(rec, lk.JS_FAILED, f"could not start the agent: {exc}")
+            return
+        request = control.Request(
+            op="start-child",
+            path=self.jobs_supervisor,
+            args=args,
+            memory_warn_mb=self.job_memory[0],
+            memory_limit_mb=self.job_memory[1],
+        )
         try:
             with anyio.CancelScope(shield=True):  # the supervisor starts it anyway: learn its path
                 reply = await control.call(self.control_socket, request, timeout=60)
@@ -268,6 +337,8 @@ class Dispatcher:
         rec.status = status
         if status in (lk.JS_SUCCESS, lk.JS_FAILED, lk.JS_CANCELLED):
             self._forget_finished()
+            with contextlib.suppress(Exception):
+                self.on_end(rec.id)
         self.log(f"job {rec.id}: {lk.JobStatus.Name(status)}{': ' + error if error else ''}")
         update = lk.UpdateJobStatus(job_id=rec.id, status=status, error=error)  # type: ignore[arg-type]
         await self._send(lk.WorkerMessage(update_job=update))
@@ -313,6 +384,8 @@ class Dispatcher:
             # back, a crash of a transient call comes back, a failed restart is tried again.
             if kind == "start_failed":
                 how, status = f"a failed restart ({row.get('detail', '')})", lk.JS_FAILED
+            elif row.get("code") == 0 and str(row.get("detail") or "").startswith(JOB_FAILED):
+                how, status = str(row["detail"]), lk.JS_FAILED
             elif row.get("code") == 0:
                 how, status = "exit code 0", lk.JS_SUCCESS
             else:
@@ -328,7 +401,8 @@ class Dispatcher:
         with anyio.move_on_after(self.restart_grace):
             await settle.wait()
             return
-        await self._status(rec, status, "" if status == lk.JS_SUCCESS else f"the agent ended with {how}")
+        error = how if how.startswith(JOB_FAILED) else f"the agent ended with {how}"
+        await self._status(rec, status, "" if status == lk.JS_SUCCESS else error)
 
     # -- drain ---------------------------------------------------------------------------------------
 

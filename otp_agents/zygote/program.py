@@ -40,7 +40,9 @@ from otp_agents.zygote.forkserver import Zygote
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m otp_agents.zygote")
     p.add_argument("--image", required=True)
-    p.add_argument("--preload", default="", help="comma-separated modules to import once")
+    p.add_argument(
+        "--preload", default="", help="modules to import once, comma-separated (module:function calls it too)"
+    )
     p.add_argument("--idle", type=int, default=1, help="workers forked ahead of need")
     args = p.parse_args(argv)
 
@@ -63,15 +65,22 @@ def main(argv: list[str] | None = None) -> int:
         return 70
     started = time.monotonic()
     for name in [m.strip() for m in args.preload.split(",") if m.strip()]:
+        module, _, function = name.partition(":")
         try:
-            importlib.import_module(name)
+            loaded = importlib.import_module(module)
+            if function:
+                getattr(loaded, function)()
         except Exception as exc:
             problem = f"zygote {args.image}: cannot preload {name}: {type(exc).__name__}: {exc}"
             channel.sendall(encode(Log(level=logging.ERROR, message=problem)))
             sys.stderr.write(problem + "\n")
             return 2
         if threading.active_count() != 1:
-            problem = f"zygote {args.image}: importing {name} started a thread (a zygote must have none)"
+            names = ", ".join(t.name for t in threading.enumerate() if t is not threading.main_thread())
+            problem = (
+                f"zygote {args.image}: preload {name} started a thread ({names}); a zygote forks, so it "
+                "must have none: start it in the worker, after the fork"
+            )
             channel.sendall(encode(Log(level=logging.ERROR, message=problem)))
             sys.stderr.write(problem + "\n")
             return 2

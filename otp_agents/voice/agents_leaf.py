@@ -1,0 +1,134 @@
+"""One LiveKit Agents job as one supervised leaf.
+
+The dispatcher (:mod:`otp_agents.voice.dispatch`) accepted the job and wrote its ticket; the
+leaf, forked from the app's zygote (:mod:`~.agents_zygote`: app loaded, prewarm run), runs it
+through LiveKit's own job-process code (:class:`~.agents_job.JobRunner`) and says how it
+ended. How it ends decides what its supervisor does (the pool's jobs are ``transient``):
+
+- **the job ended** (the room closed, the app called ``ctx.shutdown()``): exit 0, not restarted;
+- **the job failed** (its entrypoint raised, or its session closed on provider errors: an
+  outage, a bad key): exit 0 as well, with ``job failed: <why>`` as its last words. Restarting
+  would only fail again, and a provider outage across many calls must not spend the pool's
+  restart intensity and take healthy calls down with it. The dispatcher reports it failed to the
+  server, with the error;
+- **the process failed** (killed, crashed, hung, leaking): an abnormal exit, so its supervisor
+  restarts it and the job runs again from its ticket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+from typing import TYPE_CHECKING, Any
+
+from otp_agents.voice.agents_host import Console, through_loop, watching
+from otp_agents.voice.agents_job import CRASHED, JobRunner, entrypoint
+from otp_agents.voice.agents_ticket import Ticket
+from otp_agents.voice.agents_zygote import Prepared
+from otp_agents.worker import Worker
+
+if TYPE_CHECKING:
+    from livekit.agents import JobContext
+
+FAILED = "job failed: "  # the leaf's last words when the job (not the process) failed
+CONSOLE_KEY = "otp_agents_console"  # stand-in jobs: the console peer, in the job's metadata
+_SESSION_POLL = 0.25
+
+
+class ProviderWatch:
+    """Ends the job when its session closes on an unrecoverable provider error (LiveKit closes
+    the session and leaves the job running, silent, until the room empties)."""
+
+    def __init__(self) -> None:
+        self.error: str | None = None
+        self.provider = ""
+        self.kind = ""
+
+    def wrap(self, inner: Any) -> Any:
+        async def entry(ctx: JobContext) -> None:
+            task = asyncio.get_running_loop().create_task(self._attach(ctx), name="otp-agents-provider-watch")
+
+            async def cancel(*_: Any) -> None:
+                task.cancel()
+
+            ctx.add_shutdown_callback(cancel)
+            await inner(ctx)
+
+        return entry
+
+    async def _attach(self, ctx: JobContext) -> None:
+        # LiveKit says nothing when a job's session starts: look until it has one
+        while (session := ctx._primary_agent_session) is None:  # noqa: ASYNC110
+            await asyncio.sleep(_SESSION_POLL)
+
+        def closed(event: Any) -> None:
+            error = getattr(event, "error", None)
+            if error is None or str(getattr(event, "reason", "")).split(".")[-1].lower() != "error":
+                return
+            cause = getattr(error, "error", error)
+            self.provider = str(getattr(error, "label", "") or "")
+            self.kind = str(getattr(error, "type", "") or "")
+            self.error = f"{self.provider or self.kind}: {type(cause).__name__}: {cause}"
+            ctx.shutdown(reason=f"provider failure ({self.error})")
+
+        session.on("close", closed)
+
+
+def describe(ticket: Ticket) -> str:
+    job = ticket.protocol_job()
+    caller = job.participant.identity or "-"
+    return f"job {job.id} room {job.room.name} agent {ticket.identity} caller {caller}"
+
+
+def log_with_job(ticket: Ticket) -> None:
+    """Every line the app and LiveKit log names the call: operators grep by room or job id."""
+    job = ticket.protocol_job()
+    fmt = f"%(levelname)s job={job.id} room={job.room.name} %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr, force=True)
+
+
+def console_address(ticket: Ticket) -> str | None:
+    """A stand-in's job carries its console peer (offline audio) in its metadata."""
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        found = json.loads(ticket.protocol_job().metadata or "{}").get(CONSOLE_KEY)
+        return str(found) if found else None
+    return None
+
+
+async def run_job(worker: Worker, app: Prepared, ticket: Ticket, *, forked: bool) -> int:
+    """Run the ticket's job to its end; returns the leaf's exit code (see the module doc)."""
+    what = describe(ticket)
+    watch = ProviderWatch()
+    address = console_address(ticket)
+    inner = Console(app.server, address).entry if address else entrypoint(app.server)
+    info = ticket.running_info()
+    if address:
+        info.fake_job = True  # no room on a server: LiveKit's mock room, audio over the console
+    runner = JobRunner(app.server, info, userdata=app.userdata if forked else None, entry=watch.wrap(inner))
+    worker.liveness = lambda: through_loop(runner.loop)
+    await worker.log(f"{what}: starting ({'forked from the app zygote' if forked else 'cold'})")
+    with watching(app.image.app, limit=sys.maxsize) as raised:  # the entrypoint's exception, if any
+        end = await runner.run(worker.ready, worker.wait_stopping)
+    if not end.started:  # prewarm or job setup failed: the process is not fit to run jobs
+        worker.exit_reason = f"{what}: {end.reason}"
+        await worker.log(worker.exit_reason, logging.ERROR)
+        return 1
+    failure = watch.error or (end.reason if end.failed else None)
+    if end.reason == CRASHED and raised.recent:
+        failure = raised.recent[-1].what
+    if watch.error:
+        await worker.report("voice_provider_errors", 1, provider=watch.provider[:60], kind=watch.kind[:60])
+    if failure:
+        worker.exit_reason = f"{FAILED}{failure}"
+        await worker.log(f"{what}: failed: {failure}", logging.ERROR)
+    else:
+        worker.exit_reason = f"job ended: {end.reason}"
+        await worker.log(f"{what}: ended ({end.reason})")
+    await worker.report("agent_jobs_ended", 1, outcome="failed" if failure else "success")
+    return 0
+
+
+__all__ = ["CONSOLE_KEY", "FAILED", "ProviderWatch", "console_address", "describe", "log_with_job", "run_job"]
