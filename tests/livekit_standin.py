@@ -80,9 +80,11 @@ class StandIn:
         assert self._ws is not None, "no worker connected"
         await self._ws.send_bytes(msg.SerializeToString())
 
-    async def offer(self, job_id: str, room: str) -> bool:
+    async def offer(self, job_id: str, room: str, *, metadata: str = "", caller: str = "") -> bool:
         """Ask for availability; assign the job if the worker accepts. Returns its answer."""
-        job = lk.Job(id=job_id, type=lk.JT_ROOM, room=models.Room(name=room))
+        job = lk.Job(id=job_id, type=lk.JT_ROOM, room=models.Room(name=room), metadata=metadata)
+        if caller:
+            job.participant.identity = caller
         before = len(self.of("availability"))
         await self._send(lk.ServerMessage(availability=lk.AvailabilityRequest(job=job)))
         answers = await self.wait(lambda: self.of("availability")[before:])

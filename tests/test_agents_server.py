@@ -16,18 +16,15 @@ import hashlib
 import json
 import re
 import signal
-import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import anyio
 import pytest
 
 pytest.importorskip("livekit.agents")
 
+from .agents_helpers import BOUND, Events, Hosted
 from .helpers import ROOT, run_cli
 from .livekit_standin import KEY, SECRET, StandIn, serving
 
@@ -36,44 +33,11 @@ pytestmark = pytest.mark.anyio
 APPS = ROOT / "tests" / "agents_apps"
 SAMPLE = ROOT / "workers" / "livekit_agents_app" / "agent.py"
 LIVEKIT_EXAMPLES = APPS / "livekit"
-BOUND = 120.0  # failure bound for a job's process to start and run; never a speed claim
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-Events = list[dict[str, Any]]
-
-
-@dataclass
-class Hosted:
-    proc: subprocess.Popen[bytes]
-    events_file: Path
-    log: Path
-
-    def events(self) -> Events:
-        if not self.events_file.exists():
-            return []
-        return [json.loads(line) for line in self.events_file.read_text().splitlines() if line.strip()]
-
-    async def until(self, pred: Callable[[Events], Any], what: str) -> Any:
-        with anyio.fail_after(BOUND):
-            while not (found := pred(self.events())):
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"{what}: otp-agents exited ({self.proc.returncode}): {self.tail()}")
-                await anyio.sleep(0.05)
-        return found
-
-    async def ended(self) -> int:
-        with anyio.fail_after(BOUND):
-            while self.proc.poll() is None:  # noqa: ASYNC110 - another process's exit has no wakeup here
-                await anyio.sleep(0.05)
-        return self.proc.returncode
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
 
 
 def job_reports(events: Events, job: str) -> list[str]:

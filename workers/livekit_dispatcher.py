@@ -47,6 +47,8 @@ async def main(worker: Worker) -> None:
     )
     p.add_argument("--tickets", type=Path, help="--app: where the jobs' tickets are written")
     args = p.parse_args(worker.args)
+    if args.jobs.startswith("../"):  # a sibling of this dispatcher (as an app pool has it)
+        args.jobs = f"{worker.path.rpartition('/')[0]}/{args.jobs[3:]}"
     env = LiveKitEnv.from_environ()  # a missing or malformed variable fails the start, named
     await worker.ready()
     # The control socket opens once the whole tree has started, which includes us: look it up now.

@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 
 from otp_agents.errors import ConfigError
+from otp_agents.spec.app_pool import AppPool, expand
 from otp_agents.spec.model import (
     HEALTH_DEFAULTS,
     LOG_DEFAULTS,
@@ -212,16 +213,22 @@ def _child(
         kinds.append("protocol worker (module/script)")
     if "image" in data:
         kinds.append("zygote (image)")
+    if "app" in data:
+        kinds.append("LiveKit Agents app pool (app)")
     if len(kinds) != 1:
         found = " and ".join(kinds) if kinds else "none of them"
         raise ConfigError(
             source,
             keypath,
             "a child needs exactly one of: `command` (plain process), `module` or `script` "
-            f"(protocol worker), `image` (zygote), `children` (nested supervisor); found {found}",
+            "(protocol worker), `image` (zygote), `app` (LiveKit Agents app pool), `children` "
+            f"(nested supervisor); found {found}",
         )
     spec: ChildSpec
-    if kinds[0].startswith("supervisor"):
+    if "app" in data:
+        pool: AppPool = _convert(data, AppPool, source, keypath)
+        spec = _supervisor(expand(pool), source, keypath, inherited)
+    elif kinds[0].startswith("supervisor"):
         spec = _supervisor(data, source, keypath, inherited)
     elif "command" in data:
         command: CommandSpec = _convert({**data, "kind": "command"}, CommandSpec, source, keypath)

@@ -23,7 +23,6 @@ A leaf started cold (its zygote down) calls :func:`load` instead: the same steps
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 import sys
@@ -33,16 +32,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from otp_agents.errors import OtpAgentsError
+from otp_agents.wire.env import (
+    ENV_APP,
+    ENV_APP_LLM_MODEL,
+    ENV_APP_LLM_SCRIPT,
+    ENV_APP_LLM_URL,
+    ENV_APP_PROVIDERS,
+)
 
 if TYPE_CHECKING:
     from livekit.agents import AgentServer
 
-ENV_APP = "OTP_AGENTS_APP"
-ENV_PROVIDERS = "OTP_AGENTS_APP_PROVIDERS"
-ENV_LLM_SCRIPT = "OTP_AGENTS_APP_LLM_SCRIPT"
-ENV_LLM_URL = "OTP_AGENTS_APP_LLM_URL"
-ENV_LLM_MODEL = "OTP_AGENTS_APP_LLM_MODEL"
-ENV_DIGEST = "OTP_AGENTS_APP_DIGEST"  # the app file's hash: a changed app is a changed zygote
 
 
 class UnsafeFork(OtpAgentsError):
@@ -66,28 +66,11 @@ class AppImage:
             raise OtpAgentsError(f"{ENV_APP} names no LiveKit Agents app file")
         return cls(
             app=app,
-            providers=os.environ.get(ENV_PROVIDERS, "app"),
-            llm_script=os.environ.get(ENV_LLM_SCRIPT) or None,
-            llm_url=os.environ.get(ENV_LLM_URL) or None,
-            llm_model=os.environ.get(ENV_LLM_MODEL) or "local",
+            providers=os.environ.get(ENV_APP_PROVIDERS, "app"),
+            llm_script=os.environ.get(ENV_APP_LLM_SCRIPT) or None,
+            llm_url=os.environ.get(ENV_APP_LLM_URL) or None,
+            llm_model=os.environ.get(ENV_APP_LLM_MODEL) or "local",
         )
-
-    def environ(self) -> dict[str, str]:
-        """The variables that name this image (for a zygote's and its leaves' ``env``)."""
-        env = {ENV_APP: self.app, ENV_PROVIDERS: self.providers, ENV_LLM_MODEL: self.llm_model}
-        if self.llm_script:
-            env[ENV_LLM_SCRIPT] = self.llm_script
-        if self.llm_url:
-            env[ENV_LLM_URL] = self.llm_url
-        return env
-
-
-def digest(path: str | Path) -> str:
-    """A short hash of the app file (empty when it cannot be read: loading it will say why)."""
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-    except OSError:
-        return ""
 
 
 @dataclass
@@ -178,4 +161,4 @@ def _check_fork_safe(what: str) -> None:
         )
 
 
-__all__ = ["AppImage", "Prepared", "UnsafeFork", "digest", "load", "prepare", "prepared"]
+__all__ = ["AppImage", "Prepared", "UnsafeFork", "load", "prepare", "prepared"]

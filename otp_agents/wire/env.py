@@ -28,3 +28,12 @@ PLAIN_BYE = frozenset({"normal", "crash"})
 
 SERVICE_PREFIX = "zygote."  # a zygote publishes its fork socket as zygote.<image>
 RESERVED_SERVICES = "otp-agents."  # names the runtime itself publishes (its control socket)
+
+# A LiveKit Agents app pool (``app = "agent.py"`` in a tree): what its zygote loads, set by the
+# tree on the zygote, its job leaves and its dispatcher (see otp_agents.voice.agents_zygote).
+ENV_APP = "OTP_AGENTS_APP"  # the app file
+ENV_APP_PROVIDERS = "OTP_AGENTS_APP_PROVIDERS"  # app | offline
+ENV_APP_LLM_SCRIPT = "OTP_AGENTS_APP_LLM_SCRIPT"  # offline: the scripted LLM's script
+ENV_APP_LLM_URL = "OTP_AGENTS_APP_LLM_URL"  # offline: an OpenAI-compatible server
+ENV_APP_LLM_MODEL = "OTP_AGENTS_APP_LLM_MODEL"
+ENV_APP_DIGEST = "OTP_AGENTS_APP_DIGEST"  # on the zygote only: a changed app is a changed zygote
