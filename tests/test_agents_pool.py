@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
 
 pytest.importorskip("livekit.agents")
@@ -75,29 +77,47 @@ class Pool:
         self.stand_in = stand_in
         self.tree = tree
         self.calls: dict[str, ConsoleCall] = {}
+        self.lines: dict[str, anyio.CancelScope] = {}
+
+    def hang_up(self, job: str) -> None:
+        self.lines[job].cancel()
 
     def started(self, job: str) -> list[dict[str, Any]]:
         """The child_started events of the leaf holding ``job`` (its args name the job)."""
         paths = {
             e["path"]
             for e in self.run.events()
-            if e["kind"] == "worker_log" and e["path"].startswith(JOBS + "/") and f"job {job} " in e.get("detail", "")
+            if e["kind"] == "worker_log"
+            and e["path"].startswith(JOBS + "/")
+            and f"job {job} " in e.get("detail", "")
         }
         return [e for e in self.run.events() if e["kind"] == "child_started" and e["path"] in paths]
 
     async def leaf(self, job: str, count: int = 1) -> dict[str, Any]:
         """The ``count``-th start of ``job``'s leaf."""
         found = await self.run.until(lambda _ev: self.started(job)[count - 1 :], f"start {count} of {job}")
-        return found[0]
+        return dict(found[0])
 
-    async def call(self, job: str, tg: Any, caller: str = "") -> ConsoleCall:
+    async def call(self, job: str, tg: Any, room: str = "", *, accepted: bool = True) -> ConsoleCall:
         """Offer ``job`` with a console peer of its own; return that peer (the caller)."""
         call = ConsoleCall()
-        address = await tg.start(call.serve)
+        scope = self.lines[job] = anyio.CancelScope()
+
+        async def line(*, task_status: anyio.abc.TaskStatus[str]) -> None:
+            with scope:
+                await call.serve(task_status=task_status)
+
+        address = await tg.start(line)
         self.calls[job] = call
         metadata = json.dumps({CONSOLE_KEY: address})
-        assert await self.stand_in.offer(job, f"room-{job}", metadata=metadata, caller=caller or f"caller-{job}")
+        answer = await self.stand_in.offer(
+            job, room or f"room-{job}", metadata=metadata, caller=f"caller-{job}"
+        )
+        assert answer is accepted
         return call
+
+    def stderr(self) -> str:
+        return self.run.log.read_text(errors="replace")
 
 
 @asynccontextmanager
@@ -114,10 +134,11 @@ async def pool(
             await stand_in.wait(lambda: stand_in.of("register"), BOUND)
             yield Pool(run, stand_in, tree), tg
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                await run.ended()
-            tg.cancel_scope.cancel()
+            tg.cancel_scope.cancel()  # the callers hang up: their jobs end
+            with anyio.CancelScope(shield=True):
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    await run.ended()
 
 
 def greeted(log: CallLog) -> bool:
@@ -128,7 +149,7 @@ async def say(call: ConsoleCall, text: str, replies: int = 1) -> None:
     await call.wait_for(lambda log: log.states[-1:] == ["AS_LISTENING"], BOUND)
     before = len(call.log.said)
     await call.say(speak_flite(text, "kal16"), SAMPLE_RATE)
-    await call.wait_for(lambda log: len(log.said) >= before + replies, BOUND)  # noqa: B023
+    await call.wait_for(lambda log: len(log.said) >= before + replies, BOUND)
 
 
 def exits(events: Events, path: str) -> list[dict[str, Any]]:
@@ -166,3 +187,151 @@ async def test_each_job_is_its_own_forked_leaf_holding_its_call(tmp_path: Path) 
         await say(calls["J3"], "My name is Carol.")
         assert "carol" in calls["J3"].log.said[-1].lower()
         assert "JS_FAILED" not in p.stand_in.job_status("J1")
+
+
+async def test_a_stuck_job_is_dumped_naming_the_apps_frame_and_a_leaking_one_is_replaced(
+    tmp_path: Path,
+) -> None:
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    health = (
+        'health = { ping_interval = 0.5, ping_timeout = 3.0, dump_timeout = 1.0, memory_metric = "uss", '
+        "memory_interval = 0.5, memory_limit_mb = 250, memory_grace = 1 }\n"
+        f'env = {{ FAULTS_DIR = "{faults}" }}'
+    )
+    app = APPS / "faulty_agent.py"
+    async with pool(tmp_path, app, max_jobs=3, extra=health) as (p, tg):
+        healthy = await p.call("OK", tg)
+        stuck = await p.call("F1", tg, "freeze-1")
+        leaking = await p.call("L1", tg, "leak-1")
+        first = {job: await p.leaf(job) for job in ("OK", "F1", "L1")}
+        for call in (healthy, stuck, leaking):
+            await call.wait_for(greeted, BOUND)
+
+        # stuck in a blocking call: missed pongs, a dump naming the app's function, a kill, a restart
+        frozen = first["F1"]["path"]
+        hang = await p.run.until(
+            lambda ev: [e for e in ev if e["kind"] == "hang" and e["path"] == frozen], "hang"
+        )
+        dump = await p.run.until(
+            lambda ev: [e for e in ev if e["kind"] == "dump_taken" and e["path"] == frozen], "dump"
+        )
+        stacks = await anyio.Path(dump[0]["file"]).read_text()
+        assert hang and "freeze_the_session_loop" in stacks and "faulty_agent.py" in stacks
+        await p.leaf("F1", 2)
+        await stuck.wait_for(lambda log: log.connections == 2 and len(log.said) >= 2, BOUND)
+
+        # leaking: the memory breaker kills it (after a dump) and it comes back
+        leaked = first["L1"]["path"]
+        killed = await p.run.until(
+            lambda ev: [e for e in ev if e["kind"] == "health_kill" and e["path"] == leaked], "memory kill"
+        )
+        assert killed[0]["reason"] == "memory"
+        await p.leaf("L1", 2)
+        await leaking.wait_for(lambda log: log.connections == 2 and len(log.said) >= 2, BOUND)
+
+        # the healthy call was never touched, and still talks
+        assert len(p.started("OK")) == 1 and exits(p.run.events(), first["OK"]["path"]) == []
+        await say(healthy, "My name is Dave.")
+        assert "dave" in healthy.log.said[-1].lower()
+        assert not [e for e in p.run.events() if e["kind"] in ("supervisor_stopped", "intensity_exceeded")]
+
+
+async def test_the_apps_own_options_and_a_drain_that_lets_the_call_finish(tmp_path: Path) -> None:
+    """agent_name, the request handler (reject; accept as its own identity, with attributes) and
+    per-job memory come from the app; SIGTERM drains: no new jobs, the running call goes on
+    until the caller hangs up, then the tree stops by itself."""
+    async with pool(tmp_path, APPS / "picky_agent.py", max_jobs=2) as (p, tg):
+        register = p.stand_in.of("register")[0]
+        assert register.agent_name == "picky"
+        await p.call("N1", tg, "no-1", accepted=False)
+        call = await p.call("Y1", tg, "yes-1")
+        answer = next(a for a in p.stand_in.of("availability") if a.job_id == "Y1")
+        assert answer.participant_identity == "picky-yes-1" and answer.participant_name == "Picky"
+        assert answer.participant_attributes["tier"] == "gold"
+        leaf = await p.leaf("Y1")
+        assert "agent picky-yes-1 caller caller-Y1" in p.stderr() or any(
+            "agent picky-yes-1" in (e.get("detail") or "") for e in p.run.events()
+        )
+        await call.wait_for(greeted, BOUND)
+        status = await anyio.run_process(
+            [
+                sys.executable,
+                "-m",
+                "otp_agents.cli",
+                "status",
+                "--json",
+                "--state-dir",
+                str(tmp_path / "state"),
+            ],
+            cwd=ROOT,
+        )
+        rows = json.loads(status.stdout)
+        found = [r for r in walk_rows(rows["children"]) if r["path"] == leaf["path"]]
+        assert found and "Y1" in json.dumps(found[0]) and "yes-1" in json.dumps(found[0])
+
+        p.run.proc.send_signal(signal.SIGTERM)
+        await p.stand_in.wait(lambda: [u for u in p.stand_in.of("update_worker") if u.draining], BOUND)
+        assert not await p.stand_in.offer("Y2", "yes-2")  # draining: no new job
+        await say(call, "My name is Erin.")  # the running call goes on
+        assert "erin" in call.log.said[-1].lower()
+        p.hang_up("Y1")
+        await p.stand_in.wait(lambda: "JS_SUCCESS" in p.stand_in.job_status("Y1"), BOUND)
+        assert await p.run.ended() == 0
+        assert "Task was destroyed but it is pending" not in p.stderr()
+        assert "no running event loop" not in p.stderr()
+
+
+def walk_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for row in rows:
+        out.append(row)
+        out.extend(walk_rows(row.get("children", [])))
+    return out
+
+
+async def test_a_reload_with_a_changed_app_runs_new_jobs_on_it_and_lets_running_ones_finish(
+    tmp_path: Path,
+) -> None:
+    app = tmp_path / "app" / "agent.py"
+    app.parent.mkdir()
+    original = SAMPLE.read_text()
+    marked = original.replace(
+        "    await session.start(agent=Receptionist(), room=ctx.room)",
+        '    logging.getLogger("app").warning("app version %s", VERSION)\n'
+        "    await session.start(agent=Receptionist(), room=ctx.room)",
+    ).replace("server = AgentServer()", "import logging\n\nVERSION = 1\nserver = AgentServer()")
+    app.write_text(marked)
+    async with pool(tmp_path, app, max_jobs=3) as (p, tg):
+        old = await p.call("A1", tg)
+        old_leaf = await p.leaf("A1")
+        await old.wait_for(greeted, BOUND)
+        zygotes = [
+            e["pid"]
+            for e in p.run.events()
+            if e["kind"] == "child_started" and e["path"] == "root/agents/zygote"
+        ]
+
+        app.write_text(marked.replace("VERSION = 1", "VERSION = 2"))
+        reloaded = await anyio.run_process(
+            [sys.executable, "-m", "otp_agents.cli", "reload", "--state-dir", str(tmp_path / "state")],
+            cwd=ROOT,
+        )
+        assert b"zygote" in reloaded.stdout
+        await p.run.until(
+            lambda ev: [e for e in ev if e["kind"] == "child_started" and e["path"] == "root/agents/zygote"][
+                1:
+            ],
+            "the new zygote",
+        )
+        new = await p.call("B1", tg)
+        await p.leaf("B1")
+        await new.wait_for(greeted, BOUND)
+        log = p.stderr()
+        assert "job=A1 room=room-A1 app: app version 1" in log
+        assert "job=B1 room=room-B1 app: app version 2" in log
+        # the call on the old code went on, in the same process
+        await say(old, "My name is Fay.")
+        assert "fay" in old.log.said[-1].lower()
+        assert exits(p.run.events(), old_leaf["path"]) == [] and len(p.started("A1")) == 1
+        assert zygotes and all(e["pid"] != zygotes[0] for e in p.run.events()[-1:])

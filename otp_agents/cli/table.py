@@ -55,6 +55,8 @@ def _collect(
             f"{c['rtt_ms']:.2f}ms" if c.get("rtt_ms") is not None else "-",
         ]
         notes: list[str] = []
+        if c.get("args"):
+            notes.append("for: " + " ".join(c["args"]))
         if last and state != "running":
             said = [line for line in last.get("output", []) if line.strip()]
             if last.get("detail"):

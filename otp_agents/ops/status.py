@@ -18,6 +18,7 @@ from otp_agents.errors import ChildNotFound
 from otp_agents.health.memory import MB, rss_bytes, tree_pids
 from otp_agents.proc.handle import ChildProcess
 from otp_agents.runtime.tree import Tree
+from otp_agents.spec.model import CommandSpec, Strategy, WorkerSpec
 from otp_agents.tree.node import Slot
 from otp_agents.tree.supervisor import Supervisor
 
@@ -75,6 +76,9 @@ def _row(tree: Tree, sup: Supervisor, slot: Slot, info: Any, now: float) -> dict
     if isinstance(inst, Supervisor):
         row["children"] = _rows(tree, inst, now)
         row["strategy"] = inst.spec.strategy.value
+    started_with = _dynamic_args(sup, slot)
+    if started_with:
+        row["args"] = started_with  # what this instance was started for (a job, a room)
     if slot.last_exit is not None:
         last = slot.last_exit
         row["last_exit"] = {
@@ -87,6 +91,18 @@ def _row(tree: Tree, sup: Supervisor, slot: Slot, info: Any, now: float) -> dict
     if info.status == "restarting" and slot.retry_at is not None:
         row["retry_in"] = round(max(0.0, slot.retry_at - now), 3)
     return row
+
+
+def _dynamic_args(sup: Supervisor, slot: Slot) -> list[str]:
+    """The arguments a simple_one_for_one instance got on top of its template's."""
+    if sup.spec.strategy is not Strategy.SIMPLE_ONE_FOR_ONE or not sup.spec.children:
+        return []
+    template, spec = sup.spec.children[0], slot.spec
+    if isinstance(spec, WorkerSpec) and isinstance(template, WorkerSpec):
+        return list(spec.args[len(template.args) :])
+    if isinstance(spec, CommandSpec) and isinstance(template, CommandSpec):
+        return list(spec.command[len(template.command) :])
+    return []
 
 
 def _cpu_percent(pid: int, pids: list[int], now: float) -> float | None:

@@ -24,6 +24,8 @@ import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from otp_agents.voice.agents_host import Console, through_loop, watching
 from otp_agents.voice.agents_job import CRASHED, JobRunner, entrypoint
 from otp_agents.voice.agents_ticket import Ticket
@@ -77,6 +79,26 @@ class ProviderWatch:
         session.on("close", closed)
 
 
+async def _until_stop(worker: Worker, console: Console | None, runner: JobRunner) -> None:
+    """Until the supervisor stops the leaf or, offline, the caller hangs up."""
+    if console is None:
+        await worker.wait_stopping()
+        return
+    async with anyio.create_task_group() as tg:
+
+        async def hung_up() -> None:
+            await console.ended.wait()
+            runner.reason = "the caller hung up"
+            tg.cancel_scope.cancel()
+
+        async def stopped() -> None:
+            await worker.wait_stopping()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(hung_up)
+        tg.start_soon(stopped)
+
+
 def describe(ticket: Ticket) -> str:
     job = ticket.protocol_job()
     caller = job.participant.identity or "-"
@@ -103,7 +125,8 @@ async def run_job(worker: Worker, app: Prepared, ticket: Ticket, *, forked: bool
     what = describe(ticket)
     watch = ProviderWatch()
     address = console_address(ticket)
-    inner = Console(app.server, address).entry if address else entrypoint(app.server)
+    console = Console(app.server, address) if address else None
+    inner = console.entry if console else entrypoint(app.server)
     info = ticket.running_info()
     if address:
         info.fake_job = True  # no room on a server: LiveKit's mock room, audio over the console
@@ -111,7 +134,7 @@ async def run_job(worker: Worker, app: Prepared, ticket: Ticket, *, forked: bool
     worker.liveness = lambda: through_loop(runner.loop)
     await worker.log(f"{what}: starting ({'forked from the app zygote' if forked else 'cold'})")
     with watching(app.image.app, limit=sys.maxsize) as raised:  # the entrypoint's exception, if any
-        end = await runner.run(worker.ready, worker.wait_stopping)
+        end = await runner.run(worker.ready, lambda: _until_stop(worker, console, runner))
     if not end.started:  # prewarm or job setup failed: the process is not fit to run jobs
         worker.exit_reason = f"{what}: {end.reason}"
         await worker.log(worker.exit_reason, logging.ERROR)
