@@ -24,8 +24,11 @@ from typing import Any
 import anyio
 import anyio.abc
 import pytest
+from aiohttp import web
 
 pytest.importorskip("livekit.agents")
+
+from livekit.protocol import agent as lk
 
 from otp_agents.voice.agents_console import CallLog, ConsoleCall
 from otp_agents.voice.agents_leaf import CONSOLE_KEY
@@ -35,6 +38,7 @@ from otp_agents.voice.samples import speak_flite
 from .agents_helpers import BOUND, Events, Hosted
 from .helpers import ROOT, run_cli
 from .livekit_standin import KEY, SECRET, StandIn, serving
+from .loopback_http import serve_app
 from .voice_helpers import needs_tts
 
 pytestmark = [pytest.mark.anyio, needs_tts, pytest.mark.timeout(600)]
@@ -339,3 +343,108 @@ async def test_a_reload_with_a_changed_app_runs_new_jobs_on_it_and_lets_running_
         assert "alice" in old.log.said[-1].lower()
         assert exits(p.run.events(), old_leaf["path"]) == [] and len(p.started("A1")) == 1
         assert zygotes[0]["pid"] != zygotes[1]["pid"]  # the app's zygote was replaced
+
+
+class FlakyModel:
+    """A stand-in for an OpenAI-compatible server (**not** a model): a short streamed answer,
+    or HTTP 503 for every request while ``down``."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.failed = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        await request.json()
+        if self.down:
+            self.failed += 1
+            return web.Response(status=503, text="upstream unavailable")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        chunk = {"choices": [{"delta": {"content": "Hello, I hear you."}}]}
+        await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+
+@asynccontextmanager
+async def flaky_model() -> AsyncIterator[tuple[FlakyModel, str]]:
+    model = FlakyModel()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", model.handle)
+    async with serve_app(app) as port:
+        yield model, f"http://127.0.0.1:{port}/v1"
+
+
+async def until(condition: Any) -> None:
+    """Poll ``condition`` (it reads state that two peers change: no single event to wait on)."""
+    while not condition():  # noqa: ASYNC110
+        await anyio.sleep(0.1)
+
+
+async def keep_talking_until_failed(p: Pool, job: str, call: ConsoleCall) -> None:
+    """Speak whenever the agent listens, until the job is reported failed (its session closes
+    after a few turns whose LLM calls all failed)."""
+
+    def failed() -> bool:
+        return "JS_FAILED" in p.stand_in.job_status(job)
+
+    def turn_over(seen: int) -> bool:
+        states = call.log.states
+        return failed() or ("AS_THINKING" in states[seen:] and states[-1:] == ["AS_LISTENING"])
+
+    with anyio.fail_after(4 * BOUND):
+        for _ in range(12):
+            await until(lambda: failed() or call.log.states[-1:] == ["AS_LISTENING"])
+            if failed():
+                return
+            seen = len(call.log.states)
+            async with anyio.create_task_group() as speaking:  # the line drops if the job ends
+
+                async def speak() -> None:
+                    await call.say(speak_flite("What is the weather like today?", "kal16"), SAMPLE_RATE)
+                    await until(lambda: turn_over(seen))  # noqa: B023
+                    speaking.cancel_scope.cancel()
+
+                async def ended() -> None:
+                    await until(failed)
+                    speaking.cancel_scope.cancel()
+
+                speaking.start_soon(speak)
+                speaking.start_soon(ended)
+    assert failed(), f"job {job} was not reported failed"
+
+
+async def test_a_provider_outage_fails_its_jobs_without_escalation_and_spares_the_others(
+    tmp_path: Path,
+) -> None:
+    """LiveKit's basic_agent, its LLM an OpenAI-compatible server that goes down for at least
+    30 s: each job that needs it ends failed, reported with the provider's error, and is not
+    restarted; the pool's supervisor spends none of its intensity; a call that did not need the
+    model meanwhile goes on, and talks once the model is back."""
+    async with flaky_model() as (model, url):
+        extra = f'llm_url = "{url}"'
+        async with pool(tmp_path, EXAMPLES / "basic_agent.py", max_jobs=3, extra=extra) as (p, tg):
+            quiet = await p.call("Q1", tg)
+            await quiet.wait_for(greeted, BOUND)  # greeted by the model while it was up
+            model.down = True
+            down_since = anyio.current_time()
+            callers = {job: await p.call(job, tg) for job in ("D1", "D2")}
+            async with anyio.create_task_group() as talking:
+                for job, call in callers.items():
+                    talking.start_soon(keep_talking_until_failed, p, job, call)
+            await anyio.sleep(max(0.0, 30 - (anyio.current_time() - down_since)))  # down >= 30 s
+            model.down = False
+            assert model.failed > 0
+            for job in callers:
+                failure = next(
+                    u for u in p.stand_in.of("update_job") if u.job_id == job and u.status == lk.JS_FAILED
+                )
+                assert "job failed" in failure.error and "APIStatusError" in failure.error, failure.error
+                assert len(p.started(job)) == 1  # not restarted
+            events = p.run.events()
+            assert not [e for e in events if e["kind"] in ("intensity_exceeded", "restarting")]
+            assert not [e for e in events if e["kind"] == "supervisor_stopped"]
+            # the quiet call was never touched, and talks now that the model is back
+            assert len(p.started("Q1")) == 1 and "JS_FAILED" not in p.stand_in.job_status("Q1")
+            await say(quiet, "Hello there.")
+            assert "hear you" in quiet.log.said[-1].lower()
