@@ -19,7 +19,7 @@ import anyio
 import pytest
 from livekit.protocol import agent as lk
 
-from otp_agents.voice.dispatch import Backoff
+from otp_agents.voice.dispatch_state import Backoff
 
 from .helpers import ROOT
 from .livekit_standin import KEY, SECRET, StandIn, serving

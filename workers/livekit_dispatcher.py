@@ -19,7 +19,8 @@ import anyio
 from livekit import api
 
 from otp_agents.ops.control_client import CONTROL_SERVICE
-from otp_agents.voice.dispatch import Dispatcher, Launch
+from otp_agents.voice.dispatch import Dispatcher
+from otp_agents.voice.dispatch_state import Launch
 from otp_agents.voice.room import LiveKitEnv
 from otp_agents.worker import Worker, run
 

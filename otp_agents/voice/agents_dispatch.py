@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from otp_agents.voice import agents_ticket
-from otp_agents.voice.dispatch import Launch
+from otp_agents.voice.dispatch_state import Launch
 
 if TYPE_CHECKING:
     from livekit.agents import AgentServer

@@ -44,7 +44,6 @@ if TYPE_CHECKING:
     from livekit.agents import AgentServer
 
 
-
 class UnsafeFork(OtpAgentsError):
     """A step of the preparation left something running that a fork would break."""
 

@@ -28,7 +28,6 @@ This is LiveKit's agent worker protocol (``livekit.protocol.agent``: protobuf ``
 from __future__ import annotations
 
 import contextlib
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from livekit.protocol import agent as lk
 
 import otp_agents.ops.control_client as control
 from otp_agents.errors import NotRunning
+from otp_agents.voice.dispatch_state import JOB_FAILED, REQUEST_TIMEOUT, Backoff, JobRecord, Launch
 
 JOB_EVENTS = [
     "child_started",
@@ -52,49 +52,6 @@ JOB_EVENTS = [
     "restarting",
     "supervisor_stopped",
 ]
-
-
-@dataclass(frozen=True)
-class Backoff:
-    initial: float = 0.5
-    factor: float = 2.0
-    cap: float = 30.0
-    jitter: float = 0.25
-
-    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        """Delay before reconnect attempt ``attempt`` (1-based): grows by ``factor`` up to
-        ``cap``, then ± ``jitter`` so a fleet that lost its server does not return in step."""
-        base = min(self.cap, self.initial * self.factor ** (attempt - 1))
-        return max(0.0, base * (1 + (rng or random).uniform(-self.jitter, self.jitter)))
-
-
-REQUEST_TIMEOUT = 10.0  # the app's request handler must answer within this (else: unavailable)
-JOB_FAILED = "job failed: "  # a leaf's last words when its job, not its process, failed
-
-
-@dataclass(frozen=True)
-class Launch:
-    """What a job's leaf is started with: the job, its assignment, and how it was accepted
-    (LiveKit's ``JobAcceptArguments``: identity, name, metadata, attributes)."""
-
-    job: Any
-    assignment: Any
-    accepted: Any
-    worker_id: str
-    received_at: float
-
-
-@dataclass
-class _Job:
-    id: str
-    child: str | None = None
-    status: int = lk.JS_PENDING
-    failure: str | None = None  # how its child last ended, if badly
-    settle: anyio.Event | None = None  # set when a restart follows an exit
-    terminate_asked: bool = False  # the server ended it while it was still starting
-    accepted: Any = None  # the request handler's answer
-    launched: bool = False
-    received_at: float = 0.0
 
 
 @dataclass
@@ -115,13 +72,13 @@ class Dispatcher:
     load_fnc: Callable[[], float] | None = None  # the app's own load (0..1); default: jobs/max_jobs
     job_memory: tuple[float | None, float | None] = (None, None)  # (warn, limit) MB per job
     on_end: Callable[[str], None] = lambda job_id: None  # a job ended for good
-    jobs: dict[str, _Job] = field(default_factory=dict)
+    jobs: dict[str, JobRecord] = field(default_factory=dict)
     draining: bool = False
     registrations: int = 0
     registered: bool = False  # registered on the current connection
     worker_id: str = ""
     _ws: aiohttp.ClientWebSocketResponse | None = None
-    _by_child: dict[str, _Job] = field(default_factory=dict)
+    _by_child: dict[str, JobRecord] = field(default_factory=dict)
     _early: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     _tg: anyio.abc.TaskGroup | None = None
     _app_load: float = 0.0
@@ -254,7 +211,7 @@ class Dispatcher:
         elif which == "availability":
             tg.start_soon(self._answer, msg.availability.job)
         elif which == "assignment":
-            rec = self.jobs.setdefault(msg.assignment.job.id, _Job(msg.assignment.job.id))
+            rec = self.jobs.setdefault(msg.assignment.job.id, JobRecord(msg.assignment.job.id))
             if not rec.launched:  # a repeated assignment starts nothing new
                 rec.launched = True
                 tg.start_soon(self._start_job, msg.assignment)
@@ -281,12 +238,12 @@ class Dispatcher:
             answer.participant_metadata = getattr(accepted, "metadata", "") or ""
             answer.participant_attributes.update(getattr(accepted, "attributes", None) or {})
             if job.id not in self.jobs:
-                self.jobs[job.id] = _Job(job.id, accepted=accepted, received_at=received)
+                self.jobs[job.id] = JobRecord(job.id, accepted=accepted, received_at=received)
         await self._send(lk.WorkerMessage(availability=answer))
 
     async def _start_job(self, assignment: Any) -> None:
         job = assignment.job
-        rec = self.jobs.setdefault(job.id, _Job(job.id, received_at=time.time()))
+        rec = self.jobs.setdefault(job.id, JobRecord(job.id, received_at=time.time()))
         launch = Launch(job, assignment, rec.accepted, self.worker_id, rec.received_at)
         try:
             args = self.job_args(launch)
@@ -331,7 +288,7 @@ class Dispatcher:
                 self.control_socket, control.Request(op="terminate", path=rec.child), timeout=30
             )
 
-    async def _status(self, rec: _Job, status: int, error: str = "") -> None:
+    async def _status(self, rec: JobRecord, status: int, error: str = "") -> None:
         if rec.status in (lk.JS_SUCCESS, lk.JS_FAILED, lk.JS_CANCELLED):
             return
         rec.status = status
@@ -395,7 +352,7 @@ class Dispatcher:
             rec.settle = anyio.Event()
             tg.start_soon(self._final_unless_restarted, rec, how, status)
 
-    async def _final_unless_restarted(self, rec: _Job, how: str, status: int) -> None:
+    async def _final_unless_restarted(self, rec: JobRecord, how: str, status: int) -> None:
         settle = rec.settle
         assert settle is not None
         with anyio.move_on_after(self.restart_grace):
