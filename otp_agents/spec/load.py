@@ -163,6 +163,7 @@ _CHOICES = {
     "restart": [r.value for r in RestartType],
     "auto_shutdown": [a.value for a in AutoShutdown],
     "backend": ["asyncio", "trio"],
+    "providers": ["app", "offline"],
 }
 
 
@@ -227,6 +228,10 @@ def _child(
     spec: ChildSpec
     if "app" in data:
         pool: AppPool = _convert(data, AppPool, source, keypath)
+        for key in ("app", "llm_script"):
+            named = getattr(pool, key)
+            if named is not None and not Path(named).is_file():
+                raise ConfigError(source, _join(keypath, key), f"no such file: {named}")
         spec = _supervisor(expand(pool), source, keypath, inherited)
     elif kinds[0].startswith("supervisor"):
         spec = _supervisor(data, source, keypath, inherited)

@@ -1,0 +1,71 @@
+"""``app = "agent.py"`` in a tree: what it expands to, and bad pools refused before anything
+starts, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from otp_agents.errors import ConfigError
+from otp_agents.spec.app_pool import digest
+from otp_agents.spec.load import loads
+from otp_agents.spec.model import Strategy, SupervisorSpec, WorkerSpec, ZygoteSpec, stop_bound
+
+from .helpers import ROOT
+
+APP = ROOT / "workers" / "livekit_agents_app" / "agent.py"
+
+
+def pool(extra: str = "", app: Path = APP) -> str:
+    return f'[[children]]\nid = "agents"\napp = "{app}"\n{extra}\n'
+
+
+def test_an_app_pool_is_a_zygote_a_jobs_supervisor_and_a_dispatcher_stopped_first() -> None:
+    root = loads(pool('max_jobs = 5\nagent_name = "front-desk"\nproviders = "offline"\ndrain = 120'))
+    (agents,) = root.children
+    assert isinstance(agents, SupervisorSpec) and agents.id == "agents"
+    zygote, jobs, dispatcher = agents.children
+    assert isinstance(zygote, ZygoteSpec) and zygote.preload == ["otp_agents.voice.agents_zygote:prepare"]
+    assert zygote.env["OTP_AGENTS_APP"] == str(APP) and zygote.env["OTP_AGENTS_APP_PROVIDERS"] == "offline"
+    assert zygote.env["OTP_AGENTS_APP_DIGEST"] == digest(APP)
+    assert isinstance(jobs, SupervisorSpec) and jobs.strategy is Strategy.SIMPLE_ONE_FOR_ONE
+    assert jobs.max_children == 5
+    (job,) = jobs.children
+    assert isinstance(job, WorkerSpec) and job.zygote == "agents" and job.restart.value == "transient"
+    assert "OTP_AGENTS_APP_DIGEST" not in job.env  # a changed app replaces the zygote, not the jobs
+    assert isinstance(dispatcher, WorkerSpec) and dispatcher.zygote == "agents"
+    assert dispatcher.args[:2] == ["--jobs", "../jobs"] and "--agent-name" in dispatcher.args
+    assert "OTP_AGENTS_APP_DIGEST" not in dispatcher.env
+    # listed last, stopped first: its drain, then the jobs' shutdown, then the zygote's
+    bound = stop_bound(agents)
+    assert bound is not None and bound >= 120 + 15 + 5
+
+
+@pytest.mark.parametrize(
+    ("extra", "where", "says"),
+    [
+        ("max_job = 3", "children[0]", "max_job"),
+        ("max_jobs = 0", "children[0].max_jobs", ">= 1"),
+        ('providers = "cloud"', "children[0].providers", "offline"),
+        ('llm_script = "/nonexistent/script.toml"', "children[0].llm_script", "no such file"),
+        ('command = ["true"]', "children[0]", "exactly one of"),
+    ],
+)
+def test_a_bad_pool_is_refused_naming_the_key(extra: str, where: str, says: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        loads(pool(extra), "tree.toml")
+    assert f"tree.toml: {where}" in str(err.value) and says in str(err.value)
+
+
+def test_a_missing_app_file_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"children\[0\]\.app: no such file"):
+        loads(pool(app=tmp_path / "nope.py"), "tree.toml")
+
+
+def test_the_digest_follows_the_apps_content(tmp_path: Path) -> None:
+    app = tmp_path / "agent.py"
+    app.write_text("x = 1\n")
+    before = digest(app)
+    app.write_text("x = 2\n")
+    assert digest(app) != before and len(before) == 16
