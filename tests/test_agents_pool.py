@@ -56,10 +56,18 @@ def anyio_backend() -> str:
 
 
 def pool_tree(
-    stand_in: StandIn, app: Path, script: Path | None, max_jobs: int, extra: str, env: dict[str, str]
+    server: StandIn | tuple[str, str, str],
+    app: Path,
+    script: Path | None,
+    max_jobs: int,
+    extra: str,
+    env: dict[str, str],
 ) -> str:
+    """The tree: one app pool, its dispatcher registered with ``server`` (the stand-in, or a
+    real server's url, key and secret)."""
     llm = f'llm_script = "{script}"' if script else ""
-    env = {"LIVEKIT_URL": stand_in.url, "LIVEKIT_API_KEY": KEY, "LIVEKIT_API_SECRET": SECRET, **env}
+    url, key, secret = (server.url, KEY, SECRET) if isinstance(server, StandIn) else server
+    env = {"LIVEKIT_URL": url, "LIVEKIT_API_KEY": key, "LIVEKIT_API_SECRET": secret, **env}
     env_table = ", ".join(f"{k} = {json.dumps(v)}" for k, v in env.items())
     return f"""
 id = "root"
@@ -448,3 +456,63 @@ async def test_a_provider_outage_fails_its_jobs_without_escalation_and_spares_th
             assert len(p.started("Q1")) == 1 and "JS_FAILED" not in p.stand_in.job_status("Q1")
             await say(quiet, "Hello there.")
             assert "hear you" in quiet.log.said[-1].lower()
+
+
+async def test_a_prewarm_that_starts_a_thread_is_refused_by_its_zygote_naming_it(tmp_path: Path) -> None:
+    """A zygote forks: a thread started in the app's prewarm would be missing in every job. The
+    tree does not start, and says which step started which thread."""
+    async with serving() as stand_in:
+        tree = tmp_path / "tree.toml"
+        tree.write_text(pool_tree(stand_in, APPS / "threaded_prewarm.py", None, 2, "", {}))
+        run = Hosted(
+            run_cli(tree, tmp_path / "state", tmp_path / "events.jsonl", "asyncio", tmp_path / "err"),
+            tmp_path / "events.jsonl",
+            tmp_path / "err",
+        )
+        assert await run.ended() != 0
+        said = run.tail()
+        assert "the prewarm of" in said and "threaded_prewarm.py started a thread (metrics-pusher)" in said
+        assert stand_in.of("register") == []
+
+
+REAL = all(os.environ.get(v) for v in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"))
+
+
+@pytest.mark.skipif(
+    not REAL, reason="needs a LiveKit server: set LIVEKIT_URL, LIVEKIT_API_KEY and LIVEKIT_API_SECRET"
+)
+async def test_against_a_real_server_a_dispatched_job_runs_in_a_leaf_of_its_own(tmp_path: Path) -> None:
+    """The same pool registered with a real LiveKit server: an explicit dispatch to its agent
+    name becomes a leaf forked from the app's zygote, which joins the room; deleting the room
+    ends the job, reported a success, and the leaf is not restarted."""
+    from livekit import api
+
+    name = f"otp-agents-pool-{os.getpid()}"
+    url, key, secret = (os.environ[v] for v in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"))
+    tree = tmp_path / "tree.toml"
+    tree.write_text(pool_tree((url, key, secret), SAMPLE, None, 2, f'agent_name = "{name}"', {}))
+    run = Hosted(
+        run_cli(tree, tmp_path / "state", tmp_path / "events.jsonl", "asyncio", tmp_path / "err"),
+        tmp_path / "events.jsonl",
+        tmp_path / "err",
+    )
+    lkapi = api.LiveKitAPI(url, key, secret)
+    room = f"room-{name}"
+    try:
+        await run.until(
+            lambda ev: [e for e in ev if "registered as" in (e.get("detail") or "")], "registration"
+        )
+        await lkapi.agent_dispatch.create_dispatch(api.CreateAgentDispatchRequest(agent_name=name, room=room))
+        started = await run.until(
+            lambda ev: [e for e in ev if "starting (forked from the app zygote)" in (e.get("detail") or "")],
+            "the job's leaf",
+        )
+        assert f"room {room}" in started[0]["detail"] and started[0]["path"].startswith(JOBS + "/")
+        await lkapi.room.delete_room(api.DeleteRoomRequest(room=room))
+        ended = await run.until(lambda ev: exits(ev, started[0]["path"]), "the job's end")
+        assert ended[0]["code"] == 0 and not (ended[0].get("detail") or "").startswith("job failed")
+    finally:
+        await lkapi.aclose()
+        if run.proc.poll() is None:
+            run.proc.send_signal(signal.SIGTERM)
+            await run.ended()
