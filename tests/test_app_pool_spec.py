@@ -69,3 +69,25 @@ def test_the_digest_follows_the_apps_content(tmp_path: Path) -> None:
     before = digest(app)
     app.write_text("x = 2\n")
     assert digest(app) != before and len(before) == 16
+
+
+def test_job_outcomes_are_counted_per_pool_with_bounded_labels() -> None:
+    from otp_agents.events import Event, Kind
+    from otp_agents.ops.metrics import Metrics
+    from otp_agents.wire.messages import Report
+
+    metrics = Metrics()
+    metrics.on_event(Event(Kind.SUPERVISOR_STARTED, "root/agents/jobs", ts=0.0, detail="simple_one_for_one"))
+    for child, outcome in (
+        ("job-1", "success"),
+        ("job-2", "failed"),
+        ("job-3", "failed"),
+        ("job-4", "room-7"),
+    ):
+        metrics.on_report(
+            f"root/agents/jobs/{child}", Report(name="agent_jobs_ended", value=1, labels={"outcome": outcome})
+        )
+    text = metrics.exposition().decode()
+    assert 'otp_agents_agent_jobs_total{outcome="failed",path="root/agents/jobs/job"} 2.0' in text
+    assert 'otp_agents_agent_jobs_total{outcome="success",path="root/agents/jobs/job"} 1.0' in text
+    assert 'outcome="other"' in text and "room-7" not in text  # a stray label value is not a new series

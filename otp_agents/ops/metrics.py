@@ -146,6 +146,13 @@ class Metrics:
         self.turns = Counter(
             "otp_agents_voice_turns", "Voice agents: conversation turns.", ["path"], registry=r
         )
+        self.agent_jobs = Counter(
+            "otp_agents_agent_jobs",
+            "LiveKit Agents jobs that ended, by pool and outcome (success, failed: the job, not "
+            "its process; a process that died is a restart instead).",
+            ["path", "outcome"],
+            registry=r,
+        )
         self._label_sets: set[tuple[str, str]] = set()
         ProcessCollector(registry=r)
         r.register(_TreeCollector(self))
@@ -213,6 +220,9 @@ class Metrics:
             self.dispatcher_connected.labels(self.label(path)).set(1.0 if value else 0.0)
         elif name == "dispatcher_load" and 0 <= value <= 1:
             self.dispatcher_load.labels(self.label(path)).set(value)
+        elif name == "agent_jobs_ended" and value >= 0:
+            outcome = report.labels.get("outcome", "")
+            self.agent_jobs.labels(self.label(path), outcome if outcome in _OUTCOMES else "other").inc(value)
         elif name == "voice_turns" and value >= 0:
             self.turns.labels(self.label(path)).inc(value)
         elif name == "voice_provider_errors" and value >= 0:
@@ -227,6 +237,9 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+_OUTCOMES = ("success", "failed")
 
 
 class _TreeCollector(Collector):
