@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -516,3 +517,24 @@ async def test_against_a_real_server_a_dispatched_job_runs_in_a_leaf_of_its_own(
         if run.proc.poll() is None:
             run.proc.send_signal(signal.SIGTERM)
             await run.ended()
+
+
+async def test_a_jobs_inference_executor_runs_the_apps_runner_loaded_once_in_the_zygote(
+    tmp_path: Path,
+) -> None:
+    """An app's inference runner (a turn detector plugin registers one for its model) is
+    initialized in the zygote, its model shared by every job; a job's ``do_inference`` is
+    answered in its own leaf."""
+    async with pool(tmp_path, APPS / "inference_agent.py", max_jobs=2) as (p, _tg):
+        assert await p.stand_in.offer("I1", "room-I1")
+        leaf = await p.leaf("I1")
+        said = await p.run.until(
+            lambda _ev: re.findall(
+                r"inference said b'PING loaded in (\d+)' in job process (\d+)", p.stderr()
+            ),
+            "the inference's answer",
+        )
+        zygote = zygote_starts(p.run.events())[0]["pid"]
+        assert said[0] == (str(zygote), str(leaf["pid"]))
+        await p.stand_in.terminate("I1")  # the server ends the job: its leaf stops, a success
+        await p.stand_in.wait(lambda: "JS_SUCCESS" in p.stand_in.job_status("I1"), BOUND)

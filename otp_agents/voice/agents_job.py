@@ -213,20 +213,25 @@ class JobRunner:
         return JobEnd(self.reason or "ended", failed=self.failed or self.reason == CRASHED, started=started)
 
     async def _read(self, duplex: Any, channel: Any, proto: Any, closed: type[Exception]) -> None:
-        while True:
-            try:
-                message = await channel.arecv_message(duplex, proto.IPC_MESSAGES)
-            except closed:
-                return
-            if isinstance(message, proto.Exiting):
-                self.reason = message.reason or self.reason
-            elif isinstance(message, proto.InferenceRequest):
-                # LiveKit 1.8.9 registers no inference runner of its own (its local turn
-                # detector runs in the job); a custom runner has no executor here.
-                error = proto.InferenceResponse(
-                    request_id=message.request_id, data=None, error="no inference executor in this process"
-                )
-                await channel.asend_message(duplex, error)
+        from otp_agents.voice.agents_inference import RUNNERS
+
+        async def infer(request: Any) -> None:
+            data, error = await RUNNERS.run(request.method, request.data)
+            answer = proto.InferenceResponse(request_id=request.request_id, data=data, error=error or "")
+            with contextlib.suppress(closed, OSError):
+                await channel.asend_message(duplex, answer)
+
+        async with anyio.create_task_group() as tg:
+            while True:
+                try:
+                    message = await channel.arecv_message(duplex, proto.IPC_MESSAGES)
+                except closed:
+                    tg.cancel_scope.cancel()
+                    return
+                if isinstance(message, proto.Exiting):
+                    self.reason = message.reason or self.reason
+                elif isinstance(message, proto.InferenceRequest):
+                    tg.start_soon(infer, message)  # the job's executor, served here (agents_inference)
 
 
 __all__ = [

@@ -10,7 +10,9 @@ job process's start:
    VAD and end-of-turn weights, the SDKs' lazy imports), shared copy-on-write by every job;
 3. the app file, loaded as ``python app.py start`` would (:func:`agents_app.load_app`);
 4. the app's prewarm (``setup_fnc``) with a ``JobProcess`` of its own: what it puts in
-   ``proc.userdata`` (a VAD, a model) is each job's ``ctx.proc.userdata``.
+   ``proc.userdata`` (a VAD, a model) is each job's ``ctx.proc.userdata``;
+5. the inference runners the app registered (a turn detector plugin's model), initialized for
+   the jobs' ``ctx.inference_executor`` (:mod:`~.agents_inference`).
 
 A zygote forks, so it must stay single-threaded: a Python thread started by any of these steps,
 or LiveKit's rtc runtime started before the fork (its Rust runtime's threads would not survive
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from otp_agents.errors import OtpAgentsError
+from otp_agents.voice.agents_inference import RUNNERS
 from otp_agents.wire.env import (
     ENV_APP,
     ENV_APP_LLM_MODEL,
@@ -97,7 +100,7 @@ def prepared() -> Prepared | None:
 
 
 def load(image: AppImage, *, in_zygote: bool = False) -> Prepared:
-    """Steps 1 to 4 above; in a zygote each is checked for what a fork would break."""
+    """Steps 1 to 5 above; in a zygote each is checked for what a fork would break."""
     from otp_agents.voice.agents_app import load_app
     from otp_agents.voice.agents_job import check_release
 
@@ -115,6 +118,7 @@ def load(image: AppImage, *, in_zygote: bool = False) -> Prepared:
     _step("LiveKit's warm-up (livekit.agents.ipc._preload)", in_zygote, _warm_up)
     server = _step(f"loading {image.app}", in_zygote, lambda: load_app(image.app, "start"))
     userdata = _step(f"the prewarm of {image.app}", in_zygote, lambda: _prewarm(server))
+    _step("the app's inference runners", in_zygote, RUNNERS.initialize_all)
     if in_zygote:  # a fork's sys.path[0] becomes its working directory: keep the app's folder
         folder = str(Path(image.app).resolve().parent)
         while folder in sys.path:
