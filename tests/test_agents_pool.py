@@ -291,6 +291,7 @@ async def test_the_apps_own_options_and_a_drain_that_lets_the_call_finish(tmp_pa
         rows = json.loads(status.stdout)
         found = [r for r in walk_rows(rows["data"]["children"]) if r["path"] == leaf["path"]]
         assert found and "Y1" in json.dumps(found[0]) and "yes-1" in json.dumps(found[0])
+        assert found[0]["memory_limit_mb"] == 1500  # the app's job_memory_limit_mb, applied per job
 
         p.run.proc.send_signal(signal.SIGTERM)
         await p.stand_in.wait(lambda: [u for u in p.stand_in.of("update_worker") if u.draining], BOUND)

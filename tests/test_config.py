@@ -100,14 +100,14 @@ max_children = 4
         (
             '[[children]]\nid="a"\n',
             "tree.toml: children[0]: a child needs exactly one of: `command` (plain process), `module` "
-            "or `script` (protocol worker), `image` (zygote), `children` (nested supervisor); "
-            "found none of them",
+            "or `script` (protocol worker), `image` (zygote), `app` (LiveKit Agents app pool), "
+            "`children` (nested supervisor); found none of them",
         ),
         (
             '[[children]]\nid="a"\ncommand=["x"]\nmodule="m:f"\n',
             "tree.toml: children[0]: a child needs exactly one of: `command` (plain process), `module` "
-            "or `script` (protocol worker), `image` (zygote), `children` (nested supervisor); found "
-            "command and protocol worker (module/script)",
+            "or `script` (protocol worker), `image` (zygote), `app` (LiveKit Agents app pool), "
+            "`children` (nested supervisor); found command and protocol worker (module/script)",
         ),
         (
             '[[children]]\nid="a"\nmodule="not a module"\n',

@@ -51,7 +51,7 @@ def _collect(
             f"{last['how']} ({last['reason']}) {age(max(0.0, now - last['at']))} ago" if last else "-",
             age(c["retry_in"]) if c.get("retry_in") is not None else "-",
             f"{c['cpu_percent']:.1f}%" if c.get("cpu_percent") is not None else "-",
-            f"{c['memory_mb']:.1f}MB" if c.get("memory_mb") is not None else "-",
+            _memory(c),
             f"{c['rtt_ms']:.2f}ms" if c.get("rtt_ms") is not None else "-",
         ]
         notes: list[str] = []
@@ -66,6 +66,13 @@ def _collect(
         rows.append((cells, state, notes))
         if "children" in c:
             _collect(c["children"], depth + 1, rows, now)
+
+
+def _memory(c: dict[str, Any]) -> str:
+    if c.get("memory_mb") is None:
+        return "-"
+    limit = c.get("memory_limit_mb")
+    return f"{c['memory_mb']:.1f}MB" + (f"/{limit:g}" if limit is not None else "")
 
 
 def _join(cells: list[str], widths: list[int]) -> str:

@@ -71,6 +71,10 @@ def _row(tree: Tree, sup: Supervisor, slot: Slot, info: Any, now: float) -> dict
         pids = tree_pids(inst.pid)
         mb = watched if watched is not None else sum(rss_bytes(p) for p in pids) / MB
         row["memory_mb"] = round(mb, 1)
+        spec = slot.spec
+        limit = spec.settings.memory_limit_mb if isinstance(spec, CommandSpec | WorkerSpec) else None
+        if limit is not None:
+            row["memory_limit_mb"] = limit  # the breaker's bound for this instance
         row["rtt_ms"] = round(inst.rtt * 1000, 3) if inst.rtt is not None else None
         row["cpu_percent"] = _cpu_percent(inst.pid, pids, now)
     if isinstance(inst, Supervisor):

@@ -119,6 +119,8 @@ def load(image: AppImage, *, in_zygote: bool = False) -> Prepared:
     server = _step(f"loading {image.app}", in_zygote, lambda: load_app(image.app, "start"))
     userdata = _step(f"the prewarm of {image.app}", in_zygote, lambda: _prewarm(server))
     _step("the app's inference runners", in_zygote, RUNNERS.initialize_all)
+    if in_zygote:
+        _step("the job leaf's own modules", in_zygote, _job_code)
     if in_zygote:  # a fork's sys.path[0] becomes its working directory: keep the app's folder
         folder = str(Path(image.app).resolve().parent)
         while folder in sys.path:
@@ -129,6 +131,24 @@ def load(image: AppImage, *, in_zygote: bool = False) -> Prepared:
 
 def _warm_up() -> None:
     importlib.import_module("livekit.agents.ipc._preload")
+
+
+# What a job's leaf and the dispatcher import after the fork, imported once here instead.
+_JOB_MODULES = (
+    "otp_agents.voice.agents_leaf",
+    "otp_agents.voice.agents_dispatch",
+    "livekit.agents.ipc.job_proc_lazy_main",
+    "livekit.agents.ipc.proc_client",
+    "livekit.agents.utils.aio.duplex_unix",
+    "livekit.agents.cli.cli",
+    "livekit.agents.cli.tcp_console",
+    "livekit.agents.voice.remote_session",
+)
+
+
+def _job_code() -> None:
+    for name in _JOB_MODULES:
+        importlib.import_module(name)
 
 
 def _prewarm(server: AgentServer) -> dict[str, Any]:
