@@ -250,3 +250,33 @@ def test_systemd_unit_verifies_cleanly_and_is_hardened(tmp_path: Path) -> None:
     stop = re.search(r"^TimeoutStopSec=(\d+)s", unit, re.M)
     bound = stop_bound(loads((ROOT / "supervisors" / "livekit.toml").read_text()))
     assert stop is not None and bound is not None and int(stop.group(1)) >= bound + 5
+
+
+def test_the_app_pool_overlay_and_drop_in_wait_for_its_drain(tmp_path: Path) -> None:
+    """An app pool drains for up to an hour (LiveKit's own default): its Kubernetes overlay and
+    its systemd drop-in give its tree at least the stop bound `otp-agents check` prints, and the
+    overlay's tree is the shipped one."""
+    overlay = K8S / "agents-pool"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../"]
+    assert all((overlay / patch["path"]).exists() for patch in kustomization["patches"])
+    tree_text = (ROOT / "supervisors" / "agents_pool.toml").read_text()
+    (configmap,) = [d for d in yaml.safe_load_all((overlay / "configmap-patch.yaml").read_text()) if d]
+    assert configmap["data"]["tree.toml"] == tree_text
+    assert configmap["metadata"]["name"] == k8s("configmap.yaml")[0]["metadata"]["name"]
+    bound = stop_bound(loads(tree_text, "agents_pool.toml"))
+    assert bound is not None and bound >= 3600  # the drain is in the bound
+    (patch,) = [d for d in yaml.safe_load_all((overlay / "deployment-patch.yaml").read_text()) if d]
+    assert patch["metadata"]["name"] == k8s("deployment.yaml")[0]["metadata"]["name"]
+    assert patch["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= bound + 5
+    drop_in = (DEPLOY / "systemd" / "agents-pool.conf").read_text()
+    stop = re.search(r"^TimeoutStopSec=(\d+)s", drop_in, re.M)
+    assert stop is not None and int(stop.group(1)) >= bound + 5
+    if shutil.which("systemd-analyze") is not None:  # the drop-in applies to the unit cleanly
+        root = _unit_root(tmp_path)
+        d = root / "etc" / "systemd" / "system" / "otp-agents.service.d"
+        d.mkdir()
+        (d / "agents-pool.conf").write_text(drop_in)
+        out = run("systemd-analyze", "verify", f"--root={root}", "otp-agents.service")
+        assert out.returncode == 0 and not out.stdout.strip() and not out.stderr.strip(), out.stderr
+    assert "ARG EXTRAS=voice" in (DEPLOY / "Dockerfile").read_text()
