@@ -276,20 +276,7 @@ async def test_the_apps_own_options_and_a_drain_that_lets_the_call_finish(tmp_pa
             "agent picky-yes-1" in (e.get("detail") or "") for e in p.run.events()
         )
         await call.wait_for(greeted, BOUND)
-        status = await anyio.run_process(
-            [
-                sys.executable,
-                "-m",
-                "otp_agents.cli",
-                "status",
-                "--json",
-                "--state-dir",
-                str(tmp_path / "state"),
-            ],
-            cwd=ROOT,
-        )
-        rows = json.loads(status.stdout)
-        found = [r for r in walk_rows(rows["data"]["children"]) if r["path"] == leaf["path"]]
+        found = [r for r in await status_rows(tmp_path) if r["path"] == leaf["path"]]
         assert found and "Y1" in json.dumps(found[0]) and "yes-1" in json.dumps(found[0])
         assert found[0]["memory_limit_mb"] == 1500  # the app's job_memory_limit_mb, applied per job
 
@@ -307,6 +294,13 @@ async def test_the_apps_own_options_and_a_drain_that_lets_the_call_finish(tmp_pa
 
 def zygote_starts(events: Events) -> list[dict[str, Any]]:
     return [e for e in events if e["kind"] == "child_started" and e["path"] == "root/agents/zygote"]
+
+
+async def status_rows(tmp: Path) -> list[dict[str, Any]]:
+    """Every row of ``otp-agents status --json``, the tree flattened."""
+    argv = [sys.executable, "-m", "otp_agents.cli", "status", "--json", "--state-dir", str(tmp / "state")]
+    out = await anyio.run_process(argv, cwd=ROOT)
+    return walk_rows(json.loads(out.stdout)["data"]["children"])
 
 
 def walk_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -539,3 +533,33 @@ async def test_a_jobs_inference_executor_runs_the_apps_runner_loaded_once_in_the
         assert said[0] == (str(zygote), str(leaf["pid"]))
         await p.stand_in.terminate("I1")  # the server ends the job: its leaf stops, a success
         await p.stand_in.wait(lambda: "JS_SUCCESS" in p.stand_in.job_status("I1"), BOUND)
+
+
+async def test_a_dispatcher_that_dies_mid_call_is_replaced_and_claims_the_running_call(
+    tmp_path: Path,
+) -> None:
+    """The dispatcher is only the connection to LiveKit: killing it leaves the calls alone. Its
+    replacement registers again, claims the running job (``MigrateJobRequest``, as LiveKit's
+    worker does after a reconnect), and reports it when it ends."""
+    async with pool(tmp_path, SAMPLE, max_jobs=2) as (p, tg):
+        call = await p.call("M1", tg)
+        leaf = await p.leaf("M1")
+        await call.wait_for(greeted, BOUND)
+        (dispatcher,) = [
+            e
+            for e in p.run.events()
+            if e["kind"] == "child_started" and e["path"] == "root/agents/dispatcher"
+        ]
+        rows = await status_rows(tmp_path)
+        args = next(r["args"] for r in rows if r["path"] == leaf["path"])
+        ticket = anyio.Path(args[args.index("--ticket") + 1])
+        assert await ticket.exists()
+        os.kill(dispatcher["pid"], signal.SIGKILL)
+        migrated = await p.stand_in.wait(lambda: p.stand_in.of("migrate_job"), BOUND)
+        assert list(migrated[0].job_ids) == ["M1"] and len(p.stand_in.of("register")) == 2
+        await say(call, "My name is Alice.")  # the call never noticed
+        assert "alice" in call.log.said[-1].lower()
+        assert exits(p.run.events(), leaf["path"]) == []
+        p.hang_up("M1")
+        await p.stand_in.wait(lambda: "JS_SUCCESS" in p.stand_in.job_status("M1"), BOUND)
+        assert not await ticket.exists()  # its ticket (the room token) went with it

@@ -118,7 +118,7 @@ async def main(worker: Worker) -> None:
 def for_app(dispatcher: Dispatcher, args: argparse.Namespace, url: str) -> list[str]:
     """Take the app's own options (the tree's overrides win) and launch its jobs from tickets."""
     from otp_agents.voice import agents_zygote
-    from otp_agents.voice.agents_dispatch import app_options, forget_ticket, ticket_args
+    from otp_agents.voice.agents_dispatch import Tickets, app_options, ticket_args
 
     app = agents_zygote.prepared() or agents_zygote.load(agents_zygote.AppImage.from_environ())
     options = app_options(
@@ -130,8 +130,10 @@ def for_app(dispatcher: Dispatcher, args: argparse.Namespace, url: str) -> list[
     dispatcher.load_fnc = options.load_fnc
     dispatcher.job_memory = options.job_memory
     dispatcher.decide = options.decide
+    tickets = Tickets(folder)
     dispatcher.job_args = ticket_args(folder, url)
-    dispatcher.on_end = forget_ticket(folder)
+    dispatcher.on_end = tickets.forget
+    dispatcher.adopted = tickets.adopted
     return [f"app {app.image.app}", *options.said]
 
 

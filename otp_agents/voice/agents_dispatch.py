@@ -155,13 +155,21 @@ def ticket_args(folder: Path, url: str) -> Callable[[Launch], list[str]]:
     return args
 
 
-def forget_ticket(folder: Path) -> Callable[[str], None]:
-    """Delete a job's ticket once it has ended for good (its leaf will not start again)."""
+class Tickets:
+    """Where the jobs' tickets are, so each is deleted once its job has ended for good (its leaf
+    will not start again), including the tickets of jobs a previous dispatcher started."""
 
-    def forget(job_id: str) -> None:
-        agents_ticket.path_for(folder, job_id).unlink(missing_ok=True)
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._elsewhere: dict[str, Path] = {}
 
-    return forget
+    def adopted(self, job_id: str, args: list[str]) -> None:
+        if "--ticket" in args[:-1]:
+            self._elsewhere[job_id] = Path(args[args.index("--ticket") + 1])
+
+    def forget(self, job_id: str) -> None:
+        path = self._elsewhere.pop(job_id, None) or agents_ticket.path_for(self.folder, job_id)
+        path.unlink(missing_ok=True)
 
 
-__all__ = ["AppOptions", "app_options", "forget_ticket", "ticket_args"]
+__all__ = ["AppOptions", "Tickets", "app_options", "ticket_args"]

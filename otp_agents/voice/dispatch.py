@@ -42,7 +42,15 @@ from livekit.protocol import agent as lk
 
 import otp_agents.ops.control_client as control
 from otp_agents.errors import NotRunning
-from otp_agents.voice.dispatch_state import JOB_FAILED, REQUEST_TIMEOUT, Backoff, JobRecord, Launch
+from otp_agents.voice.dispatch_state import (
+    JOB_FAILED,
+    REQUEST_TIMEOUT,
+    Backoff,
+    JobRecord,
+    Launch,
+    forget_finished,
+    running_jobs,
+)
 
 JOB_EVENTS = [
     "child_started",
@@ -72,6 +80,7 @@ class Dispatcher:
     load_fnc: Callable[[], float] | None = None  # the app's own load (0..1); default: jobs/max_jobs
     job_memory: tuple[float | None, float | None] = (None, None)  # (warn, limit) MB per job
     on_end: Callable[[str], None] = lambda job_id: None  # a job ended for good
+    adopted: Callable[[str, list[str]], None] = lambda job_id, args: None  # found running at start
     jobs: dict[str, JobRecord] = field(default_factory=dict)
     draining: bool = False
     registrations: int = 0
@@ -111,6 +120,7 @@ class Dispatcher:
         async with anyio.create_task_group() as tg:
             self._tg = tg  # jobs outlive a connection: their tasks live here
             tg.start_soon(self._follow_jobs)
+            await self._adopt_running()
             attempt = 0
             while not self.draining:
                 registered = self.registrations
@@ -127,6 +137,25 @@ class Dispatcher:
                 delay = self.backoff.delay(attempt)
                 self.log(f"reconnecting in {delay:.2f}s (attempt {attempt})")
                 await anyio.sleep(delay)
+
+    async def _adopt_running(self) -> None:
+        """Calls already running under the jobs' supervisor (this dispatcher restarted): follow
+        them again, claim them at registration, report how they end."""
+        request = control.Request(op="status", path=self.jobs_supervisor)
+        try:
+            reply = await control.call(self.control_socket, request)
+        except (OSError, TimeoutError, NotRunning) as exc:
+            self.log(f"could not look for running jobs: {exc}")
+            return
+        assert self._tg is not None
+        for job_id, path, args in running_jobs(reply.data if reply.ok else None):
+            rec = self.jobs.setdefault(job_id, JobRecord(job_id))
+            rec.child, rec.status, rec.launched = path, lk.JS_RUNNING, True
+            self._by_child[path] = rec
+            self.adopted(job_id, args)
+            self.log(f"job {job_id}: still running in {path}; following it again")
+            for early in self._early.pop(path, []):
+                self._on_child_event(early, self._tg)
 
     async def _session(self) -> None:
         headers = {"Authorization": f"Bearer {self.token()}"}
@@ -293,21 +322,12 @@ class Dispatcher:
             return
         rec.status = status
         if status in (lk.JS_SUCCESS, lk.JS_FAILED, lk.JS_CANCELLED):
-            self._forget_finished()
+            forget_finished(self.jobs, self._by_child)
             with contextlib.suppress(Exception):
                 self.on_end(rec.id)
         self.log(f"job {rec.id}: {lk.JobStatus.Name(status)}{': ' + error if error else ''}")
         update = lk.UpdateJobStatus(job_id=rec.id, status=status, error=error)  # type: ignore[arg-type]
         await self._send(lk.WorkerMessage(update_job=update))
-
-    def _forget_finished(self, keep: int = 256) -> None:
-        """Finished jobs are kept (a repeated assignment must not start one again), but only the
-        latest ``keep`` of them."""
-        done = [j for j in self.jobs.values() if j.status in (lk.JS_SUCCESS, lk.JS_FAILED, lk.JS_CANCELLED)]
-        for old in done[: max(0, len(done) - keep)]:
-            del self.jobs[old.id]
-            if old.child is not None:
-                self._by_child.pop(old.child, None)
 
     # -- what the jobs' children do ------------------------------------------------------------------
 

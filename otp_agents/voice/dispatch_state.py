@@ -54,4 +54,39 @@ class JobRecord:
     received_at: float = 0.0
 
 
-__all__ = ["JOB_FAILED", "REQUEST_TIMEOUT", "Backoff", "JobRecord", "Launch"]
+FINISHED = (lk.JS_SUCCESS, lk.JS_FAILED, lk.JS_CANCELLED)
+
+
+def forget_finished(jobs: dict[str, JobRecord], by_child: dict[str, JobRecord], keep: int = 256) -> None:
+    """Finished jobs are kept (a repeated assignment must not start one again), but only the
+    latest ``keep`` of them."""
+    done = [j for j in jobs.values() if j.status in FINISHED]
+    for old in done[: max(0, len(done) - keep)]:
+        del jobs[old.id]
+        if old.child is not None:
+            by_child.pop(old.child, None)
+
+
+def running_jobs(status: dict[str, Any] | None) -> list[tuple[str, str, list[str]]]:
+    """(job id, child path, args) of the children a jobs' supervisor's status shows running,
+    found by the ``--job ID`` they were started with."""
+    found = []
+    rows = list((status or {}).get("children", []))
+    while rows:  # the supervisor's own row, then its children's
+        row = rows.pop(0)
+        rows.extend(row.get("children", []))
+        args = [str(a) for a in row.get("args") or []]
+        if "--job" in args[:-1] and row.get("status") in ("running", "starting", "restarting"):
+            found.append((args[args.index("--job") + 1], str(row["path"]), args))
+    return found
+
+
+__all__ = [
+    "JOB_FAILED",
+    "REQUEST_TIMEOUT",
+    "Backoff",
+    "JobRecord",
+    "Launch",
+    "forget_finished",
+    "running_jobs",
+]
