@@ -201,7 +201,7 @@ async def test_each_job_is_its_own_forked_leaf_holding_its_call(tmp_path: Path) 
         os.kill(victim["pid"], signal.SIGKILL)
         again = await p.leaf("J1", 2)
         assert again["path"] == victim["path"] and again["pid"] != victim["pid"]
-        await calls["J1"].wait_for(lambda log: log.connections == 2 and len(log.said) >= 2, BOUND)
+        await calls["J1"].wait_for(lambda log: log.connections == 2, BOUND)  # resumed: no new greeting
         await say(calls["J1"], "My name is Bob.")
         assert "bob" in calls["J1"].log.said[-1].lower()
         # the other calls were never touched: one start each, no exit, still talking
@@ -241,7 +241,9 @@ async def test_a_stuck_job_is_dumped_naming_the_apps_frame_and_a_leaking_one_is_
         stacks = await anyio.Path(dump[0]["file"]).read_text()
         assert hang and "freeze_the_session_loop" in stacks and "faulty_agent.py" in stacks
         await p.leaf("F1", 2)
-        await stuck.wait_for(lambda log: log.connections == 2 and len(log.said) >= 2, BOUND)
+        await stuck.wait_for(lambda log: log.connections == 2, BOUND)
+        await say(stuck, "My name is Bob.")  # the restarted job takes the call again
+        assert "bob" in stuck.log.said[-1].lower()
 
         # leaking: the memory breaker kills it (after a dump) and it comes back
         leaked = first["L1"]["path"]
@@ -250,7 +252,9 @@ async def test_a_stuck_job_is_dumped_naming_the_apps_frame_and_a_leaking_one_is_
         )
         assert killed[0]["reason"] == "memory"
         await p.leaf("L1", 2)
-        await leaking.wait_for(lambda log: log.connections == 2 and len(log.said) >= 2, BOUND)
+        await leaking.wait_for(lambda log: log.connections == 2, BOUND)
+        await say(leaking, "My name is Alice.")
+        assert "alice" in leaking.log.said[-1].lower()
 
         # the healthy call was never touched, and still talks
         assert len(p.started("OK")) == 1 and exits(p.run.events(), first["OK"]["path"]) == []
@@ -563,3 +567,32 @@ async def test_a_dispatcher_that_dies_mid_call_is_replaced_and_claims_the_runnin
         p.hang_up("M1")
         await p.stand_in.wait(lambda: "JS_SUCCESS" in p.stand_in.job_status("M1"), BOUND)
         assert not await ticket.exists()  # its ticket (the room token) went with it
+
+
+async def test_a_killed_job_resumes_its_call_without_a_new_greeting_and_remembers_it(tmp_path: Path) -> None:
+    """LiveKit's basic_agent, byte for byte, offline: the caller gives their name, the job's
+    process is SIGKILLed, and its restart picks the call up from its checkpoint: no second
+    greeting, and "what is my name" is answered from the conversation before the crash."""
+    script = SCRIPTS / "basic_agent.toml"
+    async with pool(tmp_path, EXAMPLES / "basic_agent.py", script, max_jobs=2) as (p, tg):
+        call = await p.call("R1", tg)
+        first = await p.leaf("R1")
+        await call.wait_for(greeted, BOUND)
+        await say(call, "My name is Alice.")
+        assert "alice" in call.log.said[-1].lower()
+        greetings = len(call.log.said)
+
+        os.kill(first["pid"], signal.SIGKILL)
+        again = await p.leaf("R1", 2)
+        await call.wait_for(lambda log: log.connections == 2 and log.states[-1:] == ["AS_LISTENING"], BOUND)
+        resumed = await p.run.until(
+            lambda ev: (
+                [e for e in ev if e["path"] == again["path"] and "resumed" in (e.get("detail") or "")]
+                or (["stderr"] if "resumed the call" in p.stderr() else [])
+            ),
+            "the resume",
+        )
+        assert resumed
+        assert len(call.log.said) == greetings  # nothing said again on the restart
+        await say(call, "What is my name?")
+        assert "your name is alice" in call.log.said[-1].lower()  # from before the crash

@@ -22,12 +22,15 @@ import contextlib
 import json
 import logging
 import sys
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from otp_agents.voice.agents_host import Console, through_loop, watching
 from otp_agents.voice.agents_job import CRASHED, JobRunner, entrypoint
+from otp_agents.voice.agents_resume import Resume
+from otp_agents.voice.agents_state import decode
 from otp_agents.voice.agents_ticket import Ticket
 from otp_agents.voice.agents_zygote import Prepared
 from otp_agents.worker import Worker
@@ -133,8 +136,12 @@ async def run_job(worker: Worker, app: Prepared, ticket: Ticket, *, forked: bool
     runner = JobRunner(app.server, info, userdata=app.userdata if forked else None, entry=watch.wrap(inner))
     worker.liveness = lambda: through_loop(runner.loop)
     await worker.log(f"{what}: starting ({'forked from the app zygote' if forked else 'cold'})")
-    with watching(app.image.app, limit=sys.maxsize) as raised:  # the entrypoint's exception, if any
-        end = await runner.run(worker.ready, lambda: _until_stop(worker, console, runner))
+    async with _checkpointing(worker) as resume:
+        with watching(app.image.app, limit=sys.maxsize) as raised:  # the entrypoint's exception, if any
+            end = await runner.run(worker.ready, lambda: _until_stop(worker, console, runner))
+    if resume is not None and resume.resumed:
+        await worker.report("agent_resumes", 1)
+        await worker.log(f"{what}: resumed from its checkpoint; {resume.skipped} replies not spoken again")
     if not end.started:  # prewarm or job setup failed: the process is not fit to run jobs
         worker.exit_reason = f"{what}: {end.reason}"
         await worker.log(worker.exit_reason, logging.ERROR)
@@ -151,7 +158,54 @@ async def run_job(worker: Worker, app: Prepared, ticket: Ticket, *, forked: bool
         worker.exit_reason = f"job ended: {end.reason}"
         await worker.log(f"{what}: ended ({end.reason})")
     await worker.report("agent_jobs_ended", 1, outcome="failed" if failure else "success")
+    if worker.checkpoint_max:
+        await worker.clear_checkpoint()  # the call is over: nothing of it is kept
     return 0
+
+
+@contextlib.asynccontextmanager
+async def _checkpointing(worker: Worker) -> AsyncIterator[Resume | None]:
+    """Checkpoint the job's session as it goes; resume it from the last one when this leaf is a
+    restart (:mod:`~.agents_resume`). Off when the supervisor keeps no checkpoints."""
+    if not worker.checkpoint_max:
+        yield None
+        return
+    state = None
+    if worker.resumed:
+        try:
+            state = decode(worker.resumed)
+        except ValueError as exc:
+            await worker.log(f"the checkpoint cannot be read, the call starts afresh: {exc}", logging.WARNING)
+    owner = asyncio.get_running_loop()
+    latest: list[bytes] = []
+    wake = anyio.Event()
+
+    def put(data: bytes) -> None:  # on the worker's loop
+        latest[:] = [data]
+        wake.set()
+
+    def send(data: bytes) -> None:  # on the job's loop
+        owner.call_soon_threadsafe(put, data)
+
+    resume = Resume(state, send, limit=worker.checkpoint_max)
+    resume.install()
+
+    async def pump() -> None:
+        nonlocal wake
+        while True:
+            await wake.wait()
+            wake = anyio.Event()
+            while latest:
+                await worker.checkpoint(latest.pop())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pump)
+        try:
+            yield resume
+        finally:
+            while latest:  # the last one goes out before the job's end is told
+                await worker.checkpoint(latest.pop())
+            tg.cancel_scope.cancel()
 
 
 __all__ = ["CONSOLE_KEY", "FAILED", "ProviderWatch", "console_address", "describe", "log_with_job", "run_job"]
