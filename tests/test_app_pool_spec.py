@@ -50,6 +50,8 @@ def test_an_app_pool_is_a_zygote_a_jobs_supervisor_and_a_dispatcher_stopped_firs
         ('providers = "cloud"', "children[0].providers", "offline"),
         ('llm_script = "/nonexistent/script.toml"', "children[0].llm_script", "no such file"),
         ('command = ["true"]', "children[0]", "exactly one of"),
+        ("health = { memory_soft_mb = 500 }", "children[0].health.memory_soft_mb", "end the call"),
+        ("health = { max_lifetime = 600 }", "children[0].health.max_lifetime", "end the call"),
     ],
 )
 def test_a_bad_pool_is_refused_naming_the_key(extra: str, where: str, says: str) -> None:

@@ -14,12 +14,16 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import anyio
 import pytest
 from livekit.protocol import agent as lk
+from livekit.protocol import models
 
-from otp_agents.voice.dispatch_state import Backoff
+from otp_agents.voice.dispatch import Dispatcher
+from otp_agents.voice.dispatch_state import Backoff, Rejected
 
 from .helpers import ROOT
 from .livekit_standin import KEY, SECRET, StandIn, serving
@@ -185,3 +189,83 @@ async def test_against_a_real_server_an_explicit_dispatch_starts_a_job(tmp_path:
             await lkapi.aclose()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+
+
+async def answers_to(dispatcher: Dispatcher, jobs: list[str]) -> list[lk.AvailabilityResponse]:
+    """The dispatcher's availability answers to requests for ``jobs``, all sent at once (what it
+    would send on its WebSocket, kept here)."""
+    sent: list[lk.AvailabilityResponse] = []
+
+    async def keep(msg: lk.WorkerMessage) -> None:
+        sent.append(msg.availability)
+
+    dispatcher._send = keep  # type: ignore[method-assign]
+    async with anyio.create_task_group() as tg:
+        dispatcher._tg = tg
+        for job in jobs:
+            tg.start_soon(dispatcher._answer, lk.Job(id=job, room=models.Room(name=f"room-{job}")))
+        while len(sent) < len(jobs):  # noqa: ASYNC110 - the answers are this task group's own
+            await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    return sent
+
+
+ACCEPT = SimpleNamespace(name="", identity="", metadata="", attributes=None)  # LiveKit's accept fields
+
+
+def dispatcher_for(decide: Any, max_jobs: int = 2) -> Dispatcher:
+    return Dispatcher(
+        url="ws://127.0.0.1:1",
+        token=lambda: "",
+        control_socket="/nonexistent",
+        jobs_supervisor="root/jobs",
+        job_args=lambda launch: [],
+        max_jobs=max_jobs,
+        load_threshold=1.0,
+        decide=decide,
+    )
+
+
+async def test_a_burst_of_requests_is_never_accepted_beyond_max_jobs() -> None:
+    async def slow_accept(job: Any) -> Any:
+        await anyio.sleep(0.1)  # the app's handler takes its time: the slots are held meanwhile
+        return None if job.room.name.endswith("-x") else ACCEPT
+
+    d = dispatcher_for(slow_accept)
+    answers = await answers_to(d, [f"J{i}" for i in range(5)])
+    assert sum(a.available for a in answers) == 2
+    assert all(a.participant_attributes.get("lk.agent.name") == "" for a in answers if a.available)
+
+
+async def test_an_accepted_job_never_assigned_gives_its_slot_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    import otp_agents.voice.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "ASSIGNMENT_TIMEOUT", 0.2)
+
+    async def accept(job: Any) -> Any:
+        return ACCEPT
+
+    d = dispatcher_for(accept, max_jobs=1)
+    sent: list[lk.AvailabilityResponse] = []
+
+    async def keep(msg: lk.WorkerMessage) -> None:
+        sent.append(msg.availability)
+
+    d._send = keep  # type: ignore[method-assign]
+    async with anyio.create_task_group() as tg:
+        d._tg = tg
+        await d._answer(lk.Job(id="A", room=models.Room(name="a")))
+        await d._answer(lk.Job(id="B", room=models.Room(name="b")))  # full: A holds the slot
+        while "A" in d.jobs:  # noqa: ASYNC110 - its expiry is this task group's own task
+            await anyio.sleep(0.05)
+        await d._answer(lk.Job(id="C", room=models.Room(name="c")))  # A was never assigned
+        tg.cancel_scope.cancel()
+    assert [a.available for a in sent] == [True, False, True]
+
+
+async def test_the_apps_reject_with_terminate_is_passed_on() -> None:
+    async def reject(job: Any) -> Any:
+        return Rejected(terminate=True)
+
+    (answer,) = await answers_to(dispatcher_for(reject), ["J1"])
+    assert not answer.available and answer.terminate

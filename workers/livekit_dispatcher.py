@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import anyio
 from livekit import api
@@ -51,6 +52,7 @@ async def main(worker: Worker) -> None:
     if args.jobs.startswith("../"):  # a sibling of this dispatcher (as an app pool has it)
         args.jobs = f"{worker.path.rpartition('/')[0]}/{args.jobs[3:]}"
     env = LiveKitEnv.from_environ()  # a missing or malformed variable fails the start, named
+    app = load_app(args) if args.app else None  # before Ready: a cold load blocks this loop
     await worker.ready()
     # The control socket opens once the whole tree has started, which includes us: look it up now.
     control_socket = None
@@ -87,8 +89,8 @@ async def main(worker: Worker) -> None:
         status_interval=args.status_interval,
         log=log,
     )
-    if args.app:
-        for line in for_app(dispatcher, args, env.url):
+    if app is not None:
+        for line in for_app(dispatcher, app, args, env.url):
             await worker.log(f"livekit_dispatcher: {line}")
     async with anyio.create_task_group() as tg:
         tg.start_soon(dispatcher.run)
@@ -115,12 +117,20 @@ async def main(worker: Worker) -> None:
         tg.cancel_scope.cancel()
 
 
-def for_app(dispatcher: Dispatcher, args: argparse.Namespace, url: str) -> list[str]:
-    """Take the app's own options (the tree's overrides win) and launch its jobs from tickets."""
+def load_app(args: argparse.Namespace) -> Any:
+    """The app: its zygote's, or (started cold) loaded here without its prewarm (no job runs in
+    this process)."""
     from otp_agents.voice import agents_zygote
+
+    return agents_zygote.prepared() or agents_zygote.load(
+        agents_zygote.AppImage.from_environ(), prewarm=False
+    )
+
+
+def for_app(dispatcher: Dispatcher, app: Any, args: argparse.Namespace, url: str) -> list[str]:
+    """Take the app's own options (the tree's overrides win) and launch its jobs from tickets."""
     from otp_agents.voice.agents_dispatch import Tickets, app_options, ticket_args
 
-    app = agents_zygote.prepared() or agents_zygote.load(agents_zygote.AppImage.from_environ())
     options = app_options(
         app.server, agent_name=args.agent_name, load_threshold=args.load_threshold, max_jobs=args.max_jobs
     )

@@ -228,6 +228,13 @@ def _child(
     spec: ChildSpec
     if "app" in data:
         pool: AppPool = _convert(data, AppPool, source, keypath)
+        for key in ("memory_soft_mb", "max_lifetime"):
+            if key in pool.health:
+                raise ConfigError(
+                    source,
+                    _join(keypath, f"health.{key}"),
+                    "not for a job: it would end the call to start it again (use memory_limit_mb)",
+                )
         for key in ("app", "llm_script"):
             named = getattr(pool, key)
             if named is not None and not Path(named).is_file():

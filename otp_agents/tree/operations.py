@@ -186,9 +186,14 @@ def _with_memory(spec: ChildSpec, warn: float | None, limit: float | None) -> Ch
         changes["memory_warn_mb"] = warn
     if limit is not None and health.memory_limit_mb is None:
         changes["memory_limit_mb"] = limit
-    if not changes:
-        return spec
-    return msgspec.structs.replace(spec, settings=msgspec.structs.replace(health, **changes))
+    new = msgspec.structs.replace(health, **changes) if changes else health
+    if (
+        new.memory_warn_mb is not None
+        and new.memory_limit_mb is not None
+        and new.memory_warn_mb >= new.memory_limit_mb
+    ):
+        new = msgspec.structs.replace(new, memory_warn_mb=None)  # a warning past the kill says nothing
+    return spec if new == health else msgspec.structs.replace(spec, settings=new)
 
 
 def _with_args(template: ChildSpec, child_id: str, args: list[str]) -> ChildSpec:

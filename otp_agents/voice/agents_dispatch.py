@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from otp_agents.voice import agents_ticket
-from otp_agents.voice.dispatch_state import Launch
+from otp_agents.voice.dispatch_state import Launch, Rejected
 
 if TYPE_CHECKING:
     from livekit.agents import AgentServer
@@ -65,11 +65,13 @@ def app_options(
         return app_value
 
     name = pick("agent_name", server._agent_name, agent_name)
+    load = _load_fnc(server)
     app_threshold = server._load_threshold
     if isinstance(app_threshold, ServerEnvOption):  # the app left LiveKit's default
-        app_threshold = app_threshold.prod_default
+        # LiveKit's 0.7 is of its CPU load; without a load_fnc the load here is jobs / max_jobs,
+        # and the node is full at max_jobs
+        app_threshold = app_threshold.prod_default if load else 1.0
     threshold = pick("load_threshold", float(app_threshold), load_threshold)
-    load = _load_fnc(server)
     said.append(
         f"load: the app's load_fnc ({getattr(server._load_fnc, '__name__', '?')})"
         if load
@@ -111,7 +113,7 @@ def _load_fnc(server: AgentServer) -> Callable[[], float] | None:
 
 def _decider(request_fnc: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[Any]]:
     """The app's handler, given LiveKit's own ``JobRequest``: returns the accept arguments, or
-    None when it rejected the job (or answered neither)."""
+    :class:`Rejected` (None when it answered neither: a reject)."""
 
     async def decide(job: Any) -> Any:
         from livekit.agents.job import JobRequest
@@ -122,7 +124,7 @@ def _decider(request_fnc: Callable[[Any], Awaitable[None]]) -> Callable[[Any], A
             answer.append(arguments)
 
         async def on_reject(terminate: bool) -> None:
-            answer.append(None)
+            answer.append(Rejected(terminate))
 
         await request_fnc(JobRequest(job=job, on_reject=on_reject, on_accept=on_accept))
         return answer[0] if answer else None

@@ -210,7 +210,9 @@ class JobRunner:
         if self._thread_error is not None:
             self.failed = True
             self.reason = f"job process code raised {type(self._thread_error).__name__}: {self._thread_error}"
-        return JobEnd(self.reason or "ended", failed=self.failed or self.reason == CRASHED, started=started)
+        if started and not self.reason:  # LiveKit always says why a job ends; it did not
+            self.failed, self.reason = True, "the job ended without LiveKit's exit message"
+        return JobEnd(self.reason, failed=self.failed or self.reason == CRASHED, started=started)
 
     async def _read(self, duplex: Any, channel: Any, proto: Any, closed: type[Exception]) -> None:
         from otp_agents.voice.agents_inference import RUNNERS

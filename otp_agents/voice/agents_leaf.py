@@ -133,7 +133,7 @@ async def run_job(worker: Worker, app: Prepared, ticket: Ticket, *, forked: bool
     info = ticket.running_info()
     if address:
         info.fake_job = True  # no room on a server: LiveKit's mock room, audio over the console
-    runner = JobRunner(app.server, info, userdata=app.userdata if forked else None, entry=watch.wrap(inner))
+    runner = JobRunner(app.server, info, userdata=app.userdata, entry=watch.wrap(inner))
     worker.liveness = lambda: through_loop(runner.loop)
     await worker.log(f"{what}: starting ({'forked from the app zygote' if forked else 'cold'})")
     async with _checkpointing(worker) as resume:

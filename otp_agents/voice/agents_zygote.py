@@ -99,7 +99,7 @@ def prepared() -> Prepared | None:
     return _prepared
 
 
-def load(image: AppImage, *, in_zygote: bool = False) -> Prepared:
+def load(image: AppImage, *, in_zygote: bool = False, prewarm: bool = True) -> Prepared:
     """Steps 1 to 5 above; in a zygote each is checked for what a fork would break."""
     from otp_agents.voice.agents_app import load_app
     from otp_agents.voice.agents_job import check_release
@@ -117,7 +117,7 @@ def load(image: AppImage, *, in_zygote: bool = False) -> Prepared:
         replaced = install(offline)
     _step("LiveKit's warm-up (livekit.agents.ipc._preload)", in_zygote, _warm_up)
     server = _step(f"loading {image.app}", in_zygote, lambda: load_app(image.app, "start"))
-    userdata = _step(f"the prewarm of {image.app}", in_zygote, lambda: _prewarm(server))
+    userdata = _step(f"the prewarm of {image.app}", in_zygote, lambda: _prewarm(server)) if prewarm else {}
     _step("the app's inference runners", in_zygote, RUNNERS.initialize_all)
     if in_zygote:
         _step("the job leaf's own modules", in_zygote, _job_code)

@@ -1,28 +1,23 @@
 """Jobs from a LiveKit server: this node registers as an agent worker and runs each job it
-accepts as a voice leaf under a simple_one_for_one supervisor.
+accepts as a leaf under a simple_one_for_one supervisor. LiveKit's agent worker protocol
+(protobuf ``WorkerMessage``/``ServerMessage`` over a WebSocket at ``<url>/agent``):
 
-This is LiveKit's agent worker protocol (``livekit.protocol.agent``: protobuf ``WorkerMessage`` /
-``ServerMessage`` over a WebSocket at ``<url>/agent``), spoken from a supervised worker:
-
-1. register (``RegisterWorkerRequest``) and get a worker id;
-2. answer each ``AvailabilityRequest`` from real load (running jobs / ``max_jobs``, or the app's
-   own ``load_fnc``; refused at ``load_threshold`` or while draining), then by the app's request
-   handler when there is one (``decide``: accept as which participant, or reject);
-3. on ``JobAssignment`` start a leaf with the control socket's ``start-child`` (the same request
-   an operator's ``otp-agents start-child`` makes) and report ``JS_RUNNING``, or ``JS_FAILED``
-   with the reason the start failed;
+1. register and get a worker id;
+2. answer each ``AvailabilityRequest``: refused while draining, at ``max_jobs`` or at
+   ``load_threshold`` (running jobs / ``max_jobs``, or the app's own ``load_fnc``); else the
+   app's request handler decides (``decide``), the slot held meanwhile and given back if no
+   assignment follows;
+3. on ``JobAssignment`` start a leaf with the control socket's ``start-child`` (as an operator's
+   ``otp-agents start-child`` would) and report ``JS_RUNNING``, or ``JS_FAILED`` with why;
 4. follow the jobs' children on the control socket's event stream: a crash is restarted by the
-   jobs' supervisor (the call resumes from its checkpoint) and the job stays running; a child
-   that ends for good reports ``JS_SUCCESS`` (exit 0 or terminated on request) or ``JS_FAILED``
-   with how it ended (a leaf whose *job* failed exits 0 with ``job failed: <why>`` as its last
-   words: reported failed with that error, and not restarted); ``JobTermination`` terminates the
-   child;
-5. report load every ``status_interval`` (``UpdateWorkerStatus``); WebSocket pings find a dead
-   connection;
+   jobs' supervisor and the job stays running; a child that ends for good is ``JS_SUCCESS``
+   (exit 0, or terminated on request) or ``JS_FAILED`` with how it ended (a leaf whose *job*
+   failed exits 0 with ``job failed: <why>`` as its last words); ``JobTermination`` terminates it;
+5. report load every ``status_interval``; WebSocket pings find a dead connection;
 6. when the connection drops, reconnect with capped, jittered exponential backoff and register
-   again (running jobs are unaffected: they are the supervisor's children, not ours);
-7. on drain (shutdown), report ``WS_FULL``/draining so no job is assigned, let running jobs
-   finish within the drain bound, then leave.
+   again, claiming the jobs still running (they are the supervisor's children, not ours; a
+   restarted dispatcher finds them in ``status``);
+7. on drain, report draining so no job is assigned, let running jobs finish within the bound.
 """
 
 from __future__ import annotations
@@ -36,19 +31,25 @@ from typing import Any
 import aiohttp
 import anyio
 import anyio.abc
-import anyio.to_thread
 from google.protobuf.message import DecodeError
 from livekit.protocol import agent as lk
 
 import otp_agents.ops.control_client as control
 from otp_agents.errors import NotRunning
 from otp_agents.voice.dispatch_state import (
-    JOB_FAILED,
+    AGENT_NAME_ATTRIBUTE,
+    ASSIGNMENT_TIMEOUT,
+    FINISHED,
     REQUEST_TIMEOUT,
+    START_TIMEOUT,
     Backoff,
     JobRecord,
     Launch,
+    Rejected,
+    app_load,
+    error_of,
     forget_finished,
+    how_it_ended,
     running_jobs,
 )
 
@@ -58,6 +59,7 @@ JOB_EVENTS = [
     "child_terminated",
     "start_failed",
     "restarting",
+    "restart_delayed",
     "supervisor_stopped",
 ]
 
@@ -104,14 +106,8 @@ class Dispatcher:
 
     async def refresh_load(self) -> None:
         """Run the app's ``load_fnc`` (its code may block: on a thread) and keep its answer."""
-        if self.load_fnc is None:
-            return
-        try:
-            own = float(await anyio.to_thread.run_sync(self.load_fnc))
-        except Exception as exc:  # the app's code: a failure means full, not a dead dispatcher
-            self.log(f"the app's load_fnc raised {type(exc).__name__}: {exc}; taken as full")
-            own = 1.0
-        self._app_load = min(1.0, max(0.0, own)) if own == own else 1.0
+        if self.load_fnc is not None:
+            self._app_load = await app_load(self.load_fnc, self.log)
 
     # -- the connection, kept up ---------------------------------------------------------------------
 
@@ -209,19 +205,20 @@ class Dispatcher:
         while True:
             seq += 1
             await self.refresh_load()
-            full = self.draining or self.load >= self.load_threshold
-            await self._send(
-                lk.WorkerMessage(
-                    update_worker=lk.UpdateWorkerStatus(
-                        status=lk.WS_FULL if full else lk.WS_AVAILABLE,
-                        load=self.load,
-                        job_count=self.running,
-                        draining=self.draining,
-                        seq=seq,
-                    )
-                )
-            )
+            await self._send(self._worker_status(seq))
             await anyio.sleep(self.status_interval)
+
+    def _worker_status(self, seq: int = 0) -> lk.WorkerMessage:
+        full = self.draining or self.running >= self.max_jobs or self.load >= self.load_threshold
+        return lk.WorkerMessage(
+            update_worker=lk.UpdateWorkerStatus(
+                status=lk.WS_FULL if full else lk.WS_AVAILABLE,
+                load=self.load,
+                job_count=self.running,
+                draining=self.draining,
+                seq=seq,
+            )
+        )
 
     # -- what the server asks ------------------------------------------------------------------------
 
@@ -234,7 +231,7 @@ class Dispatcher:
             self.registered = True
             self.worker_id = msg.register.worker_id
             self.log(f"registered as {self.worker_id}")
-            running = [j.id for j in self.jobs.values() if j.status in (lk.JS_PENDING, lk.JS_RUNNING)]
+            running = [j.id for j in self.jobs.values() if j.launched and j.status not in FINISHED]
             if running:  # a new registration: claim the calls still running here, as LiveKit's worker does
                 await self._send(lk.WorkerMessage(migrate_job=lk.MigrateJobRequest(job_ids=running)))
         elif which == "availability":
@@ -248,27 +245,48 @@ class Dispatcher:
             tg.start_soon(self._terminate_job, msg.termination.job_id)
 
     async def _answer(self, job: Any) -> None:
-        received = time.time()
-        await self.refresh_load()
-        available = not self.draining and self.load < self.load_threshold and self.running < self.max_jobs
+        known = self.jobs.get(job.id)
+        available = (
+            (known is None or not known.launched)
+            and not self.draining
+            and self.running - (known is not None) < self.max_jobs
+            and self.load < self.load_threshold
+        )
+        if not available:
+            await self._send(lk.WorkerMessage(availability=lk.AvailabilityResponse(job_id=job.id)))
+            return
+        # the slot is held from now: a burst of requests cannot all be accepted into it
+        rec = self.jobs[job.id] = known or JobRecord(job.id, received_at=time.time())
+        answer = lk.AvailabilityResponse(job_id=job.id)
         accepted = None
-        if available and self.decide is not None:
+        if self.decide is not None:
             try:
                 with anyio.fail_after(REQUEST_TIMEOUT):
                     accepted = await self.decide(job)
             except Exception as exc:  # the app's handler: its failure rejects this job only
                 self.log(f"job {job.id}: the app's request handler raised {type(exc).__name__}: {exc}")
-            available = accepted is not None
-        answer = lk.AvailabilityResponse(job_id=job.id, available=available)
-        if available:
-            identity = getattr(accepted, "identity", "") or f"agent-{job.id}"
-            answer.participant_identity = identity
+        if isinstance(accepted, Rejected) or (self.decide is not None and accepted is None):
+            answer.terminate = bool(getattr(accepted, "terminate", False))
+            if not rec.launched:
+                self.jobs.pop(job.id, None)
+        else:
+            rec.accepted = accepted
+            answer.available = True
+            answer.participant_identity = getattr(accepted, "identity", "") or f"agent-{job.id}"
             answer.participant_name = getattr(accepted, "name", "") or "otp-agents voice agent"
             answer.participant_metadata = getattr(accepted, "metadata", "") or ""
+            answer.participant_attributes[AGENT_NAME_ATTRIBUTE] = self.agent_name
             answer.participant_attributes.update(getattr(accepted, "attributes", None) or {})
-            if job.id not in self.jobs:
-                self.jobs[job.id] = JobRecord(job.id, accepted=accepted, received_at=received)
+            assert self._tg is not None
+            self._tg.start_soon(self._expire, rec)
         await self._send(lk.WorkerMessage(availability=answer))
+
+    async def _expire(self, rec: JobRecord) -> None:
+        """Accepted, never assigned (the caller left, another worker got it): the slot is free."""
+        await anyio.sleep(ASSIGNMENT_TIMEOUT)
+        if not rec.launched and self.jobs.get(rec.id) is rec:
+            del self.jobs[rec.id]
+            self.log(f"job {rec.id}: accepted but never assigned; its slot is free again")
 
     async def _start_job(self, assignment: Any) -> None:
         job = assignment.job
@@ -288,7 +306,7 @@ class Dispatcher:
         )
         try:
             with anyio.CancelScope(shield=True):  # the supervisor starts it anyway: learn its path
-                reply = await control.call(self.control_socket, request, timeout=60)
+                reply = await control.call(self.control_socket, request, timeout=START_TIMEOUT)
         except (OSError, TimeoutError, NotRunning) as exc:
             await self._status(rec, lk.JS_FAILED, f"could not start the agent: {exc}")
             return
@@ -307,21 +325,17 @@ class Dispatcher:
 
     async def _terminate_job(self, job_id: str) -> None:
         rec = self.jobs.get(job_id)
-        if rec is None:
-            return
-        if rec.child is None:
+        if rec is not None and rec.child is None:
             rec.terminate_asked = True  # still starting: terminated once its path is known
-            return
-        with contextlib.suppress(OSError, TimeoutError, NotRunning):
-            await control.call(
-                self.control_socket, control.Request(op="terminate", path=rec.child), timeout=30
-            )
+        elif rec is not None and rec.child is not None:
+            with contextlib.suppress(OSError, TimeoutError, NotRunning):
+                await control.call(self.control_socket, control.Request(op="terminate", path=rec.child))
 
     async def _status(self, rec: JobRecord, status: int, error: str = "") -> None:
-        if rec.status in (lk.JS_SUCCESS, lk.JS_FAILED, lk.JS_CANCELLED):
+        if rec.status in FINISHED:
             return
         rec.status = status
-        if status in (lk.JS_SUCCESS, lk.JS_FAILED, lk.JS_CANCELLED):
+        if status in FINISHED:
             forget_finished(self.jobs, self._by_child)
             with contextlib.suppress(Exception):
                 self.on_end(rec.id)
@@ -359,15 +373,7 @@ class Dispatcher:
         elif kind in ("child_exited", "start_failed"):
             # Final only if its supervisor does not restart it: a recycle exits 0 and comes
             # back, a crash of a transient call comes back, a failed restart is tried again.
-            if kind == "start_failed":
-                how, status = f"a failed restart ({row.get('detail', '')})", lk.JS_FAILED
-            elif row.get("code") == 0 and str(row.get("detail") or "").startswith(JOB_FAILED):
-                how, status = str(row["detail"]), lk.JS_FAILED
-            elif row.get("code") == 0:
-                how, status = "exit code 0", lk.JS_SUCCESS
-            else:
-                how = f"signal {row['signal']}" if row.get("signal") else f"exit code {row.get('code')}"
-                status = lk.JS_FAILED
+            how, status = how_it_ended(row)
             rec.failure = how if status == lk.JS_FAILED else rec.failure
             rec.settle = anyio.Event()
             tg.start_soon(self._final_unless_restarted, rec, how, status)
@@ -378,19 +384,14 @@ class Dispatcher:
         with anyio.move_on_after(self.restart_grace):
             await settle.wait()
             return
-        error = how if how.startswith(JOB_FAILED) else f"the agent ended with {how}"
-        await self._status(rec, status, "" if status == lk.JS_SUCCESS else error)
+        await self._status(rec, status, "" if status == lk.JS_SUCCESS else error_of(how))
 
     # -- drain ---------------------------------------------------------------------------------------
 
     async def drain(self, bound: float) -> None:
         """Take no new jobs; wait up to ``bound`` seconds for the running ones to end."""
         self.draining = True
-        await self._send(
-            lk.WorkerMessage(
-                update_worker=lk.UpdateWorkerStatus(status=lk.WS_FULL, load=self.load, draining=True)
-            )
-        )
+        await self._send(self._worker_status())
         with anyio.move_on_after(bound):
             while self.running:  # noqa: ASYNC110 - job ends arrive as control-socket events
                 await anyio.sleep(0.1)

@@ -4,10 +4,12 @@ job's leaf is launched with (see :mod:`otp_agents.voice.dispatch`)."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import anyio.to_thread
 from livekit.protocol import agent as lk
 
 
@@ -25,8 +27,19 @@ class Backoff:
         return max(0.0, base * (1 + (rng or random).uniform(-self.jitter, self.jitter)))
 
 
+ASSIGNMENT_TIMEOUT = 10.0  # an accepted job not assigned by then gives its slot back (LiveKit: 7.5)
+START_TIMEOUT = 300.0  # a job leaf's start, longest: beyond any job_start_timeout a pool sets
+AGENT_NAME_ATTRIBUTE = "lk.agent.name"  # the participant attribute LiveKit's worker sets
 REQUEST_TIMEOUT = 10.0  # the app's request handler must answer within this (else: unavailable)
 JOB_FAILED = "job failed: "  # a leaf's last words when its job, not its process, failed
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """The app's request handler rejected the job; ``terminate``: the server should not offer it
+    to another worker either."""
+
+    terminate: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,33 @@ def forget_finished(jobs: dict[str, JobRecord], by_child: dict[str, JobRecord], 
             by_child.pop(old.child, None)
 
 
+async def app_load(load_fnc: Callable[[], float], log: Callable[[str], None]) -> float:
+    """The app's ``load_fnc`` (its code may block: run on a thread), 0 to 1; a failure is full."""
+    try:
+        own = float(await anyio.to_thread.run_sync(load_fnc))
+    except Exception as exc:  # the app's code: a failure means full, not a dead dispatcher
+        log(f"the app's load_fnc raised {type(exc).__name__}: {exc}; taken as full")
+        return 1.0
+    return min(1.0, max(0.0, own)) if own == own else 1.0
+
+
+def how_it_ended(row: dict[str, Any]) -> tuple[str, int]:
+    """(how, the job's status) from a ``child_exited`` or ``start_failed`` event."""
+    if row.get("kind") == "start_failed":
+        return f"a failed restart ({row.get('detail', '')})", lk.JS_FAILED
+    if row.get("code") == 0 and str(row.get("detail") or "").startswith(JOB_FAILED):
+        return str(row["detail"]), lk.JS_FAILED
+    if row.get("code") == 0:
+        return "exit code 0", lk.JS_SUCCESS
+    how = f"signal {row['signal']}" if row.get("signal") else f"exit code {row.get('code')}"
+    return how, lk.JS_FAILED
+
+
+def error_of(how: str) -> str:
+    """What the server is told of a failed job."""
+    return how if how.startswith(JOB_FAILED) else f"the agent ended with {how}"
+
+
 def running_jobs(status: dict[str, Any] | None) -> list[tuple[str, str, list[str]]]:
     """(job id, child path, args) of the children a jobs' supervisor's status shows running,
     found by the ``--job ID`` they were started with."""
@@ -87,6 +127,8 @@ __all__ = [
     "Backoff",
     "JobRecord",
     "Launch",
+    "error_of",
     "forget_finished",
+    "how_it_ended",
     "running_jobs",
 ]
