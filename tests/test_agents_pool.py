@@ -596,3 +596,28 @@ async def test_a_killed_job_resumes_its_call_without_a_new_greeting_and_remember
         assert len(call.log.said) == greetings  # nothing said again on the restart
         await say(call, "What is my name?")
         assert "your name is alice" in call.log.said[-1].lower()  # from before the crash
+
+
+async def test_a_killed_booking_resumes_with_the_same_agent_mid_reservation(tmp_path: Path) -> None:
+    """LiveKit's restaurant example, byte for byte, offline: the greeter hands the caller to the
+    reservation agent, the time is given, the job's process is SIGKILLed. The restart resumes
+    with the reservation agent still talking (not back at the greeter), says nothing on its own,
+    and the next line is taken by the reservation agent's own tool."""
+    script = SCRIPTS / "restaurant.toml"
+    async with pool(tmp_path, EXAMPLES / "restaurant_agent.py", script, max_jobs=2) as (p, tg):
+        call = await p.call("B1", tg)
+        first = await p.leaf("B1")
+        await call.wait_for(greeted, BOUND)
+        await say(call, "I would like to make a reservation", replies=2)
+        await say(call, "At seven in the evening")
+        assert ("greeter", "reservation") in call.log.handoffs
+        said, tools = len(call.log.said), len(call.log.tools)
+
+        os.kill(first["pid"], signal.SIGKILL)
+        await p.leaf("B1", 2)
+        await call.wait_for(lambda log: log.connections == 2 and log.states[-1:] == ["AS_LISTENING"], BOUND)
+        await say(call, "My name is Alice")
+        assert len(call.log.said) == said + 1  # nothing said on the restart: only this answer
+        assert [t.name for t in call.log.tools[tools:]] == ["update_name"]  # the reservation agent's tool
+        assert call.log.tools[-1].output == "The name is updated to alice"
+        assert call.log.said[-1].lower().startswith("thank you, alice")
