@@ -173,7 +173,7 @@ async def run_console(
         async with anyio.create_task_group() as tg:
             tg.start_soon(job)
             with anyio.move_on_after(30):  # the session connects right after the job starts
-                await _first_of(
+                await first_of(
                     console.connected.wait,
                     console.ended.wait,
                     worker.wait_stopping,
@@ -190,7 +190,7 @@ async def run_console(
                 code = EXIT_JOBS_FAILING if problem else EXIT_PEER_UNREACHABLE
             else:
                 await worker.ready()
-                await _first_of(console.ended.wait, worker.wait_stopping, watch.given_up.wait, job_over.wait)
+                await first_of(console.ended.wait, worker.wait_stopping, watch.given_up.wait, job_over.wait)
             stop.set()  # the job ends as LiveKit ends one: session closed, callbacks run
             await job_over.wait()
         if watch.given_up.is_set():
@@ -244,13 +244,13 @@ async def run_server(
 
 async def _serve_jobs(worker: Worker, server: AgentServer, watch: JobWatch, registered: anyio.Event) -> int:
     async with _running(server, devmode=False, unregistered=False) as crashed:
-        await _first_of(registered.wait, crashed.wait, worker.wait_stopping, watch.given_up.wait)
+        await first_of(registered.wait, crashed.wait, worker.wait_stopping, watch.given_up.wait)
         if crashed.is_set() or watch.given_up.is_set():
             watch.closing = True
             return 1
         if registered.is_set():
             await worker.ready()
-            await _first_of(crashed.wait, worker.wait_stopping, watch.given_up.wait)
+            await first_of(crashed.wait, worker.wait_stopping, watch.given_up.wait)
         watch.closing = True
         if worker.draining and not watch.given_up.is_set():  # finish the running calls, take no new ones
             started = time.monotonic()
@@ -313,7 +313,7 @@ async def _running(server: AgentServer, **run_args: bool) -> AsyncIterator[anyio
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(run)
-        await _first_of(started.wait, ended.wait)
+        await first_of(started.wait, ended.wait)
         try:
             yield ended
         finally:
@@ -328,7 +328,8 @@ async def _say(worker: Worker, problem: str) -> None:
     sys.stderr.write(f"agents host: {problem}\n")
 
 
-async def _first_of(*waits: Any) -> None:
+async def first_of(*waits: Any) -> None:
+    """Return once any of ``waits`` (async callables) has returned; the others are cancelled."""
     async with anyio.create_task_group() as tg:
 
         async def one(wait: Any) -> None:

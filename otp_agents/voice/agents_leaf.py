@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from otp_agents.voice.agents_host import Console, through_loop, watching
+from otp_agents.voice.agents_host import Console, first_of, through_loop, watching
 from otp_agents.voice.agents_job import CRASHED, JobRunner, entrypoint
 from otp_agents.voice.agents_resume import Resume
 from otp_agents.voice.agents_state import decode
@@ -87,19 +87,9 @@ async def _until_stop(worker: Worker, console: Console | None, runner: JobRunner
     if console is None:
         await worker.wait_stopping()
         return
-    async with anyio.create_task_group() as tg:
-
-        async def hung_up() -> None:
-            await console.ended.wait()
-            runner.reason = "the caller hung up"
-            tg.cancel_scope.cancel()
-
-        async def stopped() -> None:
-            await worker.wait_stopping()
-            tg.cancel_scope.cancel()
-
-        tg.start_soon(hung_up)
-        tg.start_soon(stopped)
+    await first_of(console.ended.wait, worker.wait_stopping)
+    if console.ended.is_set():
+        runner.reason = "the caller hung up"
 
 
 def describe(ticket: Ticket) -> str:

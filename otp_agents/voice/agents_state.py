@@ -140,12 +140,7 @@ def _fields(
     """(kept fields, left-out fields with why, references to agents by path)."""
     if userdata is None:
         return {}, {}, {}
-    if dataclasses.is_dataclass(userdata) and not isinstance(userdata, type):
-        items = {f.name: getattr(userdata, f.name) for f in dataclasses.fields(userdata)}
-    elif isinstance(userdata, dict):
-        items = dict(userdata)
-    else:
-        items = dict(getattr(userdata, "__dict__", {}))
+    items = dict(_items(userdata))
     kept: dict[str, Any] = {}
     left_out: dict[str, str] = {}
     refs: dict[str, Any] = {}
