@@ -31,152 +31,36 @@ pytest.importorskip("livekit.agents")
 
 from livekit.protocol import agent as lk
 
-from otp_agents.voice.agents_console import CallLog, ConsoleCall
-from otp_agents.voice.agents_leaf import CONSOLE_KEY
+from otp_agents.voice.agents_console import ConsoleCall
 from otp_agents.voice.audio import SAMPLE_RATE
 from otp_agents.voice.samples import speak_flite
 
-from .agents_helpers import BOUND, Events, Hosted
+from .agents_helpers import (
+    APPS,
+    BOUND,
+    EXAMPLES,
+    JOBS,
+    SAMPLE,
+    Events,
+    Hosted,
+    Pool,
+    exits,
+    greeted,
+    pool,
+    pool_tree,
+    say,
+)
 from .helpers import ROOT, run_cli
-from .livekit_standin import KEY, SECRET, StandIn, serving
+from .livekit_standin import serving
 from .loopback_http import serve_app
 from .voice_helpers import needs_tts
 
 pytestmark = [pytest.mark.anyio, needs_tts, pytest.mark.timeout(600)]
 
-APPS = ROOT / "tests" / "agents_apps"
-EXAMPLES = APPS / "livekit"
-SCRIPTS = APPS / "scripts"
-SAMPLE = ROOT / "workers" / "livekit_agents_app" / "agent.py"
-JOBS = "root/agents/jobs"
-
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def pool_tree(
-    server: StandIn | tuple[str, str, str],
-    app: Path,
-    script: Path | None,
-    max_jobs: int,
-    extra: str,
-    env: dict[str, str],
-) -> str:
-    """The tree: one app pool, its dispatcher registered with ``server`` (the stand-in, or a
-    real server's url, key and secret)."""
-    llm = f'llm_script = "{script}"' if script else ""
-    url, key, secret = (server.url, KEY, SECRET) if isinstance(server, StandIn) else server
-    env = {"LIVEKIT_URL": url, "LIVEKIT_API_KEY": key, "LIVEKIT_API_SECRET": secret, **env}
-    env_table = ", ".join(f"{k} = {json.dumps(v)}" for k, v in env.items())
-    return f"""
-id = "root"
-intensity = 3
-period = 600
-
-[[children]]
-id = "agents"
-app = "{app}"
-max_jobs = {max_jobs}
-idle = 1
-providers = "offline"
-{llm}
-drain = 60
-env = {{ {env_table} }}
-{extra}
-"""
-
-
-class Pool:
-    def __init__(self, run: Hosted, stand_in: StandIn, tree: Path) -> None:
-        self.run = run
-        self.stand_in = stand_in
-        self.tree = tree
-        self.calls: dict[str, ConsoleCall] = {}
-        self.lines: dict[str, anyio.CancelScope] = {}
-
-    def hang_up(self, job: str) -> None:
-        self.lines[job].cancel()
-
-    def started(self, job: str) -> list[dict[str, Any]]:
-        """The child_started events of the leaf holding ``job`` (its args name the job)."""
-        paths = {
-            e["path"]
-            for e in self.run.events()
-            if e["kind"] == "worker_log"
-            and e["path"].startswith(JOBS + "/")
-            and f"job {job} " in e.get("detail", "")
-        }
-        return [e for e in self.run.events() if e["kind"] == "child_started" and e["path"] in paths]
-
-    async def leaf(self, job: str, count: int = 1) -> dict[str, Any]:
-        """The ``count``-th start of ``job``'s leaf."""
-        found = await self.run.until(lambda _ev: self.started(job)[count - 1 :], f"start {count} of {job}")
-        return dict(found[0])
-
-    async def call(self, job: str, tg: Any, room: str = "", *, accepted: bool = True) -> ConsoleCall:
-        """Offer ``job`` with a console peer of its own; return that peer (the caller)."""
-        call = ConsoleCall()
-        scope = self.lines[job] = anyio.CancelScope()
-
-        async def line(*, task_status: anyio.abc.TaskStatus[str]) -> None:
-            with scope:
-                await call.serve(task_status=task_status)
-
-        address = await tg.start(line)
-        self.calls[job] = call
-        metadata = json.dumps({CONSOLE_KEY: address})
-        answer = await self.stand_in.offer(
-            job, room or f"room-{job}", metadata=metadata, caller=f"caller-{job}"
-        )
-        assert answer is accepted
-        return call
-
-    def stderr(self) -> str:
-        return self.run.log.read_text(errors="replace")
-
-
-@asynccontextmanager
-async def pool(
-    tmp: Path,
-    app: Path = SAMPLE,
-    script: Path | None = None,
-    *,
-    max_jobs: int = 3,
-    extra: str = "",
-    env: dict[str, str] | None = None,
-) -> AsyncIterator[tuple[Pool, anyio.abc.TaskGroup]]:
-    async with serving() as stand_in, anyio.create_task_group() as tg:
-        tree = tmp / "tree.toml"
-        tree.write_text(pool_tree(stand_in, app, script, max_jobs, extra, env or {}))
-        events, log = tmp / "events.jsonl", tmp / "stderr.log"
-        proc = run_cli(tree, tmp / "state", events, "asyncio", log)
-        run = Hosted(proc, events, log)
-        try:
-            await stand_in.wait(lambda: stand_in.of("register"), BOUND)
-            yield Pool(run, stand_in, tree), tg
-        finally:
-            tg.cancel_scope.cancel()  # the callers hang up: their jobs end
-            with anyio.CancelScope(shield=True):
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                    await run.ended()
-
-
-def greeted(log: CallLog) -> bool:
-    return len(log.said) >= 1 and log.states[-1:] == ["AS_LISTENING"]
-
-
-async def say(call: ConsoleCall, text: str, replies: int = 1) -> None:
-    await call.wait_for(lambda log: log.states[-1:] == ["AS_LISTENING"], BOUND)
-    before = len(call.log.said)
-    await call.say(speak_flite(text, "kal16"), SAMPLE_RATE)
-    await call.wait_for(lambda log: len(log.said) >= before + replies, BOUND)
-
-
-def exits(events: Events, path: str) -> list[dict[str, Any]]:
-    return [e for e in events if e["kind"] == "child_exited" and e["path"] == path]
 
 
 async def test_each_job_is_its_own_forked_leaf_holding_its_call(tmp_path: Path) -> None:
@@ -567,57 +451,3 @@ async def test_a_dispatcher_that_dies_mid_call_is_replaced_and_claims_the_runnin
         p.hang_up("M1")
         await p.stand_in.wait(lambda: "JS_SUCCESS" in p.stand_in.job_status("M1"), BOUND)
         assert not await ticket.exists()  # its ticket (the room token) went with it
-
-
-async def test_a_killed_job_resumes_its_call_without_a_new_greeting_and_remembers_it(tmp_path: Path) -> None:
-    """LiveKit's basic_agent, byte for byte, offline: the caller gives their name, the job's
-    process is SIGKILLed, and its restart picks the call up from its checkpoint: no second
-    greeting, and "what is my name" is answered from the conversation before the crash."""
-    script = SCRIPTS / "basic_agent.toml"
-    async with pool(tmp_path, EXAMPLES / "basic_agent.py", script, max_jobs=2) as (p, tg):
-        call = await p.call("R1", tg)
-        first = await p.leaf("R1")
-        await call.wait_for(greeted, BOUND)
-        await say(call, "My name is Alice.")
-        assert "alice" in call.log.said[-1].lower()
-        greetings = len(call.log.said)
-
-        os.kill(first["pid"], signal.SIGKILL)
-        again = await p.leaf("R1", 2)
-        await call.wait_for(lambda log: log.connections == 2 and log.states[-1:] == ["AS_LISTENING"], BOUND)
-        resumed = await p.run.until(
-            lambda ev: (
-                [e for e in ev if e["path"] == again["path"] and "resumed" in (e.get("detail") or "")]
-                or (["stderr"] if "resumed the call" in p.stderr() else [])
-            ),
-            "the resume",
-        )
-        assert resumed
-        assert len(call.log.said) == greetings  # nothing said again on the restart
-        await say(call, "What is my name?")
-        assert "your name is alice" in call.log.said[-1].lower()  # from before the crash
-
-
-async def test_a_killed_booking_resumes_with_the_same_agent_mid_reservation(tmp_path: Path) -> None:
-    """LiveKit's restaurant example, byte for byte, offline: the greeter hands the caller to the
-    reservation agent, the time is given, the job's process is SIGKILLed. The restart resumes
-    with the reservation agent still talking (not back at the greeter), says nothing on its own,
-    and the next line is taken by the reservation agent's own tool."""
-    script = SCRIPTS / "restaurant.toml"
-    async with pool(tmp_path, EXAMPLES / "restaurant_agent.py", script, max_jobs=2) as (p, tg):
-        call = await p.call("B1", tg)
-        first = await p.leaf("B1")
-        await call.wait_for(greeted, BOUND)
-        await say(call, "I would like to make a reservation", replies=2)
-        await say(call, "At seven in the evening")
-        assert ("greeter", "reservation") in call.log.handoffs
-        said, tools = len(call.log.said), len(call.log.tools)
-
-        os.kill(first["pid"], signal.SIGKILL)
-        await p.leaf("B1", 2)
-        await call.wait_for(lambda log: log.connections == 2 and log.states[-1:] == ["AS_LISTENING"], BOUND)
-        await say(call, "My name is Alice")
-        assert len(call.log.said) == said + 1  # nothing said on the restart: only this answer
-        assert [t.name for t in call.log.tools[tools:]] == ["update_name"]  # the reservation agent's tool
-        assert call.log.tools[-1].output == "The name is updated to alice"
-        assert call.log.said[-1].lower().startswith("thank you, alice")

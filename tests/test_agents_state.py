@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 pytest.importorskip("livekit.agents")
 
 from livekit.agents import Agent
 from livekit.agents.llm import ChatContext
 
-from otp_agents.voice.agents_state import agent_in, capture, decode, encode, restore_userdata
+from otp_agents.voice.agents_state import agent_in, capture, decode, encode, fingerprints, restore_userdata
 
 
 class Greeter(Agent):
@@ -115,3 +116,54 @@ def test_at_the_size_limit_the_oldest_turns_go_and_the_instructions_stay() -> No
     roles = [item["role"] for item in state.history["items"]]
     assert roles[0] == "system"
     assert state.history["items"][-1]["content"] == ["turn 199 " + "words " * 20]  # the newest stay
+
+
+class Item(BaseModel):  # shaped like the drive-thru example's ordered items
+    item_id: str
+    size: str | None = None
+
+
+@dataclass
+class Order:
+    items: dict[str, Item]
+    on_change: Any = None  # the app wires a callback in
+
+
+@dataclass
+class Cart:
+    order: Order
+    menu: list[Item]
+    visits: int = 0
+
+    def otp_agents_checkpoint(self) -> dict[str, Any]:
+        return {"visits": self.visits}
+
+    def otp_agents_resume(self, state: dict[str, Any]) -> None:
+        self.visits = state["visits"] + 100
+
+
+def cart() -> Cart:
+    menu = [Item(item_id=f"item-{i}") for i in range(50)]
+    return Cart(order=Order(items={}, on_change=lambda: None), menu=menu)
+
+
+def test_dataclasses_and_models_go_back_into_the_fresh_userdata_and_unchanged_fields_are_not_stored() -> None:
+    history = ChatContext.empty()
+    data = cart()
+    baseline = fingerprints(data)
+    data.order.items["O_1"] = Item(item_id="cheeseburger")
+    data.visits = 2
+    raw = encode(capture(history, None, data, baseline=baseline), 65536)
+    state = decode(raw)
+    assert state.unchanged == ["menu"] and b"item-49" not in raw  # the menu is built again
+    assert state.left_out == {"order.on_change": "not plain data (function)"}
+    assert state.extra == {"visits": 2}
+
+    fresh = cart()
+    callback = fresh.order.on_change
+    restored = restore_userdata(fresh, state)
+    assert set(restored) == {"order", "visits", "otp_agents_resume"}
+    assert fresh.order.items == {"O_1": Item(item_id="cheeseburger")}
+    assert isinstance(fresh.order.items["O_1"], Item)
+    assert fresh.order.on_change is callback  # what the entrypoint wired in stays
+    assert fresh.visits == 102  # the fields first, then the app's own hook

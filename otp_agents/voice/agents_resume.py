@@ -35,6 +35,7 @@ from otp_agents.voice.agents_state import (
     capture,
     class_name,
     encode,
+    fingerprints,
     restore_userdata,
 )
 
@@ -62,6 +63,7 @@ class Resume:
         self.resumed = False
         self.checkpoints = 0
         self._last = b""
+        self._baseline: dict[str, str] = {}  # userdata as the entrypoint built it
 
     def install(self) -> None:
         from livekit.agents import AgentSession
@@ -90,11 +92,12 @@ class Resume:
 
     def _before_start(self, session: Any, agent: Any) -> Any:
         state, self.state = self.state, None  # once: a second session of the job starts fresh
+        userdata = getattr(session, "_userdata", None)
+        self._baseline = fingerprints(userdata, self.never) if userdata is not None else {}
         if state is None:
             return agent
         from livekit.agents.llm import ChatContext
 
-        userdata = getattr(session, "_userdata", None)
         restored = restore_userdata(userdata, state)
         target = agent_in(userdata, state)
         if target is None and state.agent == class_name(agent):
@@ -143,7 +146,14 @@ class Resume:
             linked = session.room_io.linked_participant if session._room_io is not None else None
             participant = linked.identity if linked is not None else None
         userdata = getattr(session, "_userdata", None)
-        state = capture(session.history, agent, userdata, participant=participant, never=self.never)
+        state = capture(
+            session.history,
+            agent,
+            userdata,
+            participant=participant,
+            never=self.never,
+            baseline=self._baseline,
+        )
         data = encode(state, self.limit)
         if data != self._last:
             self._last = data

@@ -8,7 +8,12 @@ them back, and :func:`restore_userdata` puts the app's fields back on a fresh ``
 
 ``userdata`` is kept field by field:
 
-- values that are plain data (text, numbers, booleans, lists and dicts of them) are kept;
+- values that are plain data (text, numbers, booleans, lists and dicts of them) are kept, and so
+  are the app's dataclasses and pydantic models made of such data (an order, a cart): a dataclass
+  is put back into the fresh one field by field (what the entrypoint wired into it, a callback,
+  stays), a model is rebuilt with its own validation, both from classes already imported;
+- a field still as the entrypoint built it (a menu read at the start) is not stored: the restart
+  builds it again;
 - an ``Agent`` (the active one, the previous one, a dict of them) is kept as a reference: its key
   in a dict of agents, else its class. A restart re-creates the agents (the entrypoint runs
   again), and the references point at the new ones;
@@ -18,6 +23,11 @@ them back, and :func:`restore_userdata` puts the app's fields back on a fresh ``
   an app adds its own. Those fields' values are also scrubbed from the conversation (what the
   caller said, tool arguments and results), and so is anything shaped like a card number.
 
+An app keeps more of its own state with two methods on its ``userdata``, found by name (the app
+still runs unchanged under LiveKit): ``otp_agents_checkpoint(self) -> dict`` returns JSON data,
+called with each checkpoint, and ``otp_agents_resume(self, state: dict)`` gets it back on a
+restart, after the fields are restored.
+
 At the size limit the oldest turns go first (the instructions stay), and ``trimmed`` counts
 them. A call never fails because its checkpoint is large.
 """
@@ -26,15 +36,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-# Field names that are never written to a checkpoint (matched anywhere in the name, any case).
-NEVER_KEPT = ("card", "cvv", "cvc", "expir", "password", "passcode", "secret", "token", "ssn", "iban", "pin")
+from otp_agents.voice.agents_privacy import NEVER_KEPT, fields_of, matcher, private_values, scrub
+
 _PLAIN = (str, int, float, bool, type(None))
 FORMAT = 1
+SAVE_HOOK, RESUME_HOOK = "otp_agents_checkpoint", "otp_agents_resume"
+log = logging.getLogger("otp_agents.resume")
 
 
 @dataclass
@@ -47,7 +61,8 @@ class SessionState:
     left_out: dict[str, str] = field(default_factory=dict)  # userdata field -> why not kept
     participant: str | None = None  # the caller the session is linked to
     trimmed: int = 0  # oldest turns dropped to fit the limit
-    extra: dict[str, Any] = field(default_factory=dict)  # what the app added (a hook)
+    extra: dict[str, Any] = field(default_factory=dict)  # what the app added (SAVE_HOOK)
+    unchanged: list[str] = field(default_factory=list)  # fields as the entrypoint built them
 
 
 def class_name(obj: object) -> str:
@@ -62,76 +77,63 @@ def capture(
     *,
     participant: str | None = None,
     never: Iterable[str] = NEVER_KEPT,
+    baseline: dict[str, str] | None = None,
 ) -> SessionState:
-    """The state of a session: ``history`` and ``agent.chat_ctx`` are LiveKit ``ChatContext``s."""
+    """The state of a session: ``history`` and ``agent.chat_ctx`` are LiveKit ``ChatContext``s.
+    ``baseline``: :func:`fingerprints` of the userdata as the entrypoint built it; fields still
+    equal to it are not stored."""
     from livekit.agents import Agent
 
-    secret = _matcher(never)
+    secret = matcher(never)
     kept, left_out, refs = _fields(userdata, Agent, secret)
+    unchanged = [n for n, v in kept.items() if baseline and baseline.get(n) == _print(v)]
+    for name in unchanged:
+        del kept[name]
     ref = next((key for key, target in refs.items() if target is agent), None) if agent is not None else None
-    private = _private_values(userdata, secret)
+    private = private_values(userdata, secret)
     return SessionState(
-        history=_scrub(_chat(history), private),
+        history=scrub(_chat(history), private),
         agent=class_name(agent) if agent is not None else None,
         agent_ref=ref,
-        agent_history=_scrub(_chat(agent.chat_ctx), private) if agent is not None else None,
+        agent_history=scrub(_chat(agent.chat_ctx), private) if agent is not None else None,
         userdata=kept,
         left_out=left_out,
         participant=participant,
+        extra=_extra(userdata, left_out),
+        unchanged=unchanged,
     )
+
+
+def fingerprints(userdata: Any, never: Iterable[str] = NEVER_KEPT) -> dict[str, str]:
+    """Each kept field of ``userdata`` as the entrypoint built it (before any turn)."""
+    from livekit.agents import Agent
+
+    kept, _, _ = _fields(userdata, Agent, matcher(never))
+    return {name: _print(value) for name, value in kept.items()}
+
+
+def _print(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _extra(userdata: Any, left_out: dict[str, str]) -> dict[str, Any]:
+    hook = getattr(userdata, SAVE_HOOK, None)
+    if not callable(hook):
+        return {}
+    try:
+        extra = hook()
+        json.dumps(extra)
+    except Exception as exc:  # the app's hook must not cost the call
+        left_out[SAVE_HOOK] = f"the hook failed: {type(exc).__name__}: {exc}"
+        return {}
+    if not isinstance(extra, dict):
+        left_out[SAVE_HOOK] = f"the hook returned {type(extra).__name__}, not a dict"
+        return {}
+    return extra
 
 
 def _chat(ctx: Any) -> dict[str, Any]:
     return dict(ctx.to_dict(exclude_image=True, exclude_audio=True, exclude_timestamp=False))
-
-
-_CARD = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
-REDACTED = "[not kept]"
-
-
-def _private_values(userdata: Any, secret: re.Pattern[str]) -> list[str]:
-    """The values of the private fields: they are also scrubbed from what was said."""
-    if userdata is None:
-        return []
-    values = [str(v) for k, v in _items(userdata).items() if secret.search(k) and v not in (None, "")]
-    return sorted({v for v in values if len(v) >= 3}, key=len, reverse=True)
-
-
-def _luhn(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = int(ch) * (2 if i % 2 else 1)
-        total += d - 9 if d > 9 else d
-    return total % 10 == 0
-
-
-def _scrub_text(text: str, private: list[str]) -> str:
-    def card(m: re.Match[str]) -> str:
-        digits = re.sub(r"\D", "", m.group(0))
-        return REDACTED if _luhn(digits) else m.group(0)
-
-    text = _CARD.sub(card, text)
-    for value in private:
-        spaced = r"[ -]?".join(re.escape(ch) for ch in value) if value.isdigit() else re.escape(value)
-        text = re.sub(spaced, REDACTED, text)
-    return text
-
-
-def _scrub(chat: dict[str, Any], private: list[str]) -> dict[str, Any]:
-    """Card numbers (Luhn-valid runs of 13 to 19 digits) and the private fields' values, out of
-    every text of the conversation: a caller reads their card out loud."""
-    for item in chat.get("items", []):
-        content = item.get("content")
-        if isinstance(content, list):
-            item["content"] = [_scrub_text(c, private) if isinstance(c, str) else c for c in content]
-        for key in ("arguments", "output"):  # tool calls and their results
-            if isinstance(item.get(key), str):
-                item[key] = _scrub_text(item[key], private)
-    return chat
-
-
-def _matcher(never: Iterable[str]) -> re.Pattern[str]:
-    return re.compile("|".join(re.escape(n) for n in never) or r"(?!)", re.IGNORECASE)
 
 
 def _fields(
@@ -140,7 +142,7 @@ def _fields(
     """(kept fields, left-out fields with why, references to agents by path)."""
     if userdata is None:
         return {}, {}, {}
-    items = dict(_items(userdata))
+    items = dict(fields_of(userdata))
     kept: dict[str, Any] = {}
     left_out: dict[str, str] = {}
     refs: dict[str, Any] = {}
@@ -156,10 +158,10 @@ def _fields(
             refs.update({f"{name}.{k}": v for k, v in value.items()})
             kept[name] = {"__agents__": {str(k): class_name(v) for k, v in value.items()}}
             continue
-        if _plain(value):
-            kept[name] = value
-        else:
-            left_out[name] = f"not plain data ({type(value).__name__})"
+        try:
+            kept[name] = _value(value, secret, name, left_out)
+        except _NotKept as exc:
+            left_out[name] = str(exc)
     # an agent held in a field is also one of the dict's: prefer the dict's key for it
     for name, value in list(refs.items()):
         if "." not in name:
@@ -169,16 +171,43 @@ def _fields(
     return kept, left_out, refs
 
 
-def _plain(value: Any, depth: int = 0) -> bool:
+class _NotKept(Exception):
+    pass
+
+
+def _value(value: Any, secret: re.Pattern[str], where: str, left_out: dict[str, str], depth: int = 0) -> Any:
+    """``value`` as JSON data, or :class:`_NotKept`. A dataclass's fields that cannot be kept
+    (a callback) are left out one by one and named ``field.sub``."""
     if depth > 20:
-        return False
+        raise _NotKept("nested too deep")
     if isinstance(value, _PLAIN):
-        return True
+        return value
     if isinstance(value, list | tuple):
-        return all(_plain(v, depth + 1) for v in value)
+        return [_value(v, secret, f"{where}[]", left_out, depth + 1) for v in value]
     if isinstance(value, dict):
-        return all(isinstance(k, str) and _plain(v, depth + 1) for k, v in value.items())
-    return False
+        if not all(isinstance(k, str) for k in value):
+            raise _NotKept("a dict with keys that are not text")
+        return {k: _value(v, secret, f"{where}.{k}", left_out, depth + 1) for k, v in value.items()}
+    dump = getattr(value, "model_dump", None)
+    if callable(dump) and callable(getattr(type(value), "model_validate", None)):  # pydantic
+        data = dump(mode="json")
+        for key in [k for k in data if secret.search(k)]:
+            del data[key]
+            left_out[f"{where}.{key}"] = "never kept (private)"
+        return {"__model__": class_name(value), "data": data}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields: dict[str, Any] = {}
+        for f in dataclasses.fields(value):
+            sub = f"{where}.{f.name}"
+            if secret.search(f.name):
+                left_out[sub] = "never kept (private)"
+                continue
+            try:
+                fields[f.name] = _value(getattr(value, f.name), secret, sub, left_out, depth + 1)
+            except _NotKept as exc:
+                left_out[sub] = str(exc)
+        return {"__dataclass__": class_name(value), "fields": fields}
+    raise _NotKept(f"not plain data ({type(value).__name__})")
 
 
 def encode(state: SessionState, limit: int) -> bytes:
@@ -222,7 +251,7 @@ def restore_userdata(userdata: Any, state: SessionState) -> list[str]:
     agents): agent references resolve to the new agents. Returns the fields restored."""
     if userdata is None:
         return []
-    new_agents = _items(userdata)
+    new_agents = fields_of(userdata)
     restored = []
     for name, value in state.userdata.items():
         if isinstance(value, dict) and "__agents__" in value:
@@ -232,17 +261,53 @@ def restore_userdata(userdata: Any, state: SessionState) -> list[str]:
             if target is None:
                 continue
             value = target
+        else:
+            try:
+                value = _revive(value, new_agents.get(name))
+            except Exception as exc:  # the fresh value stands; the call goes on
+                log.warning("userdata.%s not restored: %s: %s", name, type(exc).__name__, exc)
+                continue
         _set(userdata, name, value)
         restored.append(name)
+    hook = getattr(userdata, RESUME_HOOK, None)
+    if state.extra and callable(hook):
+        try:
+            hook(state.extra)
+            restored.append(RESUME_HOOK)
+        except Exception as exc:
+            log.warning("the app's %s failed: %s: %s", RESUME_HOOK, type(exc).__name__, exc)
     return restored
 
 
-def _items(userdata: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(userdata) and not isinstance(userdata, type):
-        return {f.name: getattr(userdata, f.name) for f in dataclasses.fields(userdata)}
-    if isinstance(userdata, dict):
-        return userdata
-    return dict(getattr(userdata, "__dict__", {}))
+def _revive(value: Any, fresh: Any) -> Any:
+    """A kept value back as the app's objects; a dataclass goes into ``fresh`` (the one the
+    entrypoint built) when it is of the same class, so what was wired into it stays."""
+    if isinstance(value, list):
+        return [_revive(v, None) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__model__" in value:
+        return _imported(value["__model__"], "model_validate").model_validate(value["data"])
+    if "__dataclass__" in value:
+        fields = value["fields"]
+        if fresh is not None and class_name(fresh) == value["__dataclass__"]:
+            for key, sub in fields.items():
+                setattr(fresh, key, _revive(sub, getattr(fresh, key, None)))
+            return fresh
+        cls = _imported(value["__dataclass__"], "__dataclass_fields__")
+        return cls(**{key: _revive(sub, None) for key, sub in fields.items()})
+    return {k: _revive(v, fresh.get(k) if isinstance(fresh, dict) else None) for k, v in value.items()}
+
+
+def _imported(name: str, marker: str) -> Any:
+    """A class the app already imported (a checkpoint never imports anything)."""
+    module, _, qualname = name.partition(":")
+    found: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    if not isinstance(found, type) or not hasattr(found, marker):
+        raise LookupError(f"{name} is not an imported class")
+    return found
 
 
 def _resolve(fields: dict[str, Any], ref: str | None, cls: str) -> Any:
@@ -270,7 +335,7 @@ def agent_in(userdata: Any, state: SessionState) -> Any:
     """The re-created agent that was active (by its reference, else by its class), or None."""
     if state.agent is None:
         return None
-    return _resolve(_items(userdata) if userdata is not None else {}, state.agent_ref, state.agent)
+    return _resolve(fields_of(userdata) if userdata is not None else {}, state.agent_ref, state.agent)
 
 
 __all__ = [
@@ -281,5 +346,6 @@ __all__ = [
     "class_name",
     "decode",
     "encode",
+    "fingerprints",
     "restore_userdata",
 ]
