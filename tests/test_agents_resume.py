@@ -54,11 +54,13 @@ async def kill_and_resume(p: Pool, job: str, call: ConsoleCall) -> None:
 
 
 async def test_a_killed_job_resumes_its_call_without_a_new_greeting_and_remembers_it(tmp_path: Path) -> None:
-    """LiveKit's basic_agent, byte for byte, offline: the caller gives their name, the job's
-    process is SIGKILLed, and its restart picks the call up from its checkpoint: no second
-    greeting, and "what is my name" is answered from the conversation before the crash."""
+    """LiveKit's basic_agent, byte for byte, offline, its checkpoints kept in memory only: the
+    caller gives their name, the job's process is SIGKILLed, and its restart picks the call up
+    from its checkpoint: no second greeting, and "what is my name" is answered from the
+    conversation before the crash. Nothing of the call was written to disk."""
     script = SCRIPTS / "basic_agent.toml"
-    async with pool(tmp_path, EXAMPLES / "basic_agent.py", script, max_jobs=2) as (p, tg):
+    memory_only = 'checkpoint = "memory"'
+    async with pool(tmp_path, EXAMPLES / "basic_agent.py", script, max_jobs=2, extra=memory_only) as (p, tg):
         call = await p.call("R1", tg)
         first = await p.leaf("R1")
         await call.wait_for(greeted, BOUND)
@@ -84,6 +86,7 @@ async def test_a_killed_job_resumes_its_call_without_a_new_greeting_and_remember
         assert restored is not None and int(restored.group(1)) >= 3
         await say(call, "What is my name?")
         assert "your name is alice" in call.log.said[-1].lower()  # from before the crash
+        assert stored(tmp_path) == b""  # memory only: the call never reached the disk
 
 
 async def test_a_killed_restaurant_call_resumes_mid_booking_and_mid_checkout_without_the_card(

@@ -40,6 +40,22 @@ def test_an_app_pool_is_a_zygote_a_jobs_supervisor_and_a_dispatcher_stopped_firs
     # listed last, stopped first: its drain, then the jobs' shutdown, then the zygote's
     bound = stop_bound(agents)
     assert bound is not None and bound >= 120 + 15 + 5
+    assert job.checkpoint_store == "disk" and job.checkpoint_max_bytes == 65536  # calls resume
+
+
+@pytest.mark.parametrize(("setting", "store", "limit"), [("memory", "memory", 65536), ("off", "disk", 0)])
+def test_a_pools_calls_are_checkpointed_in_memory_only_or_not_at_all(
+    setting: str, store: str, limit: int
+) -> None:
+    root = loads(pool(f'checkpoint = "{setting}"\nnever_checkpoint = ["customer_phone", "dob"]'))
+    (agents,) = root.children
+    assert isinstance(agents, SupervisorSpec)
+    jobs = agents.children[1]
+    assert isinstance(jobs, SupervisorSpec)
+    (job,) = jobs.children
+    assert isinstance(job, WorkerSpec)
+    assert (job.checkpoint_store, job.checkpoint_max_bytes) == (store, limit)
+    assert job.env["OTP_AGENTS_APP_NEVER_KEPT"] == "customer_phone,dob"
 
 
 @pytest.mark.parametrize(
@@ -52,6 +68,8 @@ def test_an_app_pool_is_a_zygote_a_jobs_supervisor_and_a_dispatcher_stopped_firs
         ('command = ["true"]', "children[0]", "exactly one of"),
         ("health = { memory_soft_mb = 500 }", "children[0].health.memory_soft_mb", "end the call"),
         ("health = { max_lifetime = 600 }", "children[0].health.max_lifetime", "end the call"),
+        ('checkpoint = "cloud"', "children[0].checkpoint", "memory"),
+        ('never_checkpoint = ["a b"]', "children[0].never_checkpoint[0]", "field name"),
     ],
 )
 def test_a_bad_pool_is_refused_naming_the_key(extra: str, where: str, says: str) -> None:

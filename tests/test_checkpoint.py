@@ -118,6 +118,27 @@ async def test_checkpoints_off(anyio_backend: str) -> None:
         assert not rec.of(Kind.RESUMED)
 
 
+async def test_a_memory_only_checkpoint_resumes_but_never_touches_the_disk(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    on_disk = counter("w", anyio_backend)
+    config = {"children": [counter("w", anyio_backend, checkpoint_store="memory")]}
+    file = tmp_path / "checkpoints" / file_name("root/w")
+    async with tree_of({"children": [on_disk]}, tmp_path) as (_tree, rec):
+        assert await next_count(rec, "root/w", 0) == 1
+    assert file.exists()  # an earlier run's setting wrote it
+    async with tree_of(config, tmp_path) as (tree, rec):
+        assert await next_count(rec, "root/w", 0) == 2
+        await wait_file(file, None)  # now memory-only: the old file goes
+        mark = rec.mark()
+        await kill(tree, "root/w")
+        assert await next_count(rec, "root/w", mark) == 3  # resumed from memory
+        assert not file.exists()
+    async with tree_of(config, tmp_path) as (_tree, rec):
+        assert await next_count(rec, "root/w", 0) == 1  # a new supervisor: nothing was kept
+    assert not file.exists()
+
+
 async def test_checkpoint_survives_a_supervisor_restart(anyio_backend: str, tmp_path: Path) -> None:
     config = {"children": [counter("w", anyio_backend)]}
     async with tree_of(config, tmp_path) as (_tree, rec):

@@ -1,7 +1,9 @@
 """Crash-resume checkpoints: a worker's last small state, handed back whenever it (re)starts.
 
 A protocol worker sends ``Checkpoint(data)`` when its state changes; the supervisor keeps the
-newest one per child path, in memory and, when there is a state dir, on disk, and puts it in the
+newest one per child path, in memory and, when there is a state dir and the child's
+``checkpoint_store`` is ``disk``, on disk (``memory``: never written, so a restart of the
+supervisor itself starts the child afresh), and puts it in the
 ``Welcome`` of the child's next start: after a crash, a hang kill, a recycle, an operator restart
 or a restart of the supervisor itself. It is forgotten only when the worker sends an empty
 checkpoint, or when the child leaves the tree for good (a dynamic or temporary child deleted).
@@ -107,6 +109,7 @@ class CheckpointStore:
         self._tg = tg  # where the writer task runs; without one, writes wait for flush()
         self._mem: dict[str, bytes] = {}
         self._pending: dict[str, bytes | None] = {}  # newest unwritten state per path; None: delete
+        self._disk: set[str] = set()  # paths this run wrote to disk or read from it
         self._writing = False
         self._written: anyio.Event | None = None
         # Paths with a file from an earlier run not read yet (listed once, on first need), so a
@@ -118,8 +121,9 @@ class CheckpointStore:
 
     # -- the supervisor's side -------------------------------------------------------------------
 
-    def put(self, path: str, data: bytes, limit: int, pid: int | None = None) -> None:
-        """Keep ``data`` as ``path``'s checkpoint; empty data forgets it. Never blocks."""
+    def put(self, path: str, data: bytes, limit: int, pid: int | None = None, *, disk: bool = True) -> None:
+        """Keep ``data`` as ``path``'s checkpoint (``disk``: on disk too); empty data forgets it.
+        Never blocks."""
         size = len(data)
         if not size:
             self.clear(path)
@@ -130,17 +134,25 @@ class CheckpointStore:
             reason = "disabled" if limit == 0 else "too_large"
             self._bus.emit(Kind.CHECKPOINT_DROPPED, path, pid=pid, reason=reason, value=size, threshold=limit)
             return
+        on_disk = path in self._disk
         self._mem[path] = data
         if self._leftover is not None:
+            on_disk = on_disk or path in self._leftover
             self._leftover.discard(path)
-        if self.dir is not None:
+        if self.dir is not None and disk:
+            self._disk.add(path)
             self._pending[path] = data
+            self._kick()
+        elif on_disk:  # now memory-only: what an earlier setting wrote goes
+            self._disk.discard(path)
+            self._pending[path] = None
             self._kick()
         self._bus.emit(Kind.CHECKPOINT, path, pid=pid, value=size)
 
     def clear(self, path: str) -> None:
         """Forget ``path``'s checkpoint, in memory and on disk."""
         known = self._mem.pop(path, None) is not None or path in self._pending
+        self._disk.discard(path)
         if self._leftover is not None:
             known = known or path in self._leftover
             self._leftover.discard(path)
@@ -184,6 +196,7 @@ class CheckpointStore:
             return None
         if data is not None and path not in self._pending:
             self._mem[path] = data
+            self._disk.add(path)  # on disk: a memory-only put takes it off
         return data
 
     async def flush(self) -> None:

@@ -41,8 +41,13 @@ def _error(host: Host, proc: ChildProcess, msg: Error) -> None:
 
 
 def _checkpoint(host: Host, proc: ChildProcess, msg: Checkpoint) -> None:
-    limit = proc.spec.checkpoint_max_bytes if isinstance(proc.spec, WorkerSpec) else 0
-    host.checkpoints.put(proc.path, msg.data, limit, pid=proc.pid)
+    spec = proc.spec
+    limit, disk = (
+        (spec.checkpoint_max_bytes, spec.checkpoint_store == "disk")
+        if isinstance(spec, WorkerSpec)
+        else (0, False)
+    )
+    host.checkpoints.put(proc.path, msg.data, limit, pid=proc.pid, disk=disk)
 
 
 def _report(host: Host, proc: ChildProcess, msg: Report) -> None:

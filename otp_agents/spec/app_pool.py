@@ -34,8 +34,10 @@ from otp_agents.wire.env import (
     ENV_APP_LLM_MODEL,
     ENV_APP_LLM_SCRIPT,
     ENV_APP_LLM_URL,
+    ENV_APP_NEVER_KEPT,
     ENV_APP_PROVIDERS,
 )
+from otp_agents.wire.messages import MAX_CHECKPOINT
 
 ZYGOTE_PREPARE = "otp_agents.voice.agents_zygote:prepare"
 JOB_MODULE = "workers.agents_job:main"
@@ -62,6 +64,12 @@ class AppPool(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=T
     intensity: Annotated[int, msgspec.Meta(ge=0)] | None = None  # default: max(3, max_jobs)
     period: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     health: dict[str, Any] = {}  # each job's health table (heartbeat, memory)
+    # A call's checkpoint (it resumes after its process dies): kept on disk too (a restart of
+    # otp-agents itself resumes calls), in memory only, or not at all.
+    checkpoint: Literal["disk", "memory", "off"] = "disk"
+    checkpoint_max_bytes: Annotated[int, msgspec.Meta(ge=1024, le=MAX_CHECKPOINT)] = 65536
+    # userdata field names never checkpointed, on top of the built-in list (card, cvv, ...)
+    never_checkpoint: list[Annotated[str, msgspec.Meta(min_length=2, pattern=r"^[A-Za-z0-9_]+$")]] = []
     env: dict[str, str] = {}
     # As on any child of its parent.
     restart: Literal["permanent", "transient", "temporary"] = "permanent"
@@ -84,6 +92,8 @@ def expand(pool: AppPool) -> dict[str, Any]:
         env[ENV_APP_LLM_SCRIPT] = pool.llm_script
     if pool.llm_url:
         env[ENV_APP_LLM_URL] = pool.llm_url
+    if pool.never_checkpoint:
+        env[ENV_APP_NEVER_KEPT] = ",".join(pool.never_checkpoint)
     env |= pool.env
     image = pool.id
     dispatcher_args = ["--jobs", "../jobs", "--app", "--max-jobs", str(pool.max_jobs)]
@@ -99,6 +109,8 @@ def expand(pool: AppPool) -> dict[str, Any]:
         "shutdown": pool.job_shutdown,
         "start_timeout": pool.job_start_timeout,
         "env": env,
+        "checkpoint_max_bytes": 0 if pool.checkpoint == "off" else pool.checkpoint_max_bytes,
+        "checkpoint_store": "memory" if pool.checkpoint == "memory" else "disk",
     }
     if pool.health:
         job["health"] = pool.health

@@ -164,6 +164,8 @@ _CHOICES = {
     "auto_shutdown": [a.value for a in AutoShutdown],
     "backend": ["asyncio", "trio"],
     "providers": ["app", "offline"],
+    "checkpoint_store": ["disk", "memory"],
+    "checkpoint": ["disk", "memory", "off"],
 }
 
 
@@ -172,6 +174,8 @@ def _friendly(problem: str, leaf: str, value: Any) -> str:
         problem = "expected one of " + ", ".join(_CHOICES[leaf])
     elif leaf == "shutdown":
         problem = 'expected seconds > 0, "brutal_kill" or "infinity"'
+    elif leaf == "never_checkpoint":
+        problem = "expected a userdata field name (letters, digits and '_')"
     elif leaf == "checkpoint_max_bytes":
         problem = f"expected a whole number of bytes from 0 to {MAX_CHECKPOINT} (0 turns checkpoints off)"
     elif leaf == "id" and "regex" in problem:

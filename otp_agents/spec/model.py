@@ -208,6 +208,9 @@ class WorkerSpec(_ProcessBase, kw_only=True, frozen=True, tag_field="kind", tag=
     # Largest checkpoint kept for this child (bytes); 0 turns checkpoints off. The cap keeps a
     # Welcome that carries one inside a frame.
     checkpoint_max_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_CHECKPOINT)] = 65536
+    # Where the supervisor keeps them: "disk" (the state dir too: a restart of the supervisor
+    # resumes) or "memory" (never written anywhere; private calls).
+    checkpoint_store: Literal["disk", "memory"] = "disk"
     # Fork this worker from the zygote of this image (a ZygoteSpec child somewhere in the tree)
     # instead of starting a fresh interpreter; it starts cold while that zygote is down.
     zygote: ImageName | None = None

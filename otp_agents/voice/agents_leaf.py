@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -29,10 +30,12 @@ import anyio
 
 from otp_agents.voice.agents_host import Console, first_of, through_loop, watching
 from otp_agents.voice.agents_job import CRASHED, JobRunner, entrypoint
+from otp_agents.voice.agents_privacy import NEVER_KEPT
 from otp_agents.voice.agents_resume import Resume
 from otp_agents.voice.agents_state import decode
 from otp_agents.voice.agents_ticket import Ticket
 from otp_agents.voice.agents_zygote import Prepared
+from otp_agents.wire.env import ENV_APP_NEVER_KEPT
 from otp_agents.worker import Worker
 
 if TYPE_CHECKING:
@@ -177,7 +180,8 @@ async def _checkpointing(worker: Worker) -> AsyncIterator[Resume | None]:
     def send(data: bytes) -> None:  # on the job's loop
         owner.call_soon_threadsafe(put, data)
 
-    resume = Resume(state, send, limit=worker.checkpoint_max)
+    more = tuple(n for n in os.environ.get(ENV_APP_NEVER_KEPT, "").split(",") if n)
+    resume = Resume(state, send, limit=worker.checkpoint_max, never=NEVER_KEPT + more)
     resume.install()
 
     async def pump() -> None:

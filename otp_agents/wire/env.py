@@ -36,4 +36,5 @@ ENV_APP_PROVIDERS = "OTP_AGENTS_APP_PROVIDERS"  # app | offline
 ENV_APP_LLM_SCRIPT = "OTP_AGENTS_APP_LLM_SCRIPT"  # offline: the scripted LLM's script
 ENV_APP_LLM_URL = "OTP_AGENTS_APP_LLM_URL"  # offline: an OpenAI-compatible server
 ENV_APP_LLM_MODEL = "OTP_AGENTS_APP_LLM_MODEL"
+ENV_APP_NEVER_KEPT = "OTP_AGENTS_APP_NEVER_KEPT"  # more field names a checkpoint never holds (a,b)
 ENV_APP_DIGEST = "OTP_AGENTS_APP_DIGEST"  # on the zygote only: a changed app is a changed zygote
