@@ -2,7 +2,8 @@
 tests. **Not a LiveKit server**: it speaks only the agent worker protocol (``livekit.protocol.agent``
 protobuf messages over a WebSocket at ``/agent``), checks the worker's token with the real
 ``livekit.api.TokenVerifier``, and lets a test offer jobs, terminate them and drop the connection.
-No media, no rooms."""
+Of the server API (Twirp over HTTP) it answers SIP dial-outs (``CreateSIPParticipant``), counting
+them: no phone is rung. No media, no rooms."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import anyio
 from aiohttp import WSMsgType, web
 from livekit import api
 from livekit.protocol import agent as lk
-from livekit.protocol import models
+from livekit.protocol import models, sip
 
 from .loopback_http import serve_app
 
@@ -29,6 +30,7 @@ class StandIn:
     received: list[lk.WorkerMessage] = field(default_factory=list)
     connections: int = 0
     rejected: int = 0
+    dials: list[sip.CreateSIPParticipantRequest] = field(default_factory=list)
     _ws: web.WebSocketResponse | None = None
     _changed: anyio.Event = field(default_factory=anyio.Event)
     _ids: Any = field(default_factory=lambda: itertools.count(1))
@@ -76,6 +78,24 @@ class StandIn:
             self._changed.set()
         return ws
 
+    async def dial(self, request: web.Request) -> web.Response:
+        auth = request.headers.get("Authorization", "")
+        try:
+            claims = api.TokenVerifier(KEY, SECRET).verify(auth.removeprefix("Bearer "))
+            assert claims.sip and claims.sip.call
+        except Exception:
+            return web.json_response({"code": "unauthenticated", "msg": "invalid token"}, status=401)
+        dial = sip.CreateSIPParticipantRequest.FromString(await request.read())
+        self.dials.append(dial)
+        self._changed.set()
+        answer = sip.SIPParticipantInfo(
+            participant_id=f"PA_{len(self.dials)}",
+            participant_identity=dial.participant_identity,
+            room_name=dial.room_name,
+            sip_call_id=f"SCL_{len(self.dials)}",
+        )
+        return web.Response(body=answer.SerializeToString(), content_type="application/protobuf")
+
     async def _send(self, msg: lk.ServerMessage) -> None:
         assert self._ws is not None, "no worker connected"
         await self._ws.send_bytes(msg.SerializeToString())
@@ -106,6 +126,7 @@ async def serving() -> AsyncIterator[StandIn]:
     stand_in = StandIn()
     app = web.Application()
     app.router.add_get("/agent", stand_in.handler)
+    app.router.add_post("/twirp/livekit.SIP/CreateSIPParticipant", stand_in.dial)
     async with serve_app(app) as port:
         stand_in.url = f"ws://127.0.0.1:{port}"
         yield stand_in

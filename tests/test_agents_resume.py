@@ -18,7 +18,7 @@ pytest.importorskip("livekit.agents")
 
 from otp_agents.voice.agents_console import ConsoleCall
 
-from .agents_helpers import BOUND, EXAMPLES, SCRIPTS, Pool, greeted, pool, say
+from .agents_helpers import APPS, BOUND, EXAMPLES, SCRIPTS, Pool, greeted, pool, say
 from .voice_helpers import needs_tts
 
 pytestmark = [pytest.mark.anyio, needs_tts, pytest.mark.timeout(600)]
@@ -127,7 +127,7 @@ async def test_a_killed_restaurant_call_resumes_mid_booking_and_mid_checkout_wit
         await call.wait_for(greeted, BOUND)
         await say(call, "I would like to order food", replies=2)
         await say(call, "One pizza please")
-        await say(call, "That is all", replies=2)
+        await say(call, "That is everything", replies=2)
         await say(call, "Yes")
         card = "four two four two four two four two expiring twelve twenty nine code nine eight seven"
         await say(call, f"My card is {card}")
@@ -175,3 +175,22 @@ async def test_a_killed_drive_thru_order_survives_with_its_items(tmp_path: Path)
         await say(call, "Nothing else thanks")
         assert call.log.tools[-1].name == "list_order_items"
         assert "cheeseburger" in call.log.tools[-1].output  # the order from before the crash
+
+
+async def test_an_app_that_dials_out_rings_the_callee_once_across_a_crash(tmp_path: Path) -> None:
+    """An app that dials out over SIP in its entrypoint: the stand-in sees one dial; after a
+    SIGKILL the entrypoint runs again but its dial is answered from the checkpoint, not sent,
+    and the call goes on without a second introduction."""
+    async with pool(tmp_path, APPS / "dialing_agent.py", SCRIPTS / "dialing.toml", max_jobs=2) as (p, tg):
+        call = await p.call("O1", tg)
+        await call.wait_for(greeted, BOUND)
+        (dial,) = p.stand_in.dials
+        assert (dial.sip_call_to, dial.participant_identity) == ("+15550100", "callee")
+        said = len(call.log.said)
+
+        await kill_and_resume(p, "O1", call)
+        await say(call, "Yes that works")
+        assert "see you on monday" in call.log.said[-1].lower()
+        assert len(call.log.said) == said + 1  # no second introduction
+        assert len(p.stand_in.dials) == 1  # and no second ring
+        assert "SIP/CreateSIPParticipant #1 not sent again" in p.stderr()

@@ -18,6 +18,7 @@ ended. How it ends decides what its supervisor does (the pool's jobs are ``trans
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -170,15 +171,25 @@ async def _checkpointing(worker: Worker) -> AsyncIterator[Resume | None]:
         except ValueError as exc:
             await worker.log(f"the checkpoint cannot be read, the call starts afresh: {exc}", logging.WARNING)
     owner = asyncio.get_running_loop()
-    latest: list[bytes] = []
+    latest: list[tuple[bytes, list[concurrent.futures.Future[None]]]] = []
     wake = anyio.Event()
 
-    def put(data: bytes) -> None:  # on the worker's loop
-        latest[:] = [data]
+    def put(data: bytes, done: concurrent.futures.Future[None]) -> None:  # on the worker's loop
+        waiting = latest.pop()[1] if latest else []
+        latest.append((data, [*waiting, done]))  # only the newest goes; it holds the older ones
         wake.set()
 
-    def send(data: bytes) -> None:  # on the job's loop
-        owner.call_soon_threadsafe(put, data)
+    def send(data: bytes) -> concurrent.futures.Future[None]:  # on the job's loop
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        owner.call_soon_threadsafe(put, data, done)
+        return done
+
+    async def deliver() -> None:
+        while latest:
+            data, waiting = latest.pop()
+            await worker.checkpoint(data)
+            for done in waiting:
+                done.set_result(None)
 
     more = tuple(n for n in os.environ.get(ENV_APP_NEVER_KEPT, "").split(",") if n)
     resume = Resume(state, send, limit=worker.checkpoint_max, never=NEVER_KEPT + more)
@@ -189,16 +200,14 @@ async def _checkpointing(worker: Worker) -> AsyncIterator[Resume | None]:
         while True:
             await wake.wait()
             wake = anyio.Event()
-            while latest:
-                await worker.checkpoint(latest.pop())
+            await deliver()
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(pump)
         try:
             yield resume
         finally:
-            while latest:  # the last one goes out before the job's end is told
-                await worker.checkpoint(latest.pop())
+            await deliver()  # the last one goes out before the job's end is told
             tg.cancel_scope.cancel()
 
 

@@ -17,17 +17,24 @@ spoken:
 Until the caller next speaks, the agent says nothing it did not say before: the greeting of
 ``on_enter`` (and any ``say``/``generate_reply`` of the start) is skipped, and ``on_enter``'s own
 logic still runs. The next answer then comes from the conversation as it was before the crash.
+(A call that died before the agent said anything gets its greeting.) Requests to LiveKit's server
+that reach outside the process, a SIP dial-out above all, are not sent again
+(:mod:`~.agents_once`).
 
 One job runs in a leaf, so the hooks go on LiveKit's ``AgentSession`` class for this process.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
 
+from otp_agents.voice.agents_once import SideEffects
 from otp_agents.voice.agents_state import (
     NEVER_KEPT,
     SessionState,
@@ -44,12 +51,13 @@ _EVENTS = ("conversation_item_added", "function_tools_executed", "agent_state_ch
 
 
 class Resume:
-    """The hooks for one job: ``send`` takes each checkpoint (from the job's loop)."""
+    """The hooks for one job: ``send`` takes each checkpoint (from the job's loop) and returns a
+    future done once the supervisor has it."""
 
     def __init__(
         self,
         state: SessionState | None,
-        send: Callable[[bytes], None],
+        send: Callable[[bytes], concurrent.futures.Future[None]],
         *,
         limit: int,
         never: tuple[str, ...] = NEVER_KEPT,
@@ -64,6 +72,8 @@ class Resume:
         self.checkpoints = 0
         self._last = b""
         self._baseline: dict[str, str] = {}  # userdata as the entrypoint built it
+        self.session: Any = None
+        self.effects = SideEffects(state.effects if state is not None else {}, self._saved)
 
     def install(self) -> None:
         from livekit.agents import AgentSession
@@ -87,6 +97,7 @@ class Resume:
         session_class.start = resumed_start
         session_class.generate_reply = quiet_reply
         session_class.say = quiet_say
+        self.effects.install()
 
     # -- resume --------------------------------------------------------------------------------
 
@@ -105,7 +116,8 @@ class Resume:
         session._chat_ctx = ChatContext.from_dict(state.history)
         if target is not None and state.agent_history is not None:
             target._chat_ctx = ChatContext.from_dict(state.agent_history)
-        self.quiet = self.resumed = True
+        self.resumed = True
+        self.quiet = any(item.get("role") == "assistant" for item in state.history.get("items", []))
         log.warning(
             "resumed the call: %d items of history, agent %s, userdata %s%s",
             len(session._chat_ctx.items),
@@ -125,7 +137,14 @@ class Resume:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
+    async def _saved(self) -> None:
+        done = self.checkpoint()
+        if done is not None:
+            await asyncio.wrap_future(done)
+
     def _follow(self, session: Any) -> None:
+        self.session = session
+
         def changed(event: Any) -> None:
             item = getattr(event, "item", None)
             if self.quiet and getattr(item, "role", None) == "user":
@@ -136,7 +155,23 @@ class Resume:
             session.on(name, changed)
         self.checkpoint(session)
 
-    def checkpoint(self, session: Any) -> None:
+    def checkpoint(self, session: Any = None) -> concurrent.futures.Future[None] | None:
+        """Send the session's state if it changed; before the session starts, the state handed
+        back (not restored yet) stands, with the once-only requests so far."""
+        session = session or self.session
+        if session is None:
+            state = self.state or SessionState(history={"items": []})
+            state = dataclasses.replace(state, effects=self.effects.done)
+        else:
+            state = self._capture(session)
+        data = encode(state, self.limit)
+        if data == self._last:
+            return None
+        self._last = data
+        self.checkpoints += 1
+        return self.send(data)
+
+    def _capture(self, session: Any) -> SessionState:
         try:
             agent = session.current_agent
         except RuntimeError:
@@ -154,11 +189,8 @@ class Resume:
             never=self.never,
             baseline=self._baseline,
         )
-        data = encode(state, self.limit)
-        if data != self._last:
-            self._last = data
-            self.checkpoints += 1
-            self.send(data)
+        state.effects = self.effects.done
+        return state
 
 
 __all__ = ["Resume"]

@@ -63,6 +63,7 @@ class SessionState:
     trimmed: int = 0  # oldest turns dropped to fit the limit
     extra: dict[str, Any] = field(default_factory=dict)  # what the app added (SAVE_HOOK)
     unchanged: list[str] = field(default_factory=list)  # fields as the entrypoint built them
+    effects: dict[str, list[str]] = field(default_factory=dict)  # once-only requests (agents_once)
 
 
 def class_name(obj: object) -> str:
