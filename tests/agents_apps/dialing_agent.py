@@ -32,7 +32,7 @@ async def entrypoint(ctx: JobContext) -> None:
             wait_until_answered=True,
         )
     )
-    session = AgentSession(
+    session: AgentSession[None] = AgentSession(
         stt=inference.STT("deepgram/nova-3"),
         llm=inference.LLM("openai/gpt-4.1-mini"),
         tts=inference.TTS("cartesia/sonic-3"),
