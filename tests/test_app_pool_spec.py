@@ -111,3 +111,31 @@ def test_job_outcomes_are_counted_per_pool_with_bounded_labels() -> None:
     assert 'otp_agents_agent_jobs_total{outcome="failed",path="root/agents/jobs/job"} 2.0' in text
     assert 'otp_agents_agent_jobs_total{outcome="success",path="root/agents/jobs/job"} 1.0' in text
     assert 'outcome="other"' in text and "room-7" not in text  # a stray label value is not a new series
+
+
+def test_job_failures_by_reason_and_the_resume_gap_are_measured_per_pool() -> None:
+    import time
+
+    from otp_agents.events import Event, Kind
+    from otp_agents.ops.metrics import Metrics
+    from otp_agents.wire.messages import Report
+
+    metrics = Metrics()
+    jobs = "root/agents/jobs"
+    metrics.on_event(Event(Kind.SUPERVISOR_STARTED, jobs, ts=0.0, detail="simple_one_for_one"))
+    for child, reason in (("job-1", "provider"), ("job-2", "provider"), ("job-3", "room-7 broke")):
+        failed = Report(name="agent_job_failed", value=1, labels={"reason": reason})
+        metrics.on_report(f"{jobs}/{child}", failed)
+    # job-4's process died 0.3 s ago; its restart reports listening to the caller again
+    metrics.on_event(Event(Kind.CHILD_EXITED, f"{jobs}/job-4", ts=time.time() - 0.3, signal="SIGKILL"))
+    metrics.on_report(f"{jobs}/job-4", Report(name="resumed_listening", value=1))
+    metrics.on_report(f"{jobs}/job-4", Report(name="resumed_listening", value=1))  # once per death
+    # an exit the supervisor asked for is not a death to resume from
+    metrics.on_event(Event(Kind.CHILD_EXITED, f"{jobs}/job-5", ts=time.time(), requested=True))
+    metrics.on_report(f"{jobs}/job-5", Report(name="resumed_listening", value=1))
+    text = metrics.exposition().decode()
+    assert f'otp_agents_agent_job_failures_total{{path="{jobs}/job",reason="provider"}} 2.0' in text
+    assert f'otp_agents_agent_job_failures_total{{path="{jobs}/job",reason="other"}} 1.0' in text
+    assert f'otp_agents_resume_gap_seconds_count{{path="{jobs}/job"}} 1.0' in text
+    assert f'otp_agents_resume_gap_seconds_bucket{{le="0.25",path="{jobs}/job"}} 0.0' in text
+    assert f'otp_agents_resume_gap_seconds_bucket{{le="0.5",path="{jobs}/job"}} 1.0' in text

@@ -347,6 +347,8 @@ class Leaf:
                 self.events.write(
                     json.dumps({"kind": "input_started", "t": start, "wall": time.time()}) + "\n"
                 )
+                if self.resumed:
+                    await self.worker.report("resumed_listening", 1)  # the supervisor times the gap
                 in_call.set()
                 await pipeline.run(source)
                 finished = pipeline.completed

@@ -18,20 +18,17 @@ import logging
 import math
 import re
 import socket
-from collections.abc import Iterator
+import time
 from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.process_collector import ProcessCollector
-from prometheus_client.registry import Collector
 
 from otp_agents.events import Event, Kind
-from otp_agents.health.memory import MB, rss_bytes, tree_pids
-from otp_agents.proc.handle import ChildProcess
+from otp_agents.ops.metrics_tree import TreeCollector
 from otp_agents.redact import REDACTOR
 from otp_agents.spec.model import Strategy
 from otp_agents.tree.supervisor import Supervisor
@@ -43,7 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("otp_agents")
 
 _DYNAMIC = re.compile(r"-\d+$")
-_STATES = ("running", "stopped", "restarting", "held")
 _LABEL_CHARS = 32  # report label values are cut to this for metrics
 _LABEL_SETS = 100  # distinct provider/kind pairs kept apart; later ones are counted as "other"
 
@@ -153,9 +149,26 @@ class Metrics:
             ["path", "outcome"],
             registry=r,
         )
+        self.job_failures = Counter(
+            "otp_agents_agent_job_failures",
+            "LiveKit Agents jobs that failed (the job, not its process), by pool and why: "
+            "provider (an STT/LLM/TTS error closed the session), entrypoint (the app raised), "
+            "no_exit (the job ended without LiveKit's exit message), job_code, other.",
+            ["path", "reason"],
+            registry=r,
+        )
+        self.resume_gap = Histogram(
+            "otp_agents_resume_gap_seconds",
+            "Calls resumed after their process died: from the exit to the restarted process "
+            "listening to the caller again with the call restored.",
+            ["path"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+            registry=r,
+        )
+        self._down: dict[str, float] = {}  # path -> when it last died (wall clock), for the gap
         self._label_sets: set[tuple[str, str]] = set()
         ProcessCollector(registry=r)
-        r.register(_TreeCollector(self))
+        r.register(TreeCollector(lambda: self.tree, self.label))
 
     def attach(self, tree: Tree) -> None:
         self.tree = tree
@@ -187,6 +200,11 @@ class Metrics:
             self.start_seconds.labels(self.label(event.path)).observe(event.value)
         elif kind is Kind.CHILD_EXITED:
             self.exits.labels(self.label(event.path), event.reason or "crash").inc()
+            if not event.requested:
+                self._down.pop(event.path, None)
+                self._down[event.path] = event.ts
+                if len(self._down) > _DOWN_KEPT:  # never resumed (a plain restart): bounded
+                    del self._down[next(iter(self._down))]
         elif kind in (Kind.RESTARTING, Kind.RECYCLED) and event.cause is not None:
             self.restarts.labels(self.label(event.path), event.cause).inc()  # the rules' Cause
         elif kind is Kind.DUMP_TAKEN:
@@ -223,6 +241,13 @@ class Metrics:
         elif name == "agent_jobs_ended" and value >= 0:
             outcome = report.labels.get("outcome", "")
             self.agent_jobs.labels(self.label(path), outcome if outcome in _OUTCOMES else "other").inc(value)
+        elif name == "agent_job_failed" and value >= 0:
+            reason = report.labels.get("reason", "")
+            self.job_failures.labels(self.label(path), reason if reason in _FAILURES else "other").inc(value)
+        elif name == "resumed_listening":
+            died = self._down.pop(path, None)
+            if died is not None and 0 <= (gap := time.time() - died) < 3600:
+                self.resume_gap.labels(self.label(path)).observe(gap)
         elif name == "voice_turns" and value >= 0:
             self.turns.labels(self.label(path)).inc(value)
         elif name == "voice_provider_errors" and value >= 0:
@@ -240,87 +265,8 @@ class Metrics:
 
 
 _OUTCOMES = ("success", "failed")
-
-
-class _TreeCollector(Collector):
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        tree = self.metrics.tree
-        by_state = GaugeMetricFamily(
-            "otp_agents_children", "Children by supervisor and state.", labels=["supervisor", "state"]
-        )
-        up = GaugeMetricFamily(
-            "otp_agents_child_up",
-            "Running instances of each child (dynamic children share a label).",
-            labels=["path"],
-        )
-        memory = GaugeMetricFamily(
-            "otp_agents_child_memory_bytes",
-            "Memory of each child's process tree (the breaker's metric when watched, else RSS).",
-            labels=["path"],
-        )
-        load = GaugeMetricFamily(
-            "otp_agents_pool_load",
-            "simple_one_for_one pools with max_children: running children / max_children "
-            "(the fleet's load, e.g. for a HorizontalPodAutoscaler).",
-            labels=["supervisor"],
-        )
-        capacity = GaugeMetricFamily(
-            "otp_agents_pool_capacity", "simple_one_for_one pools: max_children.", labels=["supervisor"]
-        )
-        if tree is not None:
-            self._walk(tree.root, tree, by_state, up, memory)
-            self._pools(tree.root, load, capacity)
-        yield by_state
-        yield up
-        yield memory
-        yield load
-        yield capacity
-
-    def _pools(self, sup: Supervisor, load: GaugeMetricFamily, capacity: GaugeMetricFamily) -> None:
-        cap = sup.spec.max_children
-        if sup.spec.strategy is Strategy.SIMPLE_ONE_FOR_ONE and cap:
-            running = sum(1 for info in sup.which_children() if info.status == "running")
-            load.add_metric([sup.path], running / cap)
-            capacity.add_metric([sup.path], cap)
-        for slot in sup.slots.values():
-            if isinstance(slot.instance, Supervisor):
-                self._pools(slot.instance, load, capacity)
-
-    def _walk(
-        self,
-        sup: Supervisor,
-        tree: Tree,
-        by_state: GaugeMetricFamily,
-        up: GaugeMetricFamily,
-        memory: GaugeMetricFamily,
-    ) -> None:
-        counts = dict.fromkeys(_STATES, 0)
-        ups: dict[str, float] = {}
-        mem: dict[str, float] = {}
-        for info in sup.which_children():
-            counts[info.status] = counts.get(info.status, 0) + 1
-            label = self.metrics.label(info.path)
-            ups[label] = ups.get(label, 0) + (info.status == "running")
-            inst = sup.slots[info.id].instance
-            if isinstance(inst, ChildProcess):
-                watched = tree.host.memory.last_mb(inst)
-                size = (
-                    watched * MB
-                    if watched is not None
-                    else float(sum(rss_bytes(p) for p in tree_pids(inst.pid)))
-                )
-                mem[label] = mem.get(label, 0.0) + size
-            elif isinstance(inst, Supervisor):
-                self._walk(inst, tree, by_state, up, memory)
-        for state, count in counts.items():
-            by_state.add_metric([sup.path, state], count)
-        for label, running in ups.items():
-            up.add_metric([label], running)
-        for label, size in mem.items():
-            memory.add_metric([label], size)
+_FAILURES = ("provider", "entrypoint", "no_exit", "job_code")
+_DOWN_KEPT = 4096
 
 
 # -- HTTP ----------------------------------------------------------------------------------------

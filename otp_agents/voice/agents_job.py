@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 SUPPORTED_RELEASE = "1.8.9"  # the release whose job-process code this drives
 CRASHED = "job crashed"  # LiveKit's shutdown reason when the entrypoint raised
+NO_EXIT = "the job ended without LiveKit's exit message"
+CODE_RAISED = "job process code raised"  # LiveKit's job-process code itself failed
 
 
 Entry = Callable[["JobContext"], Awaitable[Any]]
@@ -209,9 +211,9 @@ class JobRunner:
             return JobEnd(f"prewarm failed: {type(error).__name__}: {error}", failed=True, started=False)
         if self._thread_error is not None:
             self.failed = True
-            self.reason = f"job process code raised {type(self._thread_error).__name__}: {self._thread_error}"
+            self.reason = f"{CODE_RAISED} {type(self._thread_error).__name__}: {self._thread_error}"
         if started and not self.reason:  # LiveKit always says why a job ends; it did not
-            self.failed, self.reason = True, "the job ended without LiveKit's exit message"
+            self.failed, self.reason = True, NO_EXIT
         return JobEnd(self.reason, failed=self.failed or self.reason == CRASHED, started=started)
 
     async def _read(self, duplex: Any, channel: Any, proto: Any, closed: type[Exception]) -> None:
@@ -237,7 +239,9 @@ class JobRunner:
 
 
 __all__ = [
+    "CODE_RAISED",
     "CRASHED",
+    "NO_EXIT",
     "SUPPORTED_RELEASE",
     "AgentsVersionError",
     "JobEnd",

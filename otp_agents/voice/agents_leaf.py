@@ -32,6 +32,7 @@ import anyio
 from otp_agents.voice.agents_host import Console, first_of, through_loop, watching
 from otp_agents.voice.agents_job import CRASHED, JobRunner, entrypoint
 from otp_agents.voice.agents_privacy import NEVER_KEPT
+from otp_agents.voice.agents_reports import Reports, SessionMetrics, failure_reason
 from otp_agents.voice.agents_resume import Resume
 from otp_agents.voice.agents_state import decode
 from otp_agents.voice.agents_ticket import Ticket
@@ -130,9 +131,14 @@ async def run_job(worker: Worker, app: Prepared, ticket: Ticket, *, forked: bool
     runner = JobRunner(app.server, info, userdata=app.userdata, entry=watch.wrap(inner))
     worker.liveness = lambda: through_loop(runner.loop)
     await worker.log(f"{what}: starting ({'forked from the app zygote' if forked else 'cold'})")
-    async with _checkpointing(worker) as resume:
+    reports = Reports(worker)
+    async with _checkpointing(worker) as resume, anyio.create_task_group() as tg:
+        tg.start_soon(reports.run)
+        SessionMetrics(reports.post, lambda: resume is not None and resume.resumed).install()
         with watching(app.image.app, limit=sys.maxsize) as raised:  # the entrypoint's exception, if any
             end = await runner.run(worker.ready, lambda: _until_stop(worker, console, runner))
+        await reports.flush()
+        tg.cancel_scope.cancel()
     if resume is not None and resume.resumed:
         await worker.report("agent_resumes", 1)
         await worker.log(f"{what}: resumed from its checkpoint; {resume.skipped} replies not spoken again")
@@ -146,6 +152,7 @@ async def run_job(worker: Worker, app: Prepared, ticket: Ticket, *, forked: bool
     if watch.error:
         await worker.report("voice_provider_errors", 1, provider=watch.provider[:60], kind=watch.kind[:60])
     if failure:
+        await worker.report("agent_job_failed", 1, reason=failure_reason(watch.error, end.reason))
         worker.exit_reason = f"{FAILED}{failure}"
         await worker.log(f"{what}: failed: {failure}", logging.ERROR)
     else:
