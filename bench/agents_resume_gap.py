@@ -21,7 +21,8 @@ Phases:
   stack dump is taken, the leaf is killed and restarted; the same gap, from the SIGSTOP.
 * **turns**: ``--turns`` turns of a fresh call with checkpoints on (disk) and off: LiveKit's own
   end-to-end latency per reply (``ChatMessage.metrics["e2e_latency"]``, end of the caller's
-  speech to the start of the reply), and the checkpoint's size.
+  speech to the start of the reply), the checkpoint's size, and the longest time one checkpoint
+  took to capture and encode (it runs on the job's loop, so that is what it can delay).
 
     .venv/bin/python bench/agents_resume_gap.py [--kills 10] [--hangs 2] [--turns 8] [--json PATH]
 
@@ -136,11 +137,16 @@ async def _turns(tmp: Path, turns: int, checkpoint: str) -> dict[str, Any]:
             if e["kind"] == "worker_report" and e.get("reason") == "voice_turn_latency_seconds"
         ]
         sizes = [e["value"] for e in p.run.events() if e["kind"] == "checkpoint" and e.get("value")]
+        p.hang_up("T1")  # the job ends and reports its checkpoints' cost
+        reason = "agent_checkpoint_max_seconds" if checkpoint != "off" else "agent_jobs_ended"
+        ended = await p.run.until(lambda ev: [e["value"] for e in ev if e.get("reason") == reason], "its end")
+        cost: float | None = float(ended[0]) if checkpoint != "off" else None
     return {
         "checkpoint": checkpoint,
-        "e2e_latency": _summary(latencies[1:]),  # the greeting has no caller turn before it
+        "e2e_latency": _summary(latencies),
         "checkpoints": len(sizes),
         "checkpoint_bytes_max": max(sizes) if sizes else 0,
+        "checkpoint_cost_max_ms": round(cost * 1000, 2) if cost is not None else None,
     }
 
 

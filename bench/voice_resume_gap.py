@@ -68,9 +68,8 @@ async def measure(rounds: int, zygote: bool = False) -> dict[str, Any]:
             ],
         }
         if zygote:  # the leaf is forked by a zygote that imported the voice stack once
-            config["children"].insert(  # type: ignore[attr-defined]
-                0, {"id": "zygote", "image": "voice", "preload": ["workers.voice_agent"], "cwd": str(ROOT)}
-            )
+            zygote_spec = {"id": "zygote", "image": "voice", "preload": ["workers.voice_agent:preload"]}
+            config["children"].insert(0, zygote_spec | {"cwd": str(ROOT)})  # type: ignore[attr-defined]
         bus = EventBus()
         seen: list[Event] = []
         bus.listen(seen.append)

@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,7 +41,7 @@ from otp_agents.voice.pipeline import PipelineEvent, PipelineSettings, VoicePipe
 from otp_agents.voice.providers import ProviderError, ProviderStats
 from otp_agents.voice.samples import render_script
 from otp_agents.voice.stt import STT, PocketSphinxSTT
-from otp_agents.voice.tts import EspeakTTS, FliteTTS
+from otp_agents.voice.tts import EspeakTTS, FliteTTS, render_ahead
 from otp_agents.voice.vad import SileroVAD, VADSettings
 from otp_agents.worker import Worker, run
 
@@ -59,6 +60,9 @@ class VoiceCheckpoint(msgspec.Struct):
     version: int = CHECKPOINT_VERSION
 
 
+DEFAULT_VOICE = "kal16"
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="voice_agent", description=__doc__.splitlines()[0] if __doc__ else None)
     src = p.add_mutually_exclusive_group(required=True)
@@ -67,7 +71,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     src.add_argument("--room", help="LiveKit room to join (needs LIVEKIT_URL/_API_KEY/_API_SECRET)")
     p.add_argument("--out", type=Path, default=Path("voice-out"), help="where call.wav and transcripts go")
     p.add_argument("--caller-voice", default="slt", help="flite voice of a --conversation caller")
-    p.add_argument("--voice", default="kal16", help="the agent's flite voice (espeak-ng is the backup)")
+    p.add_argument("--voice", default=DEFAULT_VOICE, help="the agent's flite voice (espeak-ng is the backup)")
     p.add_argument("--agent", default="receptionist", help="the agent that answers first")
     p.add_argument(
         "--llm-url", help="an OpenAI-compatible chat-completions server: it becomes the receptionist"
@@ -393,6 +397,21 @@ class _Placeholder:
 
     async def aclose(self) -> None:
         return None
+
+
+def preload() -> None:
+    """For a zygote (``preload = ["workers.voice_agent:preload"]``): this module imported, the
+    recogniser's model loaded and warmed on the fallback line, the line rendered with the default
+    voice. A forked leaf (a restarted call above all) then does none of it before it listens."""
+    from otp_agents.voice import stt
+    from otp_agents.voice.audio import SAMPLE_RATE, resample
+
+    try:
+        samples, rate = render_ahead(FliteTTS(DEFAULT_VOICE), PipelineSettings().fallback_line)
+    except (OSError, subprocess.SubprocessError, ProviderError):
+        stt.preload()  # no flite here: the leaf falls back to espeak-ng at its start, as ever
+        return
+    stt.preload(warm=resample(samples, rate, SAMPLE_RATE))
 
 
 async def main(worker: Worker) -> None:

@@ -139,6 +139,8 @@ async def run_job(worker: Worker, app: Prepared, ticket: Ticket, *, forked: bool
             end = await runner.run(worker.ready, lambda: _until_stop(worker, console, runner))
         await reports.flush()
         tg.cancel_scope.cancel()
+    if resume is not None and resume.checkpoints:
+        await worker.report("agent_checkpoint_max_seconds", resume.cost_max)  # an event, not a metric
     if resume is not None and resume.resumed:
         await worker.report("agent_resumes", 1)
         await worker.log(f"{what}: resumed from its checkpoint; {resume.skipped} replies not spoken again")

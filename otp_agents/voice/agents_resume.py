@@ -31,6 +31,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -70,6 +71,7 @@ class Resume:
         self.skipped = 0  # replies not spoken again on resume
         self.resumed = False
         self.checkpoints = 0
+        self.cost_max = 0.0  # the longest capture + encode, in seconds: it runs on the job's loop
         self._last = b""
         self._baseline: dict[str, str] = {}  # userdata as the entrypoint built it
         self.session: Any = None
@@ -158,6 +160,7 @@ class Resume:
     def checkpoint(self, session: Any = None) -> concurrent.futures.Future[None] | None:
         """Send the session's state if it changed; before the session starts, the state handed
         back (not restored yet) stands, with the once-only requests so far."""
+        started = time.perf_counter()
         session = session or self.session
         if session is None:
             state = self.state or SessionState(history={"items": []})
@@ -165,6 +168,7 @@ class Resume:
         else:
             state = self._capture(session)
         data = encode(state, self.limit)
+        self.cost_max = max(self.cost_max, time.perf_counter() - started)
         if data == self._last:
             return None
         self._last = data

@@ -115,6 +115,10 @@ def load(image: AppImage, *, in_zygote: bool = False, prewarm: bool = True) -> P
             llm_model=image.llm_model,
         )
         replaced = install(offline)
+        if in_zygote:  # each job's recogniser takes its fork's copy instead of loading the model
+            from otp_agents.voice import stt
+
+            _step("the offline recogniser's model", in_zygote, stt.preload)
     _step("LiveKit's warm-up (livekit.agents.ipc._preload)", in_zygote, _warm_up)
     server = _step(f"loading {image.app}", in_zygote, lambda: load_app(image.app, "start"))
     userdata = _step(f"the prewarm of {image.app}", in_zygote, lambda: _prewarm(server)) if prewarm else {}

@@ -124,6 +124,9 @@ class VoicePipeline(Replies):
         self._fallback_audio = audio
         # One pass of real speech through STT: the recogniser's running normalisation starts
         # from speech instead of nothing, so the caller's first words are not the worst heard.
+        # (A recogniser a zygote warmed that way has had it.)
+        if getattr(self.stt, "warmed", False):
+            return
         with contextlib.suppress(Exception):
             await self.stt.recognize(resample(audio, self.sink.sample_rate, SAMPLE_RATE))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import struct
+import subprocess
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -50,6 +51,19 @@ def parse_wav(raw: bytes, source: str) -> tuple[np.ndarray, int]:
     raise ProviderError(source, "bad_audio", "WAV without a data chunk", retryable=True)
 
 
+_rendered: dict[tuple[str, ...], tuple[np.ndarray, int]] = {}  # argv -> audio, made ahead
+
+
+def render_ahead(tts: CommandTTS, text: str) -> tuple[np.ndarray, int]:
+    """Synthesize ``text`` now, blocking (a zygote's preload), and keep it: the processes forked
+    from here say it without running the program (the fallback line, rendered at every start)."""
+    argv = [*tts.argv_prefix, text]
+    done = subprocess.run(argv, capture_output=True, timeout=tts.timeout, check=True)
+    audio = parse_wav(done.stdout, tts.name)
+    _rendered[tuple(argv)] = audio
+    return audio
+
+
 class CommandTTS:
     """A synthesizer program that writes a WAV to stdout."""
 
@@ -64,6 +78,8 @@ class CommandTTS:
 
     async def synthesize(self, text: str) -> tuple[np.ndarray, int]:
         argv = [*self.argv_prefix, text]
+        if (ahead := _rendered.get(tuple(argv))) is not None:
+            return ahead[0].copy(), ahead[1]
         try:
             with anyio.fail_after(self.timeout):
                 done = await anyio.run_process(argv, check=False)
