@@ -1,16 +1,25 @@
-"""The audio gap of a crashed voice call: SIGKILL a voice leaf mid-call and time how long until
-its restarted process is back in the call with its checkpoint.
+"""The audio gap of a voice call whose process goes: SIGKILL (or SIGSTOP) a voice leaf mid-call,
+or let it recycle, and time how long until its next process is back in the call with its
+checkpoint.
 
 One leaf (workers/voice_agent.py, offline stack, real time) holds a long call. Each round waits
-for the leaf's next checkpoint, SIGKILLs the leaf, and reads from the restarted leaf's
-events.jsonl when its audio input started again. Reported per round:
+for the leaf's next checkpoint and then, by ``--kind``:
 
-* gap: SIGKILL -> the new process consuming the caller's audio again (what a caller hears as
-  silence on the agent's side, beyond the turn that was in progress);
+* ``kill``: SIGKILLs the leaf;
+* ``hang``: SIGSTOPs it: the heartbeat misses (ping every 0.5 s, 2 s timeout), the stack is
+  dumped, the leaf is killed and restarted;
+* ``recycle``: lets it reach its lifetime (8 s): it finishes the turn in progress, exits, and is
+  started again.
+
+It reads from the leaf's events.jsonl when its audio input started again. Reported per round:
+
+* gap: SIGKILL/SIGSTOP (recycle: the old process's input ending) -> the new process consuming
+  the caller's audio again (what a caller hears as silence on the agent's side, beyond the turn
+  that was in progress);
 * handshake: SIGKILL -> the supervisor handing the checkpoint back (RESUMED event);
-* the next answer after the restart still uses the checkpointed context (checked).
+* the next answer after the restarts still uses the checkpointed context (checked).
 
-    .venv/bin/python bench/voice_resume_gap.py [--rounds 5] [--backend asyncio] [--zygote]
+    .venv/bin/python bench/voice_resume_gap.py [--rounds 5] [--kind kill|hang|recycle] [--zygote]
 """
 
 from __future__ import annotations
@@ -44,7 +53,18 @@ def _events(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-async def measure(rounds: int, zygote: bool = False) -> dict[str, Any]:
+def _starts(out: Path) -> list[dict[str, Any]]:
+    return [e for e in _events(out / "events.jsonl") if e["kind"] == "input_started"]
+
+
+HEALTH = {
+    "kill": {},
+    "hang": {"ping_interval": 0.5, "ping_timeout": 2.0},
+    "recycle": {"max_lifetime": 8.0, "lifetime_jitter": 0},
+}
+
+
+async def measure(rounds: int, zygote: bool = False, kind: str = "kill") -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="otp-voice-gap-") as tmp_name:
         tmp = Path(tmp_name)
         script = tmp / "call.txt"
@@ -63,6 +83,7 @@ async def measure(rounds: int, zygote: bool = False) -> dict[str, Any]:
                     "shutdown": 10,
                     "start_timeout": 60,
                     "cwd": str(ROOT),
+                    "health": HEALTH[kind],
                     **({"zygote": "voice"} if zygote else {}),
                 }
             ],
@@ -87,18 +108,22 @@ async def measure(rounds: int, zygote: bool = False) -> dict[str, Any]:
                         await anyio.sleep(0.05)
                 pid = pids[-1]
                 assert pid is not None
+                if kind == "recycle":  # the leaf drains at its lifetime, at the end of a turn
+                    with anyio.fail_after(120):
+                        while len(starts := _starts(out)) < r + 2:  # noqa: ASYNC110 - a file
+                            await anyio.sleep(0.02)
+                    finished = [e for e in _events(out / "events.jsonl") if e["kind"] == "input_finished"]
+                    gaps.append(starts[r + 1]["wall"] - finished[r]["wall"])
+                    continue
                 await anyio.sleep(1.0)  # mid-turn, not right at the checkpoint
                 killed = time.time()
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
                 with anyio.fail_after(120):
                     while not [e for e in seen if e.kind is Kind.RESUMED and e.ts >= killed]:  # noqa: ASYNC110
                         await anyio.sleep(0.01)
                     resumed = next(e for e in seen if e.kind is Kind.RESUMED and e.ts >= killed)
                     handshakes.append(resumed.ts - killed)
-                    while True:
-                        starts = [e for e in _events(out / "events.jsonl") if e["kind"] == "input_started"]
-                        if len(starts) >= r + 2:
-                            break
+                    while len(starts := _starts(out)) < r + 2:  # noqa: ASYNC110 - a file
                         await anyio.sleep(0.02)
                 gaps.append(starts[r + 1]["wall"] - killed)
             # let the last incarnation answer once more, then check it remembered
@@ -111,7 +136,7 @@ async def measure(rounds: int, zygote: bool = False) -> dict[str, Any]:
             "gap_median_s": round(statistics.median(gaps), 3),
             "gap_max_s": round(max(gaps), 3),
             "gap_min_s": round(min(gaps), 3),
-            "handshake_median_s": round(statistics.median(handshakes), 3),
+            "handshake_median_s": round(statistics.median(handshakes), 3) if handshakes else None,
             "remembered_after_last_restart": bool(remembered),
             "gaps": [round(g, 3) for g in gaps],
         }
@@ -122,10 +147,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"])
     parser.add_argument("--zygote", action="store_true", help="fork the leaf from a zygote")
+    parser.add_argument("--kind", default="kill", choices=sorted(HEALTH), help="how the leaf goes")
     args = parser.parse_args()
-    result = anyio.run(measure, args.rounds, args.zygote, backend=args.backend)
+    result = anyio.run(measure, args.rounds, args.zygote, args.kind, backend=args.backend)
     result["backend"] = args.backend
     result["zygote"] = args.zygote
+    result["kind"] = args.kind
     print(json.dumps(result))
 
 

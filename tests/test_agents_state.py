@@ -167,3 +167,19 @@ def test_dataclasses_and_models_go_back_into_the_fresh_userdata_and_unchanged_fi
     assert isinstance(fresh.order.items["O_1"], Item)
     assert fresh.order.on_change is callback  # what the entrypoint wired in stays
     assert fresh.visits == 102  # the fields first, then the app's own hook
+
+
+def test_a_resumed_session_is_linked_to_the_caller_it_was_with_unless_the_app_names_one() -> None:
+    from livekit.agents.voice.room_io import RoomOptions
+
+    from otp_agents.voice.agents_resume import _linked_to
+
+    room = object()
+    linked = _linked_to("sip-alice", {"room": room})
+    assert linked["room_options"].participant_identity == "sip-alice"
+    own = RoomOptions(close_on_disconnect=False)
+    linked = _linked_to("sip-alice", {"room": room, "room_options": own})
+    assert linked["room_options"].participant_identity == "sip-alice"
+    assert linked["room_options"].close_on_disconnect is False  # the app's options stay
+    named = RoomOptions(participant_identity="sip-bob")
+    assert _linked_to("sip-alice", {"room": room, "room_options": named})["room_options"] is named

@@ -12,7 +12,9 @@ spoken:
 
 - the conversation is put back (``session.history``);
 - ``userdata``'s kept fields are restored, with agent references pointing at the new agents;
-- the agent that was talking takes over again, with its own ``chat_ctx``.
+- the agent that was talking takes over again, with its own ``chat_ctx``;
+- the session is linked to the participant it was linked to (``RoomOptions.participant_identity``,
+  unless the app names one), not to whoever joins first.
 
 Until the caller next speaks, the agent says nothing it did not say before: the greeting of
 ``on_enter`` (and any ``say``/``generate_reply`` of the start) is skipped, and ``on_enter``'s own
@@ -84,6 +86,9 @@ class Resume:
         start, generate_reply, say = AgentSession.start, AgentSession.generate_reply, AgentSession.say
 
         async def resumed_start(session: Any, agent: Any, **kwargs: Any) -> Any:
+            linked = hooks.state.participant if hooks.state is not None else None
+            if linked and kwargs.get("room") is not None:
+                kwargs = _linked_to(linked, kwargs)
             agent = hooks._before_start(session, agent)
             result = await start(session, agent, **kwargs)
             hooks._follow(session)
@@ -195,6 +200,22 @@ class Resume:
         )
         state.effects = self.effects.done
         return state
+
+
+def _linked_to(identity: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``session.start``'s arguments, linked to the caller the call was with (unless the app
+    names one itself): a restarted job listens to the same participant, not the first to join."""
+    from livekit.agents import utils
+    from livekit.agents.voice.room_io import RoomOptions
+
+    if kwargs.get("room_input_options") is not None:  # LiveKit's older options: the app's own
+        return kwargs
+    options = kwargs.get("room_options")
+    if options is None or not utils.is_given(options):
+        return {**kwargs, "room_options": RoomOptions(participant_identity=identity)}
+    if isinstance(options, RoomOptions) and not utils.is_given(options.participant_identity):
+        return {**kwargs, "room_options": dataclasses.replace(options, participant_identity=identity)}
+    return kwargs
 
 
 __all__ = ["Resume"]
