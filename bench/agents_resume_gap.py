@@ -19,12 +19,16 @@ Phases:
   After the last kill, "What is my name?" must still be answered from before the first one.
 * **hang**: ``--hangs`` times, SIGSTOP the leaf: the heartbeat misses (``ping_timeout``), the
   stack dump is taken, the leaf is killed and restarted; the same gap, from the SIGSTOP.
+* **recycle**: ``--recycles`` lifetime recycles (``max_lifetime = 8``): each leaf hands the call
+  over at a turn boundary (the agent listening, the caller silent) and goes; the gap runs from its
+  hand-over to the next leaf listening again.
 * **turns**: ``--turns`` turns of a fresh call with checkpoints on (disk) and off: LiveKit's own
   end-to-end latency per reply (``ChatMessage.metrics["e2e_latency"]``, end of the caller's
   speech to the start of the reply), the checkpoint's size, and the longest time one checkpoint
   took to capture and encode (it runs on the job's loop, so that is what it can delay).
 
-    .venv/bin/python bench/agents_resume_gap.py [--kills 10] [--hangs 2] [--turns 8] [--json PATH]
+    .venv/bin/python bench/agents_resume_gap.py [--kills 10] [--hangs 2] [--recycles 3] [--turns 8]
+        [--json PATH]
 
 Every wait is bounded; the tree gets SIGTERM at the end; loopback only.
 """
@@ -125,6 +129,38 @@ async def _kills(tmp: Path, kills: int, hangs: int) -> dict[str, Any]:
     }
 
 
+async def _recycles(tmp: Path, recycles: int) -> dict[str, Any]:
+    """Lifetime recycles: each leaf hands the call over at a turn boundary; the gap runs from its
+    hand-over (its last report) to the next leaf listening again."""
+    extra = f"intensity = {recycles + 5}\nperiod = 3600\nhealth = {{ max_lifetime = 8, lifetime_jitter = 0 }}"
+    gaps: list[float] = []
+    async with pool(tmp, APP, SCRIPT, max_jobs=2, extra=extra) as (p, tg):
+        call = await p.call("C1", tg)
+        await call.wait_for(greeted, BOUND)
+        await say(call, "My name is Alice.")
+        for r in range(recycles):
+            new = await p.leaf("C1", r + 2)
+            old = p.started("C1")[r]
+
+            def both(events: list[dict[str, Any]], old: Any = old, new: Any = new) -> list[float]:
+                left = [
+                    e["ts"]
+                    for e in events
+                    if e.get("reason") == "agent_handovers" and e.get("pid") == old["pid"]
+                ]
+                back = [
+                    e["ts"]
+                    for e in events
+                    if e.get("reason") == "resumed_listening" and e.get("pid") == new["pid"]
+                ]
+                return [back[0] - left[0]] if left and back else []
+
+            gaps += await p.run.until(both, f"hand-over {r + 1}")
+        await say(call, "What is my name?")
+        remembered = "your name is alice" in call.log.said[-1].lower()
+    return {"gap": _summary(gaps), "gaps_ms": [round(g * 1000, 1) for g in gaps], "remembered": remembered}
+
+
 async def _turns(tmp: Path, turns: int, checkpoint: str) -> dict[str, Any]:
     async with pool(tmp, APP, SCRIPT, max_jobs=2, extra=f'checkpoint = "{checkpoint}"') as (p, tg):
         call = await p.call("T1", tg)
@@ -154,9 +190,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"app": str(APP.relative_to(ROOT)), "machine": os.uname().nodename}
     with tempfile.TemporaryDirectory(prefix="otp-agents-gap-") as name:
         tmp = Path(name)
-        for sub in ("kills", "on", "off"):
+        for sub in ("kills", "recycles", "on", "off"):
             (tmp / sub).mkdir()
         result["restarts"] = await _kills(tmp / "kills", args.kills, args.hangs)
+        if args.recycles:
+            result["recycles"] = await _recycles(tmp / "recycles", args.recycles)
         result["turns"] = [
             await _turns(tmp / "on", args.turns, "disk"),
             await _turns(tmp / "off", args.turns, "off"),
@@ -168,6 +206,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--hangs", type=int, default=2)
+    parser.add_argument("--recycles", type=int, default=3)
     parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -179,6 +218,9 @@ def main() -> None:
     for kind in ("kill", "hang"):
         for key in ("gap_leaf", "gap_caller", "handshake"):
             print(f"{kind:5} {key:11} {r[kind][key]}")
+    if "recycles" in result:
+        recycled = result["recycles"]
+        print(f"recycle hand-over gap {recycled['gap']}; remembered: {recycled['remembered']}")
     spoken, kept = r["replies_spoken_on_restarts"], r["remembered_after_all_restarts"]
     print(f"replies spoken on restarts: {spoken}; remembered after them: {kept}")
     for t in result["turns"]:

@@ -199,3 +199,31 @@ async def test_an_app_that_dials_out_rings_the_callee_once_across_a_crash(tmp_pa
         assert len(call.log.said) == said + 1  # no second introduction
         assert len(p.stand_in.dials) == 1  # and no second ring
         assert "SIP/CreateSIPParticipant #1 not sent again" in p.stderr()
+
+
+async def test_a_recycled_job_hands_its_call_over_at_a_turn_boundary(tmp_path: Path) -> None:
+    """A lifetime recycle of a hosted job (basic_agent): the leaf waits until the agent listens
+    and the caller is silent, leaves its checkpoint and goes without ending the job; the next
+    leaf resumes the call, says nothing on its own, and still knows the caller's name."""
+    script = SCRIPTS / "basic_agent.toml"
+    recycle = "health = { max_lifetime = 10, lifetime_jitter = 0 }"
+    async with pool(tmp_path, EXAMPLES / "basic_agent.py", script, max_jobs=2, extra=recycle) as (p, tg):
+        call = await p.call("H1", tg)
+        first = await p.leaf("H1")
+        await call.wait_for(greeted, BOUND)
+        await say(call, "My name is Alice.")
+        said = len(call.log.said)
+        recycled = await p.run.until(
+            lambda ev: [e for e in ev if e["kind"] == "recycled" and e["path"] == first["path"]],
+            "the recycle",
+        )
+        assert recycled[0]["reason"] == "lifetime"
+        await p.leaf("H1", 2)
+        await call.wait_for(lambda log: log.connections == 2 and log.states[-1:] == ["AS_LISTENING"], BOUND)
+        handed = [
+            e for e in p.run.events() if e.get("reason") == "agent_handovers" and e["path"] == first["path"]
+        ]
+        assert handed, "the first leaf handed the call over"
+        assert len(call.log.said) == said  # nothing said on the hand-over
+        await say(call, "What is my name?")
+        assert "your name is alice" in call.log.said[-1].lower()

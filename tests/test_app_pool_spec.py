@@ -66,8 +66,16 @@ def test_a_pools_calls_are_checkpointed_in_memory_only_or_not_at_all(
         ('providers = "cloud"', "children[0].providers", "offline"),
         ('llm_script = "/nonexistent/script.toml"', "children[0].llm_script", "no such file"),
         ('command = ["true"]', "children[0]", "exactly one of"),
-        ("health = { memory_soft_mb = 500 }", "children[0].health.memory_soft_mb", "end the call"),
-        ("health = { max_lifetime = 600 }", "children[0].health.max_lifetime", "end the call"),
+        (
+            'checkpoint = "off"\nhealth = { memory_soft_mb = 500 }',
+            "children[0].health.memory_soft_mb",
+            "end the call",
+        ),
+        (
+            'checkpoint = "off"\nhealth = { max_lifetime = 600 }',
+            "children[0].health.max_lifetime",
+            "end the call",
+        ),
         ('checkpoint = "cloud"', "children[0].checkpoint", "memory"),
         ('never_checkpoint = ["a b"]', "children[0].never_checkpoint[0]", "field name"),
     ],

@@ -233,11 +233,12 @@ def _child(
     if "app" in data:
         pool: AppPool = _convert(data, AppPool, source, keypath)
         for key in ("memory_soft_mb", "max_lifetime"):
-            if key in pool.health:
+            if key in pool.health and pool.checkpoint == "off":
                 raise ConfigError(
                     source,
                     _join(keypath, f"health.{key}"),
-                    "not for a job: it would end the call to start it again (use memory_limit_mb)",
+                    "a recycle hands the call over through its checkpoint, and checkpoint is "
+                    '"off": it would end the call (use memory_limit_mb, or checkpoints)',
                 )
         for key in ("app", "llm_script"):
             named = getattr(pool, key)

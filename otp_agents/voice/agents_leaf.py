@@ -25,7 +25,7 @@ import logging
 import os
 import sys
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 FAILED = "job failed: "  # the leaf's last words when the job (not the process) failed
 CONSOLE_KEY = "otp_agents_console"  # stand-in jobs: the console peer, in the job's metadata
 _SESSION_POLL = 0.25
+HANDOVER_WAIT = 60.0  # a recycle waits this long at most for a turn boundary
 
 
 class ProviderWatch:
@@ -87,14 +88,34 @@ class ProviderWatch:
         session.on("close", closed)
 
 
-async def _until_stop(worker: Worker, console: Console | None, runner: JobRunner) -> None:
-    """Until the supervisor stops the leaf or, offline, the caller hangs up."""
+async def _until_stop(
+    worker: Worker, console: Console | None, runner: JobRunner, resume: Resume | None, what: str
+) -> None:
+    """Until the supervisor stops the leaf or, offline, the caller hangs up. A drain (a memory or
+    lifetime recycle) hands the call over instead: it never returns."""
     if console is None:
         await worker.wait_stopping()
-        return
-    await first_of(console.ended.wait, worker.wait_stopping)
-    if console.ended.is_set():
-        runner.reason = "the caller hung up"
+    else:
+        await first_of(console.ended.wait, worker.wait_stopping)
+        if console.ended.is_set():
+            runner.reason = "the caller hung up"
+            return
+    if worker.draining and resume is not None and runner.loop is not None:
+        await _hand_over(worker, runner.loop, resume, what)
+
+
+async def _hand_over(worker: Worker, loop: asyncio.AbstractEventLoop, resume: Resume, what: str) -> NoReturn:
+    """Leave the call at a turn boundary, its checkpoint delivered, without ending the job (no
+    session close, no shutdown callbacks: the app's call goes on). The supervisor started the
+    recycle, so it starts the leaf again, and the new process resumes the call."""
+    waited = asyncio.run_coroutine_threadsafe(resume.at_turn_boundary(), loop)
+    with anyio.move_on_after(HANDOVER_WAIT):  # a caller who never pauses: hand over anyway
+        sent = await asyncio.wrap_future(waited)
+        if sent is not None:
+            await asyncio.wrap_future(sent)
+    await worker.report("agent_handovers", 1)
+    await worker.log(f"{what}: recycled; the call is handed over to the next process at a turn boundary")
+    os._exit(0)
 
 
 def describe(ticket: Ticket) -> str:
@@ -136,7 +157,7 @@ async def run_job(worker: Worker, app: Prepared, ticket: Ticket, *, forked: bool
         tg.start_soon(reports.run)
         SessionMetrics(reports.post, lambda: resume is not None and resume.resumed).install()
         with watching(app.image.app, limit=sys.maxsize) as raised:  # the entrypoint's exception, if any
-            end = await runner.run(worker.ready, lambda: _until_stop(worker, console, runner))
+            end = await runner.run(worker.ready, lambda: _until_stop(worker, console, runner, resume, what))
         await reports.flush()
         tg.cancel_scope.cancel()
     if resume is not None and resume.checkpoints:

@@ -144,6 +144,28 @@ class Resume:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
+    async def at_turn_boundary(self) -> concurrent.futures.Future[None] | None:
+        """On the job's loop: wait until the agent listens and the caller is not speaking, then
+        checkpoint (a recycle hands the call over there). Returns the checkpoint's delivery."""
+        session = self.session
+        if session is not None:
+            boundary = asyncio.Event()
+
+            def check(_: Any = None) -> None:
+                if session.agent_state == "listening" and session.user_state != "speaking":
+                    boundary.set()
+
+            session.on("agent_state_changed", check)
+            session.on("user_state_changed", check)
+            try:
+                check()
+                await boundary.wait()
+            finally:
+                session.off("agent_state_changed", check)
+                session.off("user_state_changed", check)
+        self._last = b""  # sent even if unchanged: the last thing before the hand-over
+        return self.checkpoint()
+
     async def _saved(self) -> None:
         done = self.checkpoint()
         if done is not None:
