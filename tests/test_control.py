@@ -258,7 +258,7 @@ def test_reload_applies_only_the_difference(running_tree: Path) -> None:
     # remove group/c, change w, add group/d and root/extra; a and b unchanged
     new = (
         TREE.replace(f'  [[children.children]]\n  id = "c"\n  command = ["{FAULTY[0]}"]\n', "")
-        .replace('module = "workers.chaos:steady"', 'module = "workers.chaos:steady"\nshutdown = 4')
+        .replace('module = "workers.chaos:steady"', 'module = "workers.chaos:steady"\nenv = { MODE = "x" }')
         .replace(
             '[[children]]\nid = "pool"',
             f'  [[children.children]]\n  id = "d"\n  command = ["{FAULTY[0]}"]\n\n'
@@ -268,7 +268,12 @@ def test_reload_applies_only_the_difference(running_tree: Path) -> None:
     tree_file.write_text(new)
     out = cli(running_tree, "reload")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["~ root/w", "- root/group/c", "+ root/group/d", "+ root/extra"]
+    assert out.stdout.splitlines() == [
+        '~ root/w: env {} → {"MODE":"x"} (restarts)',
+        "- root/group/c (stops)",
+        "+ root/group/d (starts)",
+        "+ root/extra (starts)",
+    ]
     after = flat(status(running_tree))
     assert list(after) == [
         "root/w",
@@ -284,6 +289,44 @@ def test_reload_applies_only_the_difference(running_tree: Path) -> None:
     assert after["root/w"]["pid"] != before["root/w"]["pid"]
     assert not alive(before["root/group/c"]["pid"])
     assert after["root/extra"]["status"] == after["root/group/d"]["status"] == "running"
+    assert cli(running_tree, "reload").stdout.strip() == "no changes"
+
+
+def test_a_reload_of_supervision_settings_keeps_every_running_child_and_a_dry_run_says_so_first(
+    running_tree: Path,
+) -> None:
+    """max_children lowered under running children, a supervisor's intensity and a child's
+    health limit changed: everything is applied in place (same pids), and ``--dry-run`` printed
+    the same diff before, changing nothing."""
+    tree_file = running_tree.parent / "tree.toml"
+    for _ in range(2):
+        assert cli(running_tree, "start-child", "root/pool").returncode == 0
+    before = {path: row["pid"] for path, row in flat(status(running_tree)).items()}
+    assert len([p for p in before if p.startswith("root/pool/")]) == 2
+    tree_file.write_text(
+        TREE.replace('strategy = "simple_one_for_one"', 'strategy = "simple_one_for_one"\nmax_children = 1')
+        .replace("intensity = 100", "intensity = 7")
+        .replace(
+            'module = "workers.chaos:steady"',
+            'module = "workers.chaos:steady"\nhealth = { memory_limit_mb = 900 }',
+        )
+    )
+    expected = [
+        "~ root/w: health.memory_limit_mb None → 900.0 (in place; same process)",
+        "~ root/group: intensity 100 → 7 (in place; running children kept)",
+        "~ root/pool: max_children None → 1 (in place; running children kept)",
+    ]
+    dry = cli(running_tree, "reload", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines() == ["dry run, nothing changed:", *expected]
+    assert cli(running_tree, "reload", "--dry-run").stdout == dry.stdout  # nothing was applied
+    out = cli(running_tree, "reload")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == expected
+    after = {path: row["pid"] for path, row in flat(status(running_tree)).items()}
+    assert after == before  # every running child kept, same pid
+    refused = cli(running_tree, "start-child", "root/pool")  # the lower cap limits new children
+    assert refused.returncode != 0 and "max_children=1" in refused.stderr
     assert cli(running_tree, "reload").stdout.strip() == "no changes"
 
 

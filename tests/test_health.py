@@ -317,3 +317,23 @@ async def test_plain_command_over_the_soft_limit_is_stopped_and_recycled() -> No
         assert not tree.root.finished.is_set()
     exited = rec.of(Kind.CHILD_EXITED, "root/c")[0]
     assert exited.signal == "SIGTERM" and exited.reason == "normal"  # asked for: not a crash
+
+
+async def test_a_memory_limit_reloaded_in_place_is_enforced_on_the_running_child() -> None:
+    """A reload that only sets a health limit keeps the child (same pid) and its breaker then
+    enforces the new limit on it."""
+    from otp_agents.spec.load import from_dict
+
+    steady = {"intensity": 5, "children": [worker("w", "workers.chaos:steady", health=MEM)]}
+    async with tree_of(steady) as (tree, rec):
+        started = await rec.wait_kind(Kind.CHILD_STARTED, "root/w")
+        limited = {
+            "intensity": 5,
+            "children": [worker("w", "workers.chaos:steady", health={**MEM, "memory_limit_mb": 1})],
+        }
+        lines = await tree.root.apply_spec(from_dict(limited))
+        assert lines == ["~ root/w: health.memory_limit_mb None → 1.0 (in place; same process)"]
+        exited = await rec.wait_kind(Kind.CHILD_EXITED, "root/w")
+        assert (
+            exited.pid == started.pid and exited.reason == "memory"
+        )  # the same process, killed by the breaker

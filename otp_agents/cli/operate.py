@@ -18,11 +18,12 @@ from otp_agents.errors import EXIT_ERROR, EXIT_NOT_RUNNING, REPLY_EXIT, NotRunni
 from otp_agents.ops import control_client as control
 
 
-def _ask(state_dir: str, op: str, path: str = "", args: tuple[str, ...] = ()) -> control.Reply:
+def _ask(
+    state_dir: str, op: str, path: str = "", args: tuple[str, ...] = (), *, dry_run: bool = False
+) -> control.Reply:
+    request = control.Request(op=op, path=path, args=list(args), dry_run=dry_run)
     try:
-        replies = control.request(
-            control.socket_path(state_dir), control.Request(op=op, path=path, args=list(args))
-        )
+        replies = control.request(control.socket_path(state_dir), request)
     except NotRunning as exc:
         click.echo(f"otp-agents: {exc}", err=True)
         sys.exit(EXIT_NOT_RUNNING)
@@ -123,14 +124,18 @@ def stop_cmd(state_dir: str, as_json: bool) -> None:
 
 
 @main.command("reload")
+@click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
 @state_dir_option
 @json_option
-def reload_cmd(state_dir: str, as_json: bool) -> None:
-    """Re-read the tree file and apply the difference; print it (+ added, - removed, ~ changed).
+def reload_cmd(dry_run: bool, state_dir: str, as_json: bool) -> None:
+    """Re-read the tree file and apply the difference; print it field by field (+ started,
+    - stopped, ~ changed: in place, or restarted when its process changed).
 
-    Unchanged children keep running. An invalid file is refused and nothing changes.
+    Running children are kept unless their own process changed: supervisor settings
+    (intensity, max_children, ...) and health limits apply in place. An invalid file is refused
+    and nothing changes.
     """
-    _finish(_ask(state_dir, "reload"), as_json)
+    _finish(_ask(state_dir, "reload", dry_run=dry_run), as_json)
 
 
 @main.command("events")

@@ -18,6 +18,7 @@ a stalled worker loop shows up as a missing pong, not as a wrong number.
 from __future__ import annotations
 
 import random
+import time
 from typing import Protocol
 
 import anyio
@@ -39,23 +40,34 @@ class MonitorHost(HealthHost, Protocol):
 
 
 async def watch(proc: ChildProcess, host: MonitorHost) -> None:
-    """Run every monitor that applies to ``proc`` until it exits."""
-    s = proc.spec.settings
-    async with anyio.create_task_group() as tg:
-        if proc.channel is not None:
-            host.heartbeats.add(proc)
-        if s.max_lifetime is not None:
-            tg.start_soon(_lifetime, proc, host)
-        if s.watches_memory:
-            host.memory.add(
-                proc, lambda p, mb: drain(p, host, "memory"), lambda p, mb: kill_soon(p, host, "memory")
-            )
-        try:
-            await proc.exited.wait()
-        finally:
-            host.memory.remove(proc)
-            host.heartbeats.remove(proc)
-            tg.cancel_scope.cancel()
+    """Run every monitor that applies to ``proc`` until it exits; after a reload changed its
+    settings in place, the monitors start over with the new ones (its lifetime still counts
+    from the process's start)."""
+    while proc.exit is None:
+        changed = proc.respecified = anyio.Event()
+        s = proc.spec.settings
+        async with anyio.create_task_group() as tg:
+            if proc.channel is not None:
+                host.heartbeats.add(proc)
+            if s.max_lifetime is not None:
+                tg.start_soon(_lifetime, proc, host)
+            if s.watches_memory:
+                host.memory.add(
+                    proc, lambda p, mb: drain(p, host, "memory"), lambda p, mb: kill_soon(p, host, "memory")
+                )
+
+            tg.start_soon(_until_set, changed, tg.cancel_scope)
+            try:
+                await proc.exited.wait()
+            finally:
+                host.memory.remove(proc)
+                host.heartbeats.remove(proc)
+                tg.cancel_scope.cancel()
+
+
+async def _until_set(event: anyio.Event, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 # -- lifetime ----------------------------------------------------------------------------------
@@ -64,9 +76,12 @@ async def watch(proc: ChildProcess, host: MonitorHost) -> None:
 async def _lifetime(proc: ChildProcess, host: HealthHost) -> None:
     s = proc.spec.settings
     assert s.max_lifetime is not None
-    # Jitter only shortens the lifetime, so that a fleet started together does not recycle together.
-    limit = s.max_lifetime * (1 - s.lifetime_jitter * random.random())
-    await anyio.sleep(limit)
+    # Jitter only shortens the lifetime, so that a fleet started together does not recycle
+    # together; drawn once per process, so a reload of the limit keeps it.
+    if proc.lifetime_factor is None:
+        proc.lifetime_factor = random.random()
+    limit = s.max_lifetime * (1 - s.lifetime_jitter * proc.lifetime_factor)
+    await anyio.sleep(max(0.0, proc.started_at + limit - time.monotonic()))
     if proc.exit is not None:
         return
     host.bus.emit(Kind.LIFETIME, proc.path, pid=proc.pid, value=round(limit, 3), threshold=s.max_lifetime)

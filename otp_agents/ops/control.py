@@ -204,11 +204,14 @@ class ControlServer:
         self.on_stop()
         return Reply(ok=True, message=f"{self.tree.root.path}: stopping in reverse start order")
 
-    async def _reload(self, _: Reload) -> Reply:
+    async def _reload(self, verb: Reload) -> Reply:
         if self.tree_file is None:
             raise Refused("this tree was not started from a file: nothing to reload")
-        changes = await reload_tree(self.tree, self.tree_file)
-        return Reply(ok=True, message="\n".join(changes) or "no changes", data={"changes": changes})
+        changes = await reload_tree(self.tree, self.tree_file, dry_run=verb.dry_run)
+        message = "\n".join(changes) or "no changes"
+        if verb.dry_run:
+            message = f"dry run, nothing changed:\n{message}"
+        return Reply(ok=True, message=message, data={"changes": changes, "dry_run": verb.dry_run})
 
     async def _start_child(self, verb: StartChild) -> Reply:
         memory = (verb.memory_warn_mb, verb.memory_limit_mb)

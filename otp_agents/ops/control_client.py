@@ -19,7 +19,7 @@ from otp_agents.wire import framing as wire
 SOCKET_NAME = "control.sock"
 
 
-class Request(msgspec.Struct, tag_field="type", tag="request", forbid_unknown_fields=True):
+class Request(msgspec.Struct, tag_field="type", tag="request", forbid_unknown_fields=True, omit_defaults=True):
     """A request as it travels; the server reads it as one of the :data:`Command` types."""
 
     op: str
@@ -29,6 +29,7 @@ class Request(msgspec.Struct, tag_field="type", tag="request", forbid_unknown_fi
     # start-child: memory bounds for this instance where its template's health sets none
     memory_warn_mb: float | None = None
     memory_limit_mb: float | None = None
+    dry_run: bool = False  # reload: say what would change, change nothing
 
 
 # -- the verbs: one Struct each, tagged by ``op`` (what each one takes is what it declares) -------
@@ -91,7 +92,9 @@ class Events(_Verb, tag="events"):
 
 
 class Reload(_Verb, tag="reload"):
-    """Re-read the tree file and apply the difference."""
+    """Re-read the tree file and apply the difference (``dry_run``: only say what it is)."""
+
+    dry_run: bool = False
 
 
 Command = Status | Restart | Terminate | Start | StartChild | Dump | Stop | Events | Reload

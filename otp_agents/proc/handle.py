@@ -126,6 +126,8 @@ class ChildProcess:
         self.loop_lag_ms: float | None = None
         self.slow_ping_at = -1e9
         self.recycle: str | None = None  # asked to drain: its exit is a recycle, not a crash
+        self.respecified = anyio.Event()  # set when a reload changed its supervision in place
+        self.lifetime_factor: float | None = None  # the lifetime's jitter, drawn once
         self.health_kill: str | None = None
         self.last_words: str | None = None  # the reason in its Bye, when it stated one
         self.output: Output | None = None  # its stdout and stderr, being read
@@ -137,6 +139,12 @@ class ChildProcess:
         host.tracked[self.pid] = path
         if host.guard is not None:
             host.guard.add(self.pid)
+
+    def respec(self, spec: ProcessSpec) -> None:
+        """A reload changed how this process is supervised (health limits, restart type,
+        shutdown), not the process: keep it, and let its monitors take the new settings."""
+        self.spec = spec
+        self.respecified.set()
 
     # -- exit detection ------------------------------------------------------------------------
 

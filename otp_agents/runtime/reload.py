@@ -10,15 +10,17 @@ import anyio
 from otp_agents.errors import ChildNotFound, ConfigError, Refused, StartError
 from otp_agents.redact import REDACTOR
 from otp_agents.runtime.tree import Tree
+from otp_agents.spec.diff import plan
 from otp_agents.spec.load import load_file
 from otp_agents.spec.model import CommandSpec, WorkerSpec, walk
 
 log = logging.getLogger("otp_agents")
 
 
-async def reload_tree(tree: Tree, tree_file: str) -> list[str]:
-    """Re-read ``tree_file`` and apply only the difference; :class:`Refused` (nothing changed)
-    if the file is invalid or renames the root."""
+async def reload_tree(tree: Tree, tree_file: str, *, dry_run: bool = False) -> list[str]:
+    """Re-read ``tree_file`` and apply only the difference, logged before it is applied; one
+    line per change (:mod:`otp_agents.spec.diff`). ``dry_run``: the lines, nothing applied.
+    :class:`Refused` (nothing changed) if the file is invalid or renames the root."""
     try:
         new = load_file(tree_file)
     except ConfigError as exc:
@@ -28,7 +30,12 @@ async def reload_tree(tree: Tree, tree_file: str) -> list[str]:
             f"reload refused, nothing changed: the root id changed ({tree.root.spec.id} -> {new.id})"
         )
     REDACTOR.learn_all(c.env for _, c in walk(new) if isinstance(c, CommandSpec | WorkerSpec))
-    return await tree.root.apply_spec(new)
+    lines = [change.line() for change in plan(tree.root.spec, new, tree.root.path)]
+    if dry_run:
+        return lines
+    log.info("reloading %s: %s", tree_file, "; ".join(lines) or "no changes")
+    await tree.root.apply_spec(new)
+    return lines
 
 
 async def watch_tree_file(tree: Tree, tree_file: str, every: float, loaded: bytes | None = None) -> None:

@@ -8,6 +8,8 @@ import msgspec
 
 from otp_agents.errors import ChildNotFound, Refused, StartError
 from otp_agents.events import Kind
+from otp_agents.proc.handle import ChildProcess
+from otp_agents.spec.diff import in_place, plan
 from otp_agents.spec.model import ChildSpec, CommandSpec, SupervisorSpec, WorkerSpec
 from otp_agents.tree.node import Node, Slot
 from otp_agents.tree.rules import Cause, Status
@@ -33,13 +35,17 @@ class Operations(Node):
         await self._call(lambda: self._restart_child(child_id))
 
     async def apply_spec(self, new: SupervisorSpec) -> list[str]:
-        """Reload: make this supervisor run ``new``, touching only what changed.
+        """Reload: make this supervisor run ``new``, touching only what changed (the rules are
+        in :mod:`otp_agents.spec.diff`, which also names every change before it is made).
 
-        Removed children are stopped, added ones started, changed ones restarted with their new
-        spec; unchanged children keep running (same pid). A nested supervisor whose own settings
-        are unchanged is updated in place, recursively. Returns one line per change.
+        Removed children are stopped, added ones started; a child whose process changed is
+        restarted with its new spec; a supervisor's settings and a process child's supervision
+        (health limits, restart type, ...) are updated in place, running children kept (same
+        pid). Returns one line per change.
         """
-        return await self._call(lambda: self._apply_spec(new))  # type: ignore[no-any-return]
+        lines = [change.line() for change in plan(self.spec, new, self.path)]
+        await self._call(lambda: self._apply_spec(new))
+        return lines
 
     async def operator_restart(self, child_id: str) -> None:
         """Stop a child and start it again (``otp-agents restart``)."""
@@ -102,17 +108,12 @@ class Operations(Node):
         rec.status = Status.STOPPED
         await self._start_slot(self.slots[child_id])
 
-    async def _apply_spec(self, new: SupervisorSpec) -> list[str]:
-        changes: list[str] = []
-        if _flags(self.spec) != _flags(new):
-            self.state.strategy, self.state.intensity = new.strategy, new.intensity
-            self.state.period, self.state.auto_shutdown = new.period, new.auto_shutdown
-            changes.append(f"~ {self.path}: supervisor settings")
-        if self._dynamic:
-            if self.spec.children != new.children:
-                changes.append(f"~ {self.path}: child template (applies to children started from now on)")
+    async def _apply_spec(self, new: SupervisorSpec) -> None:
+        self.state.strategy, self.state.intensity = new.strategy, new.intensity
+        self.state.period, self.state.auto_shutdown = new.period, new.auto_shutdown
+        if self._dynamic:  # max_children, the template: for children started from now on
             self.spec = new
-            return changes
+            return
         old_specs = {c.id: c for c in self.spec.children}
         wanted = {c.id: c for c in new.children}
         for rec in reversed(list(self.state.children)):  # removed: reverse start order
@@ -121,7 +122,6 @@ class Operations(Node):
                 if self.state.find(rec.id) is not None:
                     self.state.children.remove(rec)
                 self.slots.pop(rec.id, None)
-                changes.append(f"- {self.path}/{rec.id}")
         to_start: list[str] = []
         for child in new.children:
             old = old_specs.get(child.id)
@@ -129,27 +129,27 @@ class Operations(Node):
             if old is None or slot is None:
                 self._add_slot(child)
                 to_start.append(child.id)
-                changes.append(f"+ {self.path}/{child.id}")
-            elif old != child:
-                inst = slot.instance
-                if (
-                    isinstance(old, SupervisorSpec)
-                    and isinstance(child, SupervisorSpec)
-                    and _flags(old) == _flags(child)
-                    and isinstance(inst, Node)
-                ):
-                    changes.extend(await inst.apply_spec(child))
-                    slot.spec = child
-                    continue
+                continue
+            if old == child:
+                continue
+            inst = slot.instance
+            same_kind = inst is None or isinstance(inst, Node) == isinstance(child, SupervisorSpec)
+            if in_place(old, child) and same_kind:
+                if isinstance(inst, Node):
+                    assert isinstance(child, SupervisorSpec)
+                    await inst.apply_spec(child)
+                elif isinstance(inst, ChildProcess):
+                    assert isinstance(child, CommandSpec | WorkerSpec)
+                    inst.respec(child)  # its monitors take the new limits; same process
+            else:
                 await self._terminate_slot(child.id)
                 slot = self.slots.get(child.id) or self._add_slot(child)
-                slot.spec = child
-                changed = self.state.find(child.id)
-                assert changed is not None
-                changed.restart, changed.significant = child.restart, child.significant
-                changed.backoff = child.backoff
                 to_start.append(child.id)
-                changes.append(f"~ {self.path}/{child.id}")
+            slot.spec = child
+            changed = self.state.find(child.id)
+            assert changed is not None
+            changed.restart, changed.significant = child.restart, child.significant
+            changed.backoff = child.backoff
         order = [c.id for c in new.children]
         self.state.children.sort(key=lambda r: order.index(r.id))
         self.slots = {cid: self.slots[cid] for cid in order if cid in self.slots}
@@ -163,17 +163,11 @@ class Operations(Node):
                 and not entry.held
             ):
                 await self._start_slot(self.slots[cid])
-        return changes
 
     def _forget_checkpoint(self, slot: Slot) -> None:
         """A child deleted for good (dynamic or temporary) takes its checkpoint along."""
         if isinstance(slot.spec, WorkerSpec):
             self.host.forget_checkpoint(slot.path)
-
-
-def _flags(spec: SupervisorSpec) -> SupervisorSpec:
-    """A supervisor spec without its children: what a reload must restart it for."""
-    return msgspec.structs.replace(spec, children=[])
 
 
 def _with_memory(spec: ChildSpec, warn: float | None, limit: float | None) -> ChildSpec:
