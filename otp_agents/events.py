@@ -8,6 +8,7 @@ metrics) are subscribers.
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import logging
 import os
@@ -61,6 +62,21 @@ class Kind(enum.StrEnum):
     HEALTH_KILL = "health_kill"
     STATE_WRITE_FAILED = "state_write_failed"  # reason: dump | control_socket; detail: the error
     RECYCLED = "recycled"
+    RELOAD = "reload"  # reason: applied | refused; detail: the changes, or why it was refused
+
+
+class Operator(msgspec.Struct, frozen=True):
+    """Who asked, over the control socket: the peer's uid and pid (from the kernel) and its
+    command line."""
+
+    uid: int
+    pid: int
+    command: str
+
+
+# The operator whose request is being carried out: set by the control server around a request,
+# carried into the supervisors' mailboxes with it, and stamped on every event emitted meanwhile.
+OPERATOR: contextvars.ContextVar[Operator | None] = contextvars.ContextVar("operator", default=None)
 
 
 class Event(msgspec.Struct, omit_defaults=True, frozen=True):
@@ -81,6 +97,7 @@ class Event(msgspec.Struct, omit_defaults=True, frozen=True):
     file: str | None = None  # a file the event refers to (a stack dump)
     cause: str | None = None  # why a child is started again (restarting, recycled): rules.Cause
     output: str | None = None  # child_exited: the last lines it wrote on stderr
+    operator: Operator | None = None  # an event an operator's request caused: who asked
 
 
 _json = msgspec.json.Encoder()
@@ -144,6 +161,8 @@ class EventBus:
             value = fields.get(name)
             if value:
                 fields[name] = REDACTOR.scrub(value)
+        if "operator" not in fields and (operator := OPERATOR.get()) is not None:
+            fields["operator"] = operator
         event = Event(kind=kind, path=path, ts=time.time(), **fields)
         for fn in self._listeners:
             try:

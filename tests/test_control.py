@@ -413,3 +413,57 @@ def test_watch_tree_applies_a_change_made_while_the_tree_was_starting(tmp_path: 
     assert proc.returncode == 0
     log = (tmp_path / "log").read_text()
     assert log.index("root/slow: child started") < log.index("root/late: child started")
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_every_event_an_operator_caused_names_who_asked(tmp_path: Path, backend: str) -> None:
+    """restart, terminate, start, start-child, a refused and an applied reload, and stop, each
+    through the real CLI: their events carry the operator (uid, pid, command line)."""
+    tree = tmp_path / "tree.toml"
+    tree.write_text(TREE)
+    state, events = tmp_path / "state", tmp_path / "events.jsonl"
+    proc = subprocess.Popen(
+        [*CLI, "run", str(tree), "--backend", backend, "--state-dir", str(state), "--events", str(events)],
+        cwd=ROOT,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        poll(lambda: (state / "control.sock").exists() and cli(state, "status").returncode == 0)
+        assert cli(state, "restart", "root/w").returncode == 0
+        assert cli(state, "terminate", "root/group/a").returncode == 0
+        assert cli(state, "start", "root/group/a").returncode == 0
+        assert cli(state, "start-child", "root/pool").returncode == 0
+        tree.write_text(TREE.replace("intensity = 50", "intensity = -1"))
+        assert cli(state, "reload").returncode == 5
+        tree.write_text(TREE.replace("intensity = 50", "intensity = 40"))
+        assert cli(state, "reload").returncode == 0
+        assert cli(state, "stop").returncode == 0
+        proc.wait(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    seen = [json.loads(line) for line in events.read_text().splitlines()]
+
+    def by(verb: str, kind: str, path: str) -> dict[str, Any]:
+        found = [e for e in seen if e["kind"] == kind and e["path"] == path and "operator" in e]
+        assert found, f"{kind} {path}: no operator"
+        who = found[0]["operator"]
+        assert who["uid"] == os.getuid() and who["pid"] > 0 and f"otp_agents.cli {verb}" in who["command"]
+        return found[0]
+
+    by("restart", "restarting", "root/w")
+    by("restart", "child_terminated", "root/w")
+    by("restart", "child_started", "root/w")
+    by("terminate", "child_terminated", "root/group/a")
+    by("start", "child_started", "root/group/a")
+    by("start-child", "child_started", "root/pool/leaf-1")
+    refused = by("reload", "reload", "root")
+    assert refused["reason"] == "refused" and "intensity" in refused["detail"]
+    applied = [e for e in seen if e["kind"] == "reload" and e["reason"] == "applied"]
+    assert applied[0]["detail"] == "~ root: intensity 50 → 40 (in place; running children kept)"
+    assert "operator" in applied[0]
+    by("stop", "child_terminated", "root/group/b")
+    by("stop", "supervisor_stopped", "root")
+    # what no operator caused carries none
+    assert not [e for e in seen if e["kind"] == "supervisor_started" and "operator" in e]

@@ -25,7 +25,7 @@ import anyio.abc
 import msgspec
 
 from otp_agents.errors import ChildNotFound, Refused, StartError
-from otp_agents.events import Event, Kind
+from otp_agents.events import OPERATOR, Event, Kind, Operator
 from otp_agents.ops.control_client import (
     CONTROL_SERVICE,
     MAX_CONTROL_FRAME,
@@ -46,11 +46,12 @@ from otp_agents.ops.control_client import (
 from otp_agents.ops.control_client import DECODER as control_decoder
 from otp_agents.ops.status import status
 from otp_agents.proc.handle import ChildProcess
+from otp_agents.redact import REDACTOR
 from otp_agents.runtime.reload import reload_tree
 from otp_agents.runtime.tree import Tree
 from otp_agents.tree.supervisor import Supervisor
 from otp_agents.wire import framing as wire
-from otp_agents.wire.peer import allowed, peer_credentials, peer_groups
+from otp_agents.wire.peer import allowed, peer_command, peer_credentials, peer_groups
 
 log = logging.getLogger("otp_agents")
 
@@ -139,6 +140,7 @@ class ControlServer:
             raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
             pid, uid, gid = peer_credentials(raw)
             groups = peer_groups(pid) if self.group is not None else set()
+            operator = Operator(uid=uid, pid=pid, command=REDACTOR.scrub(peer_command(pid)))
             if not allowed(uid, gid, groups, self.uid, self.group):
                 await stream.send(
                     wire.encode(
@@ -153,7 +155,11 @@ class ControlServer:
                     for msg in decoder.feed(data):
                         if not isinstance(msg, Request):
                             raise wire.FrameError("malformed", "expected a request")
-                        await self._handle(msg, stream)
+                        token = OPERATOR.set(operator)  # what the request causes names who asked
+                        try:
+                            await self._handle(msg, stream)
+                        finally:
+                            OPERATOR.reset(token)
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 return
             except wire.FrameError as exc:

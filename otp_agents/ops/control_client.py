@@ -19,7 +19,9 @@ from otp_agents.wire import framing as wire
 SOCKET_NAME = "control.sock"
 
 
-class Request(msgspec.Struct, tag_field="type", tag="request", forbid_unknown_fields=True, omit_defaults=True):
+class Request(
+    msgspec.Struct, tag_field="type", tag="request", forbid_unknown_fields=True, omit_defaults=True
+):
     """A request as it travels; the server reads it as one of the :data:`Command` types."""
 
     op: str

@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 
 from otp_agents.errors import EXIT_GAVE_UP, EXIT_OK, EXIT_START_FAILED, StartAborted, StartError
-from otp_agents.events import EventBus, log_event
+from otp_agents.events import OPERATOR, EventBus, log_event
 from otp_agents.ops.control import ControlServer
 from otp_agents.ops.control_client import socket_path
 from otp_agents.ops.metrics import Metrics
@@ -82,7 +82,7 @@ async def run(
                     def stop_requested() -> None:
                         notifier.stopping("stop requested over the control socket")
                         stopping.set()
-                        tg.start_soon(root.stop)
+                        tg.start_soon(root.stop, OPERATOR.get())  # who asked, for the events
 
                     control = ControlServer(
                         tree, socket_path(tree.host.state_dir), stop_requested, tree_file, control_group

@@ -8,6 +8,7 @@ import logging
 import anyio
 
 from otp_agents.errors import ChildNotFound, ConfigError, Refused, StartError
+from otp_agents.events import Kind
 from otp_agents.redact import REDACTOR
 from otp_agents.runtime.tree import Tree
 from otp_agents.spec.diff import plan
@@ -23,17 +24,23 @@ async def reload_tree(tree: Tree, tree_file: str, *, dry_run: bool = False) -> l
     :class:`Refused` (nothing changed) if the file is invalid or renames the root."""
     try:
         new = load_file(tree_file)
-    except ConfigError as exc:
-        raise Refused(f"reload refused, nothing changed: {exc}") from None
-    if new.id != tree.root.spec.id:
-        raise Refused(
-            f"reload refused, nothing changed: the root id changed ({tree.root.spec.id} -> {new.id})"
-        )
+        if new.id != tree.root.spec.id:
+            raise Refused(
+                f"reload refused, nothing changed: the root id changed ({tree.root.spec.id} -> {new.id})"
+            )
+    except (ConfigError, Refused) as exc:
+        why = str(exc) if isinstance(exc, Refused) else f"reload refused, nothing changed: {exc}"
+        if not dry_run:
+            log.error("%s", why)
+            tree.bus.emit(Kind.RELOAD, tree.root.path, reason="refused", file=tree_file, detail=why)
+        raise Refused(why) from None
     REDACTOR.learn_all(c.env for _, c in walk(new) if isinstance(c, CommandSpec | WorkerSpec))
     lines = [change.line() for change in plan(tree.root.spec, new, tree.root.path)]
     if dry_run:
         return lines
     log.info("reloading %s: %s", tree_file, "; ".join(lines) or "no changes")
+    detail = "\n".join(lines) or "no changes"
+    tree.bus.emit(Kind.RELOAD, tree.root.path, reason="applied", file=tree_file, detail=detail)
     await tree.root.apply_spec(new)
     return lines
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 
+from otp_agents.events import OPERATOR, Operator
 from otp_agents.tree.node import Node
 from otp_agents.tree.ports import ChildHandle
 
@@ -38,7 +39,7 @@ class StartLater:
 
 @dataclass(frozen=True)
 class Stop:
-    pass
+    operator: Operator | None = field(default_factory=OPERATOR.get)  # who asked, if an operator
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Call:
     done: anyio.Event = field(default_factory=anyio.Event)
     result: Any = None
     error: BaseException | None = None
+    operator: Operator | None = field(default_factory=OPERATOR.get)  # carried into the supervisor
 
 
 Msg = ChildDown | TryAgain | StartLater | Stop | Call

@@ -23,7 +23,7 @@ import anyio
 import anyio.lowlevel
 
 from otp_agents.errors import ChildNotFound, Refused, StartAborted, StartError
-from otp_agents.events import Kind
+from otp_agents.events import OPERATOR, Kind, Operator
 from otp_agents.spec.model import ProcessSpec, Strategy, SupervisorSpec
 from otp_agents.tree import reports, rules
 from otp_agents.tree.mailbox import Call, ChildDown, Mailbox, Msg, StartLater, Stop, TryAgain
@@ -57,10 +57,11 @@ class Supervisor(Startup, Operations):
             for child in spec.children:
                 self._add_slot(child)
 
-    async def stop(self) -> None:
-        """Terminate all children in reverse start order, then end (the parent's request)."""
+    async def stop(self, operator: Operator | None = None) -> None:
+        """Terminate all children in reverse start order, then end (the parent's request, or
+        an ``operator``'s)."""
         if self.exit is None:
-            self._mailbox.put(Stop())
+            self._mailbox.put(Stop(operator or OPERATOR.get()))
         await self.finished.wait()
 
     async def stop_within(self, shutdown: float | str) -> bool:
@@ -119,12 +120,15 @@ class Supervisor(Startup, Operations):
                 while self.exit is None:
                     msg = await self._mailbox.get()
                     self._busy = True
+                    # an operator's request: the events it causes name who asked
+                    token = OPERATOR.set(msg.operator if isinstance(msg, Call | Stop) else None)
                     try:
                         await self._handle(msg)
                     except Exception:
                         # A bug in handling one message must not take the supervisor down.
                         log.exception("%s: error while handling %s", self.path, type(msg).__name__)
                     finally:
+                        OPERATOR.reset(token)
                         self._busy = False
                     # Let every other task run between two messages: a storm of queued crashes
                     # must not starve the control socket, the monitors or other supervisors.

@@ -26,6 +26,16 @@ def peer_groups(pid: int) -> set[int]:
     return set()
 
 
+def peer_command(pid: int, limit: int = 512) -> str:
+    """The peer's command line, spaces between its arguments (empty if it is already gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read(limit)
+    except OSError:
+        return ""
+    return raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+
+
 def allowed(uid: int, gid: int, groups: set[int], own_uid: int, group: int | None) -> bool:
     """Same uid as the supervisor, root, or (when configured) a member of the allowed group."""
     if uid in (own_uid, 0):
