@@ -21,6 +21,7 @@ import anyio
 import msgspec
 
 from otp_agents.redact import REDACTOR
+from otp_agents.retention import DEFAULT, Retention, rotate_if_large
 
 log = logging.getLogger("otp_agents")
 
@@ -178,8 +179,9 @@ class EventBus:
             sub.close()
 
 
-async def write_jsonl(sub: Subscription, path: str) -> None:
-    """Append events to ``path`` as JSON lines until the subscription closes.
+async def write_jsonl(sub: Subscription, path: str, retention: Retention = DEFAULT) -> None:
+    """Append events to ``path`` as JSON lines until the subscription closes; past
+    ``retention.events_max_mb`` the file is rotated (``path.1`` ...) and a new one begun.
 
     Writes happen in a worker thread, batched, so the supervisor's loop never waits on the disk.
     A write that fails (a full disk) drops that batch, never the supervisor: the log says so
@@ -202,6 +204,8 @@ async def write_jsonl(sub: Subscription, path: str) -> None:
                 data = b"\n" + data
             if await anyio.to_thread.run_sync(_write_all, fd, data):
                 _torn.discard(fd)
+                max_mb, keep = retention.events_max_mb, retention.events_keep
+                await anyio.to_thread.run_sync(rotate_if_large, fd, path, max_mb, keep)  # reopened next
                 if dropped:
                     log.warning("event stream %s: writing again; %d events were dropped", path, dropped)
                 dropped = 0

@@ -443,7 +443,7 @@ def test_every_event_an_operator_caused_names_who_asked(tmp_path: Path, backend:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    seen = [json.loads(line) for line in events.read_text().splitlines()]
+    seen: list[dict[str, Any]] = [json.loads(line) for line in events.read_text().splitlines()]
 
     def by(verb: str, kind: str, path: str) -> dict[str, Any]:
         found = [e for e in seen if e["kind"] == kind and e["path"] == path and "operator" in e]

@@ -21,6 +21,7 @@ from otp_agents.ops import control_client, preflight
 from otp_agents.ops.serve import run
 from otp_agents.proc import guard
 from otp_agents.redact import REDACTOR
+from otp_agents.retention import Retention
 from otp_agents.runtime import statedir
 from otp_agents.runtime.reload import file_content
 
@@ -63,6 +64,34 @@ from otp_agents.runtime.reload import file_content
     show_default=True,
     help="stderr log lines: human-readable, or one JSON object per line.",
 )
+@click.option(
+    "--keep-dumps",
+    type=click.IntRange(min=1),
+    default=Retention.dumps_keep,
+    show_default=True,
+    help="Stack dumps kept in STATE_DIR/dumps (the newest).",
+)
+@click.option(
+    "--dump-max-days",
+    type=click.FloatRange(min=0),
+    default=Retention.dumps_max_days,
+    show_default=True,
+    help="Stack dumps older than this are removed (0: by count only).",
+)
+@click.option(
+    "--events-max-mb",
+    type=click.FloatRange(min=0),
+    default=Retention.events_max_mb,
+    show_default=True,
+    help="Rotate the --events file past this size (FILE.1 the newest old one; 0: never).",
+)
+@click.option(
+    "--events-keep",
+    type=click.IntRange(min=0),
+    default=Retention.events_keep,
+    show_default=True,
+    help="Rotated --events files kept.",
+)
 def run_cmd(
     tree: str | None,
     backend: str,
@@ -73,6 +102,10 @@ def run_cmd(
     metrics_at: str | None,
     control_group: str | None,
     watch_tree: float | None,
+    keep_dumps: int,
+    dump_max_days: float,
+    events_max_mb: float,
+    events_keep: int,
 ) -> None:
     """Run TREE (default: $OTP_AGENTS_TREE or supervisors/default.toml) until stopped.
 
@@ -135,6 +168,7 @@ def run_cmd(
                 control_group=group_id,
                 watch_tree=watch_tree,
                 tree_loaded=loaded,
+                retention=Retention(keep_dumps, dump_max_days, events_max_mb, events_keep),
             ),
             backend=backend,
         )

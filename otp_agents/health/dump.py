@@ -36,6 +36,7 @@ import anyio
 from otp_agents import linux
 from otp_agents.events import EventBus, Kind
 from otp_agents.redact import REDACTOR
+from otp_agents.retention import DEFAULT, Retention, prune
 
 if TYPE_CHECKING:
     from otp_agents.proc.handle import ChildProcess
@@ -74,7 +75,10 @@ class Dump:
 
 
 class Dumper:
-    def __init__(self, state_dir: Path, bus: EventBus, tracked: dict[int, str]) -> None:
+    def __init__(
+        self, state_dir: Path, bus: EventBus, tracked: dict[int, str], retention: Retention = DEFAULT
+    ) -> None:
+        self.retention = retention
         self.dir = state_dir / "dumps"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         _remove_stale_signal_files(self.dir)
@@ -116,7 +120,7 @@ class Dumper:
         )
         body = REDACTOR.scrub(text) if text is not None else "no stack dump could be obtained\n"
         try:
-            await anyio.to_thread.run_sync(target.write_text, header + body)
+            target = await anyio.to_thread.run_sync(_write_new, target, header + body)
         except OSError as exc:
             self.bus.emit(
                 Kind.STATE_WRITE_FAILED,
@@ -128,7 +132,24 @@ class Dumper:
             )
             return None
         self.bus.emit(Kind.DUMP_TAKEN, proc.path, pid=proc.pid, reason=reason, detail=route, file=str(target))
+        keep, days = self.retention.dumps_keep, self.retention.dumps_max_days
+        await anyio.to_thread.run_sync(prune, self.dir, ".txt", keep, days)  # bounded, never this one
         return Dump(target, route)
+
+
+def _write_new(target: Path, text: str) -> Path:
+    """Write ``text`` to ``target``, or beside it (``.2.txt``, ...) if a dump of the same child,
+    pid and reason was already taken within that second. In a worker thread."""
+    for n in range(1, 1000):
+        path = target if n == 1 else target.with_name(f"{target.stem}.{n}.txt")
+        try:
+            with open(path, "x") as f:
+                f.write(text)
+            return path
+        except FileExistsError:
+            continue
+    target.write_text(text)
+    return target
 
 
 def _remove_stale_signal_files(where: Path) -> None:

@@ -18,6 +18,7 @@ from otp_agents.ops.metrics import Metrics
 from otp_agents.ops.metrics import serve as serve_metrics
 from otp_agents.ops.signals import HANDLED_SIGNALS, SignalControl
 from otp_agents.proc.guard import Guard
+from otp_agents.retention import Retention
 from otp_agents.runtime.notify import Notifier
 from otp_agents.runtime.reload import watch_tree_file
 from otp_agents.runtime.tree import running
@@ -43,6 +44,7 @@ async def run(
     control_group: int | None = None,
     watch_tree: float | None = None,
     tree_loaded: bytes | None = None,
+    retention: Retention | None = None,
 ) -> Outcome:
     """Run until the root ends or a stop signal arrives; the CLI's main loop.
 
@@ -71,6 +73,7 @@ async def run(
                     guard=guard,
                     on_host=ctl.attach,
                     state_dir=state_dir,
+                    retention=retention,
                 ) as tree:
                     ctl.root, ctl.tree = tree.root, tree
                     if ctl.count:

@@ -17,6 +17,7 @@ from otp_agents.proc.guard import Guard
 from otp_agents.proc.handle import ChildProcess
 from otp_agents.proc.spawn import spawn
 from otp_agents.proc.zygote_client import ZygoteClient
+from otp_agents.retention import Retention
 from otp_agents.runtime.checkpoint import CheckpointStore
 from otp_agents.runtime.frames import serve as serve_frame
 from otp_agents.runtime.logs import ChildLogs
@@ -46,6 +47,7 @@ class Host:
     zygotes: dict[str, str] = field(default_factory=dict)
     zygote_clients: dict[str, ZygoteClient] = field(default_factory=dict)
     forks_in_flight: int = 0  # zygote forks not yet tracked: the orphan sweep waits for them
+    retention: Retention = field(default_factory=Retention)  # dumps kept, the events file rotated
     dumper: Dumper = field(init=False)
     memory: MemoryWatch = field(init=False)
     heartbeats: Heartbeats = field(init=False)
@@ -53,7 +55,7 @@ class Host:
     logs: ChildLogs = field(init=False)
 
     def __post_init__(self) -> None:
-        self.dumper = Dumper(self.state_dir, self.bus, self.tracked)
+        self.dumper = Dumper(self.state_dir, self.bus, self.tracked, self.retention)
         self.memory = MemoryWatch(self.bus)
         self.heartbeats = Heartbeats(self)
         self.checkpoints = CheckpointStore(self.state_dir, self.bus, self.tg)

@@ -20,6 +20,7 @@ from otp_agents.events import EventBus, write_jsonl
 from otp_agents.proc import reaper
 from otp_agents.proc.guard import Guard
 from otp_agents.redact import REDACTOR
+from otp_agents.retention import Retention
 from otp_agents.runtime.host import Host
 from otp_agents.spec.model import CommandSpec, SupervisorSpec, WorkerSpec, ZygoteSpec, walk
 from otp_agents.tree.lookup import TreeLookup
@@ -47,6 +48,7 @@ async def running(
     guard: Guard | None = None,
     on_host: Callable[[Host], None] | None = None,
     state_dir: str | Path | None = None,
+    retention: Retention | None = None,
 ) -> AsyncIterator[Tree]:
     """Start the tree; yield it; stop it (reverse start order) when the block exits.
 
@@ -57,13 +59,14 @@ async def running(
     untracked children left at the end are killed, so an application embedding such a tree must
     not rely on waiting for subprocesses of its own. ``state_dir`` holds
     stack dumps (``dumps/``) and checkpoints (``checkpoints/``); by default a new temporary
-    directory, which is kept.
+    directory, which is kept. ``retention``: how many dumps are kept, when the events file is
+    rotated.
     """
     bus = bus or EventBus()
     REDACTOR.learn_all(child.env for _, child in walk(spec) if isinstance(child, CommandSpec | WorkerSpec))
     async with anyio.create_task_group() as tg:
         state = Path(state_dir) if state_dir is not None else Path(tempfile.mkdtemp(prefix="otp-agents-"))
-        host = Host(tg=tg, bus=bus, guard=guard, state_dir=state)
+        host = Host(tg=tg, bus=bus, guard=guard, state_dir=state, retention=retention or Retention())
         tg.start_soon(host.memory.run, name="memory sampler")
         tg.start_soon(host.heartbeats.run, name="heartbeats")
         logs_done = anyio.Event()
@@ -83,7 +86,7 @@ async def running(
 
             async def writer() -> None:
                 try:
-                    await write_jsonl(sub, events_file)
+                    await write_jsonl(sub, events_file, host.retention)
                 finally:
                     writer_done.set()
 
