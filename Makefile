@@ -8,15 +8,18 @@ TREE ?= supervisors/default.toml
 .PHONY: setup setup-run voice-deps system-deps run check test lint bench
 
 # Two installs: what the default tree needs (the runtime and the voice stack), and on top of it
-# what the tests, benchmarks, fuzzing and deploy checks need.
-$(VENV)/.installed-run: pyproject.toml requirements.lock
+# what the tests, benchmarks, fuzzing and deploy checks need. Each installs exactly the wheels
+# its lock names, checked against their hashes (deploy/lock.py writes the locks), then the
+# project itself.
+$(VENV)/.installed-run: pyproject.toml requirements-voice.lock
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c requirements.lock -e '.[voice]'
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements-voice.lock
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.installed-run
-	$(PY) -m pip install --quiet -c requirements.lock -e '.[voice,agents,test,bench,fuzz,deploy]'
+$(VENV)/.installed: $(VENV)/.installed-run requirements.lock
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements.lock
 	touch $@
 
 setup-run: $(VENV)/.installed-run

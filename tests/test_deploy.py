@@ -70,7 +70,7 @@ def test_dockerfile_runs_the_supervisor_as_pid_1_non_root_with_a_healthcheck() -
     assert 'ENTRYPOINT ["otp-agents", "run"]' in text and "tini" not in text and "dumb-init" not in text
     assert "HEALTHCHECK" in text and "/healthz" in text
     assert 'CMD ["supervisors/default.toml"]' in text
-    assert "-c requirements.lock" in text  # the versions the tests ran on
+    assert "--require-hashes" in text and "requirements-${EXTRAS}.lock" in text  # the wheels the tests ran on
 
 
 def test_compose_file_is_valid() -> None:
@@ -280,3 +280,26 @@ def test_the_app_pool_overlay_and_drop_in_wait_for_its_drain(tmp_path: Path) -> 
         out = run("systemd-analyze", "verify", f"--root={root}", "otp-agents.service")
         assert out.returncode == 0 and not out.stdout.strip() and not out.stderr.strip(), out.stderr
     assert "ARG EXTRAS=voice" in (DEPLOY / "Dockerfile").read_text()
+
+
+def test_every_lock_pins_each_package_with_its_hash_and_the_smaller_ones_agree_with_the_whole() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lock", DEPLOY / "lock.py")
+    assert spec is not None and spec.loader is not None
+    lock = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lock)
+    pins = lock.pins
+    names = ("requirements.lock", "requirements-voice.lock", "requirements-voice-agents.lock")
+    locks = {name: DEPLOY.parent / name for name in names}
+    whole = pins(locks["requirements.lock"])
+    for name, path in locks.items():
+        text = path.read_text()
+        entries = [e for e in text.split("\n") if "==" in e]
+        hashes = [e for e in text.split("\n") if e.strip().startswith("--hash=sha256:")]
+        assert entries and len(entries) == len(hashes), name  # one hash per pinned package
+        assert all(len(h.strip().removeprefix("--hash=sha256:")) == 64 for h in hashes), name
+        assert pins(path).items() <= whole.items(), name  # the same versions as the whole set
+    assert {"livekit", "pocketsphinx", "msgspec", "anyio"} <= set(pins(locks["requirements-voice.lock"]))
+    assert "livekit-agents" in pins(locks["requirements-voice-agents.lock"])
+    assert "pytest" not in pins(locks["requirements-voice.lock"])  # make run stays lean
