@@ -182,6 +182,19 @@ async def grandchild_leaker(worker: Worker) -> None:
         child.terminate()
 
 
+async def setsid_leaker(worker: Worker) -> None:
+    """As grandchild_leaker, but its child leaves the process group (``setsid``), and its pid is
+    written to the file named by the second arg: a kill of the worker's group misses it."""
+    step, pid_file = worker.args[0], worker.args[1]
+    async with await anyio.open_process(
+        [sys.executable, "-c", GRANDCHILD_LEAK, step], start_new_session=True
+    ) as child:
+        await anyio.Path(pid_file).write_text(f"{child.pid}\n")
+        await worker.ready()
+        await worker.wait_stopping()
+        child.terminate()
+
+
 async def drains_slowly(worker: Worker) -> None:
     """Ready; on a stop or drain request finishes "current work" (the first arg's seconds)."""
     await worker.ready()

@@ -7,8 +7,15 @@ all members at once. This is what systemd's ``KillMode=control-group`` does.
 
 The supervisor moves itself into a new cgroup ``otp-agents.PID`` beside the one it was started
 in, after the guard was forked (the guard stays outside, so it can kill the group when the
-supervisor dies). Where no writable cgroup2 hierarchy exists (no permission, cgroup v1 only)
-the tree runs without one; process groups, the guard and adoption still apply.
+supervisor dies). Each child process then gets a cgroup of its own below it
+(``otp-agents.PID/root.voice.leaf-3.4711``), entered as soon as it is spawned or forked: when
+the child is killed, and whenever its main process ends, everything left in its cgroup is killed
+too, however it got there (``setsid``, a double fork), as systemd does for a unit.
+
+Where no writable cgroup2 hierarchy exists (no permission, cgroup v1 only, a typical Kubernetes
+pod without delegation), or ``OTP_AGENTS_CGROUP=off``, the tree runs without one: process
+groups, the guard and adoption apply, and a grandchild that left its process group with
+``setsid`` outlives its parent until the tree stops. ``status`` says which is in force.
 """
 
 from __future__ import annotations
@@ -59,6 +66,8 @@ class Cgroup:
     @classmethod
     def create(cls) -> tuple[Cgroup | None, str]:
         """A new cgroup beside this process's own; or None and the reason there is none."""
+        if os.environ.get("OTP_AGENTS_CGROUP", "").lower() == "off":
+            return None, "OTP_AGENTS_CGROUP=off"
         mounted, own = _mount(), _own_path()
         if mounted is None or own is None:
             return None, "no cgroup2 hierarchy mounted"
@@ -74,6 +83,18 @@ class Cgroup:
         except OSError as exc:
             return None, f"cannot create a cgroup in {parent}: {exc.strerror or exc}"
         return cls(path, parent), str(path)
+
+    def child(self, name: str, pid: int) -> Cgroup | None:
+        """A cgroup below this one with ``pid`` moved in; None if that cannot be done."""
+        path = self.path / name
+        try:
+            path.mkdir(exist_ok=True)
+            (path / "cgroup.procs").write_text(f"{pid}\n")
+        except OSError:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+            return None
+        return Cgroup(path, self.path)
 
     def enter(self) -> str | None:
         """Move this process in (its future children follow); an error text if it could not."""
@@ -93,10 +114,21 @@ class Cgroup:
         return True
 
     def pids(self) -> list[int]:
-        try:
-            return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
-        except (OSError, ValueError):
-            return []
+        """Every member, in this cgroup and the children's below it."""
+        out: list[int] = []
+        for group in self._groups():
+            with contextlib.suppress(OSError, ValueError):
+                out += [int(p) for p in (group / "cgroup.procs").read_text().split()]
+        return out
+
+    def _groups(self) -> list[Path]:
+        """This cgroup and every one below it, deepest first."""
+        below: list[Path] = []
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.path):
+                if entry.is_dir(follow_symlinks=False):
+                    below += Cgroup(Path(entry.path), self.path)._groups()
+        return [*below, self.path]
 
     def kill(self) -> None:
         """SIGKILL every member (``cgroup.kill``; one by one on kernels without it)."""
@@ -122,10 +154,12 @@ class Cgroup:
         return True
 
     def remove(self) -> bool:
-        try:
-            self.path.rmdir()
-        except FileNotFoundError:
-            return True
-        except OSError:
-            return False
+        """Remove this cgroup and the (empty) ones below it; False if one is still in use."""
+        for group in self._groups():
+            try:
+                group.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return False
         return True

@@ -45,7 +45,7 @@ class Guard:
             self.containment = f"process groups ({problem})"
             return
         self.cgroup = group
-        self.containment = f"cgroup {group.path}"
+        self.containment = f"a cgroup per child, in {group.path}"
         self._send(b"c%s\n" % os.fsencode(str(group.path)))
 
     def add(self, pgid: int) -> None:
