@@ -1,4 +1,5 @@
-"""Memory circuit breakers: one sampler for every watched child, reading /proc.
+"""Memory circuit breakers: one sampler for every watched child, reading its memory cgroup
+where it has one (its working set, :mod:`otp_agents.proc.memcg`), else /proc.
 
 A child is measured over its whole process tree (grandchildren included). Each sample first
 sums resident memory from ``/proc/PID/statm`` (a few microseconds per process). Only when that
@@ -222,12 +223,16 @@ class MemoryWatch:
             return
         levels = [v for v in (s.memory_warn_mb, s.memory_soft_mb, s.memory_limit_mb) if v is not None]
         floor = min(levels) * HYSTERESIS if levels else math.inf
-        if w.samples % TREE_EVERY == 0:  # listing descendants costs more than reading statm
-            self._relist(w)
         w.samples += 1
-        mb = self._resident_mb(w)
-        if mb >= floor and s.memory_metric != "rss":
-            mb = sum(precise_bytes(p, s.memory_metric) for p in w.tree) / MB
+        charged = w.proc.groups.working_set_bytes()  # its memory cgroup, where it has one
+        if charged is not None:
+            mb = charged / MB
+        else:
+            if (w.samples - 1) % TREE_EVERY == 0:  # listing descendants costs more than reading statm
+                self._relist(w)
+            mb = self._resident_mb(w)
+            if mb >= floor and s.memory_metric != "rss":
+                mb = sum(precise_bytes(p, s.memory_metric) for p in w.tree) / MB
         w.last_mb = mb
         path, pid = w.proc.path, w.proc.pid
         value = round(mb, 1)

@@ -22,6 +22,7 @@ import signal
 from pathlib import Path
 
 from otp_agents.proc.cgroup import Cgroup
+from otp_agents.proc.memcg import MemoryGroups
 
 
 class Guard:
@@ -31,6 +32,7 @@ class Guard:
         self.pid = pid
         self._fd = fd
         self.cgroup: Cgroup | None = None
+        self.memory: MemoryGroups | None = None  # the tree's memory cgroup (v1), if there is one
         self.containment = "process groups"  # what a supervisor death is contained by
 
     def contain(self) -> None:
@@ -47,6 +49,13 @@ class Guard:
         self.cgroup = group
         self.containment = f"a cgroup per child, in {group.path}"
         self._send(b"c%s\n" % os.fsencode(str(group.path)))
+        memory, where = MemoryGroups.create()
+        if memory is None:
+            self.containment += f"; memory read from /proc ({where})"
+            return
+        self.memory = memory
+        self.containment += f"; memory from a memory cgroup per child, in {memory.path}"
+        self._send(b"m%s\n" % os.fsencode(str(memory.path)))
 
     def add(self, pgid: int) -> None:
         self._send(b"+%d\n" % pgid)
@@ -60,6 +69,8 @@ class Guard:
 
     def close(self) -> None:
         """Normal end: every group has been stopped and removed; the guard exits by itself."""
+        if self.memory is not None:
+            self.memory.remove()
         if self.cgroup is not None and not self.cgroup.leave() and self._fd >= 0:
             # We are still inside: the guard must not kill the cgroup. This line may not be lost.
             os.set_blocking(self._fd, True)
@@ -95,6 +106,7 @@ def _serve(fd: int) -> None:  # pragma: no cover - runs in the forked guard
     os.closerange(fd + 1, 65536)
     groups: set[int] = set()
     cgroup: Cgroup | None = None
+    memory: MemoryGroups | None = None
     pending = b""
     while True:
         chunk = os.read(fd, 65536)
@@ -110,6 +122,8 @@ def _serve(fd: int) -> None:  # pragma: no cover - runs in the forked guard
             elif line[:1] == b"c":
                 path = os.fsdecode(line[1:])
                 cgroup = Cgroup(Path(path), Path(path).parent)
+            elif line[:1] == b"m":
+                memory = MemoryGroups(Path(os.fsdecode(line[1:])))
             elif line == b"=":
                 cgroup = None
     for pgid in groups:
@@ -119,3 +133,5 @@ def _serve(fd: int) -> None:  # pragma: no cover - runs in the forked guard
         cgroup.kill()
         cgroup.wait_empty()
         cgroup.remove()
+    if memory is not None:  # emptied by the kill above
+        memory.remove()

@@ -36,7 +36,7 @@ import anyio.abc
 from otp_agents import linux
 from otp_agents.events import EventBus, Kind
 from otp_agents.linux import ExitStatus
-from otp_agents.proc.cgroup import Cgroup
+from otp_agents.proc.child_groups import ChildGroups
 from otp_agents.proc.guard import Guard
 from otp_agents.proc.output import Output
 from otp_agents.spec.model import ProcessSpec
@@ -53,16 +53,6 @@ KILL_WAIT = 10.0
 # How long an exited worker's last frames (its final checkpoint, say) may take to be read before
 # its exit is handled. The group is dead by then, so end of stream normally comes at once.
 DRAIN_WAIT = 0.2
-
-
-async def _dispose(group: Cgroup) -> None:
-    """Remove a gone child's cgroup once the kill has emptied it (bounded; a cgroup that will
-    not empty is left, and the tree's own cgroup still holds it)."""
-    for _ in range(200):
-        if group.remove():
-            return
-        group.kill()
-        await anyio.sleep(0.025)
 
 
 class ProcHost(Protocol):
@@ -150,15 +140,32 @@ class ChildProcess:
         host.tracked[self.pid] = path
         if host.guard is not None:
             host.guard.add(self.pid)
-        # a cgroup of its own, where the tree has one: killing it kills all it started
-        tree_group = host.guard.cgroup if host.guard is not None else None
-        self.cgroup = tree_group.child(f"{path.replace('/', '.')}.{pid}", pid) if tree_group else None
+        # cgroups of its own, where the tree has them: killing one kills all it started; the
+        # other is where the breaker reads its memory and the kernel limits it
+        self.groups = ChildGroups.place(host.guard, path, pid)
+        self.groups.limit(spec.settings)
 
     def respec(self, spec: ProcessSpec) -> None:
         """A reload changed how this process is supervised (health limits, restart type,
         shutdown), not the process: keep it, and let its monitors take the new settings."""
         self.spec = spec
+        self.groups.limit(spec.settings)
         self.respecified.set()
+
+    def _kernel_memory_kill(self, status: ExitStatus) -> None:
+        """A SIGKILL from the kernel's OOM killer in its memory cgroup: a ``memory`` crash, as the
+        breaker's own kill would be."""
+        if self._requested or self._fault is not None or (peak := self.groups.oom_killed(status)) is None:
+            return
+        self._fault = "memory"
+        self._host.bus.emit(
+            Kind.MEMORY_LIMIT,
+            self.path,
+            pid=self.pid,
+            value=peak,
+            threshold=self.spec.settings.memory_max_mb,
+            detail="killed by the kernel at memory_max_mb (its memory cgroup's OOM killer)",
+        )
 
     # -- exit detection ------------------------------------------------------------------------
 
@@ -175,8 +182,8 @@ class ChildProcess:
             raise
         self._signal_group(signal.SIGKILL)
         status = self._reap()
-        if self.cgroup is not None:
-            self._host.tg.start_soon(_dispose, self.cgroup, name=f"cgroup of {self.path}")
+        self._kernel_memory_kill(status)
+        self._host.tg.start_soon(self.groups.dispose, name=f"cgroups of {self.path}")
         self._host.after_reap()  # orphans of this group are still attributed to this child
         self._untrack()
         if self.signal_file is not None:  # what faulthandler wrote there was read by now, or never will be
@@ -227,8 +234,8 @@ class ChildProcess:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
-        if sig == signal.SIGKILL and self.cgroup is not None:
-            self.cgroup.kill()  # and whatever left the group (setsid, double fork)
+        if sig == signal.SIGKILL:
+            self.groups.kill()  # and whatever left the group (setsid, double fork)
 
     def _signal_leader(self, sig: int) -> None:
         if self.exit is not None:

@@ -85,6 +85,10 @@ class Health(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_defau
     memory_warn_mb: Megabytes | None = None
     memory_soft_mb: Megabytes | None = None
     memory_limit_mb: Megabytes | None = None
+    # Kernel-enforced, where the child has a memory cgroup (otp_agents/proc/memcg.py): a hard
+    # limit (the kernel's OOM killer ends it: a ``memory`` crash) and a reclaim target.
+    memory_max_mb: Megabytes | None = None
+    memory_high_mb: Megabytes | None = None
     memory_grace: Annotated[int, msgspec.Meta(ge=1)] | None = None
     dump_timeout: Seconds | None = None
     # Plain commands only: the signal that makes the program write its stacks (opt-in).
@@ -104,6 +108,8 @@ class HealthSettings(msgspec.Struct, frozen=True):
     memory_warn_mb: float | None = None
     memory_soft_mb: float | None = None
     memory_limit_mb: float | None = None
+    memory_max_mb: float | None = None
+    memory_high_mb: float | None = None
     memory_grace: int = 3
     dump_timeout: float = 1.0
     dump_signal: str | None = None
