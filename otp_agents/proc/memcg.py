@@ -59,19 +59,31 @@ class MemoryGroup:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._fds: dict[str, int] = {}  # the files read at every sample, kept open
 
     def _read(self, name: str) -> str:
         with open(self.path / name) as f:
             return f.read()
 
+    def _pread(self, name: str, size: int) -> bytes:
+        fd = self._fds.get(name)
+        if fd is None:
+            fd = self._fds[name] = os.open(self.path / name, os.O_RDONLY | os.O_CLOEXEC)
+        return os.pread(fd, size, 0)
+
     def working_set_bytes(self) -> int | None:
         """The charge less the page cache the kernel can drop; None once it cannot be read."""
         try:
-            usage = int(self._read("memory.usage_in_bytes"))
-            stat = dict(line.split() for line in self._read("memory.stat").splitlines())
+            usage = int(self._pread("memory.usage_in_bytes", 64))
+            stat = self._pread("memory.stat", 8192)
         except (OSError, ValueError):
             return None
-        return max(0, usage - int(stat.get("total_inactive_file", stat.get("inactive_file", 0))))
+        inactive = 0
+        for line in stat.split(b"\n"):
+            if line.startswith(b"total_inactive_file "):
+                inactive = int(line[20:])
+                break
+        return max(0, usage - inactive)
 
     def peak_bytes(self) -> int | None:
         with contextlib.suppress(OSError, ValueError):
@@ -102,6 +114,9 @@ class MemoryGroup:
         return 0
 
     def remove(self) -> bool:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         try:
             self.path.rmdir()
         except FileNotFoundError:
