@@ -3,8 +3,8 @@
 
 One child (a Python process holding 50 MB, with one subprocess of its own, so its tree has two
 processes) is placed in a memory cgroup of its own before it allocates (cgroup v1's memory
-controller, as the tree does on these hybrid machines). Each way of reading its memory is then timed over ``--samples``
-reads, in this process, one after another:
+controller, as the tree does on these hybrid machines). Each way of reading its memory is then
+timed over ``--samples`` reads, in this process, one after another:
 
 * **cgroup**: the working set, ``memory.usage_in_bytes`` less ``total_inactive_file`` from
   ``memory.stat``, both kept open (what the breaker reads where the child has a memory cgroup);
