@@ -58,7 +58,7 @@ def test_quick_hosted_call_resume_gap_benchmark(tmp_path: Path) -> None:
     restarts = result["restarts"]
     assert restarts["kill"]["gap_leaf"]["n"] == 1 and restarts["kill"]["gap_leaf"]["median_ms"] > 0
     assert restarts["remembered_after_all_restarts"] is True
-    assert result["recycles"]["gap"]["n"] == 1 and result["recycles"]["remembered"] is True
+    assert "recycles" not in result
     on, off = result["turns"]
     assert (on["checkpoint"], off["checkpoint"]) == ("disk", "off")
     assert on["checkpoints"] > 0 and on["checkpoint_cost_max_ms"] > 0 and off["checkpoints"] == 0

@@ -27,7 +27,7 @@ PKG = ROOT / "otp_agents"
 
 # What each part of the package may import (besides itself and the leaves). Leaves import
 # nothing of the package but other leaves.
-LEAVES = {"errors", "events", "redact", "linux", "livekit_env"}
+LEAVES = {"errors", "events", "redact", "linux", "livekit_env", "retention"}
 LAYERS: dict[str, set[str]] = {
     "wire": set(),
     "worker": {"wire"},

@@ -78,10 +78,10 @@ async def _lifetime(proc: ChildProcess, host: HealthHost) -> None:
     assert s.max_lifetime is not None
     # Jitter only shortens the lifetime, so that a fleet started together does not recycle
     # together; drawn once per process, so a reload of the limit keeps it.
-    if proc.lifetime_factor is None:
-        proc.lifetime_factor = random.random()
+    if proc.lifetime_factor is None:  # its lifetime counts from when it was first watched
+        proc.lifetime_factor, proc.lifetime_from = random.random(), time.monotonic()
     limit = s.max_lifetime * (1 - s.lifetime_jitter * proc.lifetime_factor)
-    await anyio.sleep(max(0.0, proc.started_at + limit - time.monotonic()))
+    await anyio.sleep(max(0.0, proc.lifetime_from + limit - time.monotonic()))
     if proc.exit is not None:
         return
     host.bus.emit(Kind.LIFETIME, proc.path, pid=proc.pid, value=round(limit, 3), threshold=s.max_lifetime)

@@ -129,6 +129,7 @@ class ChildProcess:
         self.recycle: str | None = None  # asked to drain: its exit is a recycle, not a crash
         self.respecified = anyio.Event()  # set when a reload changed its supervision in place
         self.lifetime_factor: float | None = None  # the lifetime's jitter, drawn once
+        self.lifetime_from = 0.0  # when its lifetime began (its monitors' first start)
         self.health_kill: str | None = None
         self.last_words: str | None = None  # the reason in its Bye, when it stated one
         self.output: Output | None = None  # its stdout and stderr, being read

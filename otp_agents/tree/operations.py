@@ -8,7 +8,6 @@ import msgspec
 
 from otp_agents.errors import ChildNotFound, Refused, StartError
 from otp_agents.events import Kind
-from otp_agents.proc.handle import ChildProcess
 from otp_agents.spec.diff import in_place, plan
 from otp_agents.spec.model import ChildSpec, CommandSpec, SupervisorSpec, WorkerSpec
 from otp_agents.tree.node import Node, Slot
@@ -138,7 +137,7 @@ class Operations(Node):
                 if isinstance(inst, Node):
                     assert isinstance(child, SupervisorSpec)
                     await inst.apply_spec(child)
-                elif isinstance(inst, ChildProcess):
+                elif inst is not None:
                     assert isinstance(child, CommandSpec | WorkerSpec)
                     inst.respec(child)  # its monitors take the new limits; same process
             else:

@@ -63,6 +63,9 @@ class ChildHandle(Protocol):
 
     async def wait_killed(self) -> None: ...
 
+    def respec(self, spec: ProcessSpec) -> None:
+        """A reload changed only how it is supervised: same process, new settings."""
+
 
 class EngineHost(Protocol):
     @property
