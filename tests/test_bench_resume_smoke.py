@@ -47,7 +47,7 @@ def test_quick_hosted_call_resume_gap_benchmark(tmp_path: Path) -> None:
         "--hangs",
         "0",
         "--recycles",
-        "1",
+        "0",
         "--turns",
         "1",
         "--json",

@@ -42,7 +42,7 @@ class MonitorHost(HealthHost, Protocol):
 async def watch(proc: ChildProcess, host: MonitorHost) -> None:
     """Run every monitor that applies to ``proc`` until it exits; after a reload changed its
     settings in place, the monitors start over with the new ones (its lifetime still counts
-    from the process's start)."""
+    from when it was first watched)."""
     while proc.exit is None:
         changed = proc.respecified = anyio.Event()
         s = proc.spec.settings
