@@ -228,6 +228,7 @@ def main() -> None:
         print(
             f"turns, checkpoint {t['checkpoint']}: e2e {t['e2e_latency']}; {count} checkpoints, {size} B max"
         )
+        print(f"  longest checkpoint capture + encode: {t['checkpoint_cost_max_ms']} ms")
 
 
 if __name__ == "__main__":

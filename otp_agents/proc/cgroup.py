@@ -56,6 +56,24 @@ def _own_path() -> str | None:
     return None
 
 
+def disabled() -> bool:
+    """``OTP_AGENTS_CGROUP=off``: the tree makes no cgroups (to run as on a host without)."""
+    return os.environ.get("OTP_AGENTS_CGROUP", "").lower() == "off"
+
+
+def make_with(path: Path, pid: int) -> bool:
+    """Create the cgroup ``path`` (v1 or v2) and move ``pid`` into it; False, and nothing left
+    behind, if either cannot be done."""
+    try:
+        path.mkdir(exist_ok=True)
+        (path / "cgroup.procs").write_text(f"{pid}\n")
+    except OSError:
+        with contextlib.suppress(OSError):
+            path.rmdir()
+        return False
+    return True
+
+
 class Cgroup:
     """A cgroup made for this tree. ``enter`` moves the calling process into it."""
 
@@ -66,7 +84,7 @@ class Cgroup:
     @classmethod
     def create(cls) -> tuple[Cgroup | None, str]:
         """A new cgroup beside this process's own; or None and the reason there is none."""
-        if os.environ.get("OTP_AGENTS_CGROUP", "").lower() == "off":
+        if disabled():
             return None, "OTP_AGENTS_CGROUP=off"
         mounted, own = _mount(), _own_path()
         if mounted is None or own is None:
@@ -87,14 +105,7 @@ class Cgroup:
     def child(self, name: str, pid: int) -> Cgroup | None:
         """A cgroup below this one with ``pid`` moved in; None if that cannot be done."""
         path = self.path / name
-        try:
-            path.mkdir(exist_ok=True)
-            (path / "cgroup.procs").write_text(f"{pid}\n")
-        except OSError:
-            with contextlib.suppress(OSError):
-                path.rmdir()
-            return None
-        return Cgroup(path, self.path)
+        return Cgroup(path, self.path) if make_with(path, pid) else None
 
     def enter(self) -> str | None:
         """Move this process in (its future children follow); an error text if it could not."""

@@ -26,6 +26,8 @@ import contextlib
 import os
 from pathlib import Path
 
+from otp_agents.proc.cgroup import disabled, make_with
+
 MB = 1024 * 1024
 
 
@@ -135,7 +137,7 @@ class MemoryGroups:
     @classmethod
     def create(cls) -> tuple[MemoryGroups | None, str]:
         """The tree's memory cgroup; or None and why there is none."""
-        if os.environ.get("OTP_AGENTS_CGROUP", "").lower() == "off":
+        if disabled():
             return None, "OTP_AGENTS_CGROUP=off"
         mount, own = _v1_memory_mount(), _v1_memory_path()
         if mount is None or own is None:
@@ -149,14 +151,7 @@ class MemoryGroups:
 
     def child(self, name: str, pid: int) -> MemoryGroup | None:
         path = self.path / name
-        try:
-            path.mkdir(exist_ok=True)
-            (path / "cgroup.procs").write_text(f"{pid}\n")
-        except OSError:
-            with contextlib.suppress(OSError):
-                path.rmdir()
-            return None
-        return MemoryGroup(path)
+        return MemoryGroup(path) if make_with(path, pid) else None
 
     def remove(self) -> bool:
         """The tree's memory cgroup and the (empty) ones below it."""
