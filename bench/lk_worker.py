@@ -116,12 +116,75 @@ def forkserver_manager(path: str) -> int:
                     proc.join(CHILD_STOP_TIMEOUT)
 
 
+def livekit_initialize(_proc: Any) -> None:
+    """LiveKit's process pool runs this in each new job process (its ``setup_fnc``/prewarm)."""
+    announce(os.environ[ENV_READY])
+
+
+async def _no_job(_ctx: Any) -> None:
+    raise RuntimeError("the benchmark runs no job")
+
+
+def livekit_pool(path: str) -> int:
+    """LiveKit Agents' own executor: its ``ProcPool`` (``livekit.agents.ipc.proc_pool``) as its
+    worker builds it, with the production settings: forkserver with the worker's preloads
+    (``livekit.agents.ipc._preload``, ``_preload_freeze``), one idle process, its 10 s
+    initialization bound. Each process announces itself from the pool's initialize function,
+    once LiveKit's own start handshake with it is done. A killed idle process is replaced by the
+    pool's own loop; this measures that replacement. SIGTERM closes the pool and exits 0."""
+    import asyncio
+    import importlib
+    import multiprocessing
+
+    from livekit.agents.ipc.proc_pool import ProcPool
+    from livekit.agents.job import JobExecutorType
+
+    os.environ[ENV_READY] = path
+    sys.path.insert(0, str(REPO))
+    module = importlib.import_module("bench.lk_worker")  # pickled by this name
+    ctx = multiprocessing.get_context("forkserver")
+    warmup = ["livekit.agents.ipc._preload", "livekit.agents.ipc._preload_freeze"]  # as its worker does
+    ctx.set_forkserver_preload([*PRELOAD, *warmup])
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stopping.set)
+        loop.add_signal_handler(signal.SIGINT, stopping.set)
+        pool = ProcPool(
+            initialize_process_fnc=module.livekit_initialize,
+            job_entrypoint_fnc=module._no_job,
+            session_end_fnc=None,
+            simulation_end_fnc=None,
+            num_idle_processes=1,
+            initialize_timeout=10.0,
+            close_timeout=CHILD_STOP_TIMEOUT,
+            session_end_timeout=CHILD_STOP_TIMEOUT,
+            inference_executor=None,
+            job_executor_type=JobExecutorType.PROCESS,
+            mp_ctx=ctx,
+            memory_warn_mb=500,
+            memory_limit_mb=0,
+            http_proxy=None,
+            loop=loop,
+        )
+        await pool.start()
+        await stopping.wait()
+        await pool.aclose()
+
+    asyncio.run(run())
+    return 0
+
+
 def _cli(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="The livekit.rtc worker of bench/zygote_restart.py.")
     p.add_argument("--forkserver-manager", metavar="SOCKET", help="run a forkserver pool of one worker")
+    p.add_argument("--livekit-pool", metavar="SOCKET", help="run LiveKit's own process pool (one idle)")
     args = p.parse_args(argv)
     if args.forkserver_manager:
         return forkserver_manager(args.forkserver_manager)
+    if args.livekit_pool:
+        return livekit_pool(args.livekit_pool)
     announce(os.environ[ENV_READY])
     _sleep_forever()
 

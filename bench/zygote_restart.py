@@ -87,9 +87,10 @@ PRELOAD = ["livekit.rtc", "bench.lk_worker"]
 ZYGOTE = "otp-agents/zygote"
 COLD = "otp-agents/cold"
 FORKSERVER = "livekit-style forkserver+preload"
+LIVEKIT_POOL = "LiveKit's own executor (ProcPool)"
 SUPERVISORD = "supervisord"
 CIRCUS = "circus"
-MANAGERS = (ZYGOTE, COLD, FORKSERVER, SUPERVISORD, CIRCUS)
+MANAGERS = (ZYGOTE, COLD, LIVEKIT_POOL, FORKSERVER, SUPERVISORD, CIRCUS)
 SLOW = (SUPERVISORD, CIRCUS)  # restart on a polling timer: fewer samples
 
 # seconds
@@ -253,6 +254,8 @@ class Manager:
             ]
         if self.name == FORKSERVER:
             return [sys.executable, str(WORKER_SCRIPT), "--forkserver-manager", str(self.ready_path)]
+        if self.name == LIVEKIT_POOL:
+            return [sys.executable, str(WORKER_SCRIPT), "--livekit-pool", str(self.ready_path)]
         if self.name == SUPERVISORD:
             tool = _tool("supervisord", "supervisor.supervisord")
             if tool is None:

@@ -61,6 +61,7 @@ async def main(worker: Worker) -> None:
         from otp_agents.voice.agents_host import run_console, run_server
     except ImportError as exc:
         await fail(worker, f"livekit-agents is not installed ({exc}); pip install 'otp-agents[agents]'")
+    offline = None
     if args.providers == "offline":
         from otp_agents.voice.agents_offline import Offline, install
 
@@ -79,6 +80,7 @@ async def main(worker: Worker) -> None:
                 args.agent,
                 max_failures=args.max_job_failures,
                 idle_processes=args.idle_processes,
+                offline=offline,
             )
         )
     address = args.console

@@ -69,6 +69,26 @@ class CallLog:
     tools: list[ToolCall] = field(default_factory=list)  # function tools the app ran, in order
     handoffs: list[tuple[str, str]] = field(default_factory=list)  # (from agent, to agent)
     session_errors: list[str] = field(default_factory=list)  # errors the session reported
+    # When (time.monotonic, on this side) each reply's first audio arrived, and each time the
+    # agent said the caller started speaking: what a benchmark times turns and lag by.
+    reply_started: list[float] = field(default_factory=list)
+    user_speaking: list[float] = field(default_factory=list)
+    end_of_turn: list[EndOfTurn] = field(default_factory=list)  # the turn detector's verdicts
+
+
+@dataclass(frozen=True)
+class EndOfTurn:
+    """One end-of-turn prediction: below ``threshold`` the app waits its longest endpointing
+    delay for the caller to go on, above it its shortest."""
+
+    at: float  # time.monotonic() on this side
+    probability: float
+    threshold: float
+    inference: float  # seconds the turn detector took
+
+    @property
+    def complete(self) -> bool:
+        return self.probability >= self.threshold
 
 
 @dataclass(frozen=True)
@@ -201,6 +221,8 @@ class ConsoleCall:
     def _handle(self, msg: pb.AgentSessionMessage, tg: anyio.abc.TaskGroup) -> None:
         kind = msg.WhichOneof("message")
         if kind == "audio_output":
+            if not self._reply:
+                self.log.reply_started.append(time.monotonic())
             self._reply.append(msg.audio_output.data)
         elif kind == "audio_playback_flush":
             audio = np.frombuffer(b"".join(self._reply), dtype=np.int16)
@@ -248,6 +270,13 @@ class ConsoleCall:
                 self.log.tools.append(ToolCall(call.name, call.arguments, outputs.get(call.call_id, "")))
         elif kind == "error":
             self.log.session_errors.append(event.error.message)
+        elif kind == "eot_prediction":
+            eot = event.eot_prediction
+            took = eot.inference_duration.seconds + eot.inference_duration.nanos / 1e9
+            self.log.end_of_turn.append(EndOfTurn(time.monotonic(), eot.probability, eot.threshold, took))
+        elif kind == "user_state_changed":
+            if event.user_state_changed.new_state == pb.US_SPEAKING:
+                self.log.user_speaking.append(time.monotonic())
         elif kind == "agent_state_changed":
             state = event.agent_state_changed.new_state
             self.log.states.append(pb.AgentState.Name(state))

@@ -33,11 +33,14 @@ import anyio
 
 from otp_agents.voice.agents_job import JobEnd, JobRunner, entrypoint
 from otp_agents.voice.agents_jobs import JobWatch
+from otp_agents.voice.agents_worker_jobs import fake_console_jobs, prepare
 from otp_agents.worker import Worker
 
 if TYPE_CHECKING:
     from livekit.agents import AgentServer
     from livekit.agents.job import RunningJobInfo
+
+    from otp_agents.voice.agents_offline import Offline
 
 ENV_VARS = ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")
 EXIT_PEER_UNREACHABLE = 3
@@ -209,12 +212,15 @@ async def run_server(
     *,
     max_failures: int = 3,
     idle_processes: int | None = None,
+    offline: Offline | None = None,
 ) -> int:
     """Register with the LiveKit server from the environment and take its jobs until stopped.
 
     Every failed job is reported to the supervisor with its exception; ``max_failures`` in a row
     (no job ending well in between) end the leaf with exit code 1, so a broken app never looks
-    healthy: its supervisor restarts it, and gives up by its intensity."""
+    healthy: its supervisor restarts it, and gives up by its intensity. LiveKit's own job
+    processes get the offline providers and a stand-in's console audio too (see
+    :mod:`~.agents_worker_jobs`)."""
     missing = [v for v in ENV_VARS if not os.environ.get(v)]
     if missing:
         await _say(worker, f"server mode needs {', '.join(missing)} in the environment")
@@ -228,11 +234,17 @@ async def run_server(
         options["num_idle_processes"] = idle_processes
     server.update_options(**options)
     _ephemeral_health_port(server)
+    prepare(server, offline)
     registered = anyio.Event()
     loop = asyncio.get_running_loop()
     server.on("worker_registered", lambda *_: loop.call_soon(registered.set))
     with watching(app_file, limit=max_failures) as watch:
-        server.once("worker_started", lambda: watch.watch_pool(server._proc_pool))
+
+        def started() -> None:
+            watch.watch_pool(server._proc_pool)
+            fake_console_jobs(server._proc_pool)
+
+        server.once("worker_started", started)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_relay, worker, watch)
             code = await _serve_jobs(worker, server, watch, registered)

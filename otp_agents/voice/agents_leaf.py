@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -36,6 +35,7 @@ from otp_agents.voice.agents_reports import Reports, SessionMetrics, failure_rea
 from otp_agents.voice.agents_resume import Resume
 from otp_agents.voice.agents_state import decode
 from otp_agents.voice.agents_ticket import Ticket
+from otp_agents.voice.agents_worker_jobs import CONSOLE_KEY, metadata_console
 from otp_agents.voice.agents_zygote import Prepared
 from otp_agents.wire.env import ENV_APP_NEVER_KEPT
 from otp_agents.worker import Worker
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
     from livekit.agents import JobContext
 
 FAILED = "job failed: "  # the leaf's last words when the job (not the process) failed
-CONSOLE_KEY = "otp_agents_console"  # stand-in jobs: the console peer, in the job's metadata
 _SESSION_POLL = 0.25
 HANDOVER_WAIT = 60.0  # a recycle waits this long at most for a turn boundary
 
@@ -134,8 +133,7 @@ def log_with_job(ticket: Ticket) -> None:
 def console_address(ticket: Ticket) -> str | None:
     """A stand-in's job carries its console peer (offline audio) in its metadata."""
     with contextlib.suppress(ValueError, AttributeError, TypeError):
-        found = json.loads(ticket.protocol_job().metadata or "{}").get(CONSOLE_KEY)
-        return str(found) if found else None
+        return metadata_console(ticket.protocol_job().metadata)
     return None
 
 
