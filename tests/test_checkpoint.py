@@ -46,7 +46,10 @@ async def next_count(rec: Recorder, path: str, start: int) -> float:
 
 
 def _content(file: Path) -> bytes | None:
-    return file.read_bytes() if file.exists() else None
+    try:
+        return file.read_bytes()
+    except FileNotFoundError:  # not there, or removed while we looked
+        return None
 
 
 async def wait_file(file: Path, content: bytes | None) -> None:

@@ -117,21 +117,29 @@ class ControlServer:
                 self.path.unlink()
 
     async def _listen(self) -> anyio.abc.SocketListener:
+        """Bind and listen under a temporary name, then rename into place: the socket appears
+        only once it accepts, so a client that sees it never gets "connection refused"."""
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # a stale socket from a previous run (the state dir is ours)
+        staging = self.path.with_name(f".c{os.getpid()}")  # no longer than the real name
+        with contextlib.suppress(FileNotFoundError):
+            staging.unlink()
         old = os.umask(0o177)
         try:
-            listener = await anyio.create_unix_listener(self.path)
+            listener = await anyio.create_unix_listener(staging)
         finally:
             os.umask(old)
         try:
             if self.group is not None:
-                os.chown(self.path, -1, self.group)
-                os.chmod(self.path, 0o660)
+                os.chown(staging, -1, self.group)
+                os.chmod(staging, 0o660)
             else:
-                os.chmod(self.path, 0o600)
+                os.chmod(staging, 0o600)
+            os.rename(staging, self.path)
         except OSError:
             await listener.aclose()
+            with contextlib.suppress(OSError):
+                staging.unlink()
             raise
         return listener
 

@@ -102,28 +102,30 @@ async def running(
         root = Supervisor(spec, spec.id, host)
         start_error: StartError | None = None
         try:
-            await root.start()
-        except StartError as exc:
-            start_error = exc  # raised below, outside the task group, as itself
-        else:
             try:
-                yield Tree(root, host)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    if not root.finished.is_set():
-                        await root.stop()
-        with anyio.CancelScope(shield=True):
-            for client in host.zygote_clients.values():
-                client.close()
-            with anyio.move_on_after(5):  # the children's last checkpoints, for the next run
-                await host.checkpoints.flush()
-            if subreaper:
-                await reaper.kill_adopted(host, spec.id)
-            bus.close()
-            host.logs.close()
-            with anyio.move_on_after(5):
-                await writer_done.wait()
-                await logs_done.wait()
+                await root.start()
+            except StartError as exc:
+                start_error = exc  # raised below, outside the task group, as itself
+            else:
+                try:
+                    yield Tree(root, host)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        if not root.finished.is_set():
+                            await root.stop()
+        finally:  # also when the body raised: nothing of the host is left open
+            with anyio.CancelScope(shield=True):
+                for client in host.zygote_clients.values():
+                    client.close()
+                with anyio.move_on_after(5):  # the children's last checkpoints, for the next run
+                    await host.checkpoints.flush()
+                if subreaper:
+                    await reaper.kill_adopted(host, spec.id)
+                bus.close()
+                host.logs.close()
+                with anyio.move_on_after(5):
+                    await writer_done.wait()
+                    await logs_done.wait()
         tg.cancel_scope.cancel()
     if start_error is not None:
         raise start_error
