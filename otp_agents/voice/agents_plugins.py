@@ -8,9 +8,10 @@ with no network and no API keys::
         tts=agents_plugins.FliteTTS(),
     )
 
-:class:`SphinxSTT` and :class:`FliteTTS` are non-streaming: AgentSession puts its VAD in front of
-the first and its sentence splitter in front of the second. :class:`RuleLLM` answers by the rules
-of :mod:`.agent` and keeps no state: what it remembers it reads back from the chat context.
+:class:`SphinxSTT` streams (it decodes while the caller speaks, see :mod:`.agents_stt`);
+:class:`FliteTTS` does not: AgentSession puts its sentence splitter in front of it.
+:class:`RuleLLM` answers by the rules of :mod:`.agent` and keeps no state: what it remembers
+it reads back from the chat context.
 
 Needs ``livekit-agents`` (not a dependency of the package; import this module only where it is
 installed).
@@ -47,10 +48,11 @@ Events = Literal["metrics_collected", "error"]  # the base classes' own events; 
 
 
 class SphinxSTT(stt.STT[Events]):
-    """pocketsphinx with the US English model from its wheel, on whole utterances."""
+    """pocketsphinx with the US English model from its wheel: streaming, each utterance decoded
+    while the caller speaks (:mod:`.agents_stt`); ``recognize`` takes a whole one."""
 
     def __init__(self, *, language: str = "en") -> None:
-        super().__init__(capabilities=stt.STTCapabilities(streaming=False, interim_results=False))
+        super().__init__(capabilities=stt.STTCapabilities(streaming=True, interim_results=False))
         self._language = language
         self._engine = PocketSphinxSTT()  # loads the model (~0.5 s): build it before the call
 
@@ -61,6 +63,17 @@ class SphinxSTT(stt.STT[Events]):
     @property
     def model(self) -> str:
         return "en-us"
+
+    def stream(
+        self,
+        *,
+        language: NotGivenOr[str] = NOT_GIVEN,
+        conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
+    ) -> stt.RecognizeStream:
+        from otp_agents.voice import agents_stt
+
+        lang = language if utils.is_given(language) else self._language
+        return agents_stt.stream(self, self._engine, lang, conn_options)  # type: ignore[no-any-return]
 
     async def _recognize_impl(
         self,
