@@ -168,6 +168,7 @@ class Call:
     onsets: list[float | None] = field(default_factory=list)
     error: str = ""
     heard: list[str] = field(default_factory=list)  # what the agent transcribed
+    timings: list[Any] = field(default_factory=list)  # LiveKit's own per-message latencies
 
 
 class Level:
@@ -178,6 +179,7 @@ class Level:
         self.calls = [Call(f"J{i}") for i in range(n)]
         self.offer_lock = anyio.Lock()
         self.peak_pss = 0.0
+        self.own_lag: list[float] = []
 
     async def run(self, tmp: Path) -> dict[str, Any]:
         async with serving() as stand_in:
@@ -195,6 +197,7 @@ class Level:
                 cpu0, t0 = tree_cpu(proc.pid), time.monotonic()
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._sample, proc.pid)
+                    tg.start_soon(self._own_lag)
                     async with anyio.create_task_group() as callers:
                         for i, call in enumerate(self.calls):
                             callers.start_soon(self._caller, stand_in, call, i * self.args.gap)
@@ -204,6 +207,14 @@ class Level:
                 stop(proc)
                 log.close()
         return self._result(idle_pss, cpu1 - cpu0, t1 - t0, (tmp / "stderr.log").read_text(errors="replace"))
+
+    async def _own_lag(self) -> None:
+        """How late this process's own loop wakes (the callers' clock): a check on the caller
+        side's figures, which this process times."""
+        while True:
+            t = time.monotonic()
+            await anyio.sleep(0.01)
+            self.own_lag.append(time.monotonic() - t - 0.01)
 
     async def _sample(self, root: int) -> None:
         while True:
@@ -225,6 +236,7 @@ class Level:
             except (TimeoutError, AssertionError) as exc:
                 call.error = str(exc)[:300]
             call.heard = list(console.log.heard)
+            call.timings = list(console.log.timings)
             tg.cancel_scope.cancel()  # hang up
 
     async def _offer(self, stand_in: StandIn, call: Call, metadata: str) -> None:
@@ -259,6 +271,8 @@ class Level:
         latencies = sorted(x for c in self.calls for x in c.latencies)
         adjusted = sorted(x for c in self.calls for x in c.adjusted)
         detector = sorted(x for c in self.calls for x in c.detector)
+        lag = sorted(self.own_lag) or [0.0]
+        e2e = sorted(x for c in self.calls for x in judged_e2e(c))
         return {
             "system": self.system,
             "calls": self.n,
@@ -271,11 +285,16 @@ class Level:
             "onsets_s": [[None if o is None else round(o, 3) for o in c.onsets] for c in self.calls],
             "latencies_s": [[round(x, 3) for x in c.latencies] for c in self.calls],
             "heard": [c.heard for c in self.calls],
+            "livekit_timings": [c.timings for c in self.calls],
             "complete_verdicts": [c.verdicts for c in self.calls],
             "adjusted_s": [[round(x, 3) for x in c.adjusted] for c in self.calls],
             "adjusted_p50_s": round(statistics.median(adjusted), 3) if adjusted else None,
             "adjusted_p95_s": round(percentile(adjusted, 95), 3) if adjusted else None,
             "detector_p50_s": round(statistics.median(detector), 3) if detector else None,
+            "e2e_judged_p50_s": round(statistics.median(e2e), 3) if e2e else None,
+            "e2e_judged_p95_s": round(percentile(e2e, 95), 3) if e2e else None,
+            "caller_loop_lag_p99_ms": round(1000 * percentile(lag, 99), 1),
+            "caller_loop_lag_max_ms": round(1000 * lag[-1], 1),
             "detector_max_s": round(max(detector), 3) if detector else None,
             "cpu_seconds": round(cpu, 2),
             "window_s": round(seconds, 1),
@@ -286,6 +305,15 @@ class Level:
             "errors": [f"{c.job}: {c.error}" for c in self.calls if c.error],
             "stderr_tail": stderr[-1500:] if any(c.error for c in self.calls) else "",
         }
+
+
+def judged_e2e(call: Call) -> list[float]:
+    """LiveKit's own ``e2e_latency`` of each turn's reply (the caller stopped speaking, by the
+    job's VAD, to the agent's first audio, in the job), less the app's wait for more as above."""
+    e2e = [t["e2e_latency"] for role, t in call.timings if role == "ASSISTANT" and "e2e_latency" in t]
+    if len(e2e) != len(call.verdicts):
+        return []
+    return [x - (0.0 if complete else POLICY_WAIT) for x, complete in zip(e2e, call.verdicts, strict=True)]
 
 
 def listening(log: Any) -> bool:

@@ -74,6 +74,9 @@ class CallLog:
     reply_started: list[float] = field(default_factory=list)
     user_speaking: list[float] = field(default_factory=list)
     end_of_turn: list[EndOfTurn] = field(default_factory=list)  # the turn detector's verdicts
+    # LiveKit's per-message latencies (seconds: transcription_delay, end_of_turn_delay, llm_node_ttft,
+    # tts_node_ttfb, e2e_latency...), by the message's role
+    timings: list[tuple[str, dict[str, float]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -258,6 +261,10 @@ class ConsoleCall:
             message = event.conversation_item_added.item.message
             if message.role == pb.ASSISTANT:
                 self.log.said.append(" ".join(c.text for c in message.content if c.text))
+            if message.HasField("metrics"):
+                fields = message.metrics.ListFields()
+                timing = {f.name: round(v, 4) for f, v in fields if isinstance(v, float)}
+                self.log.timings.append((pb.ChatRole.Name(message.role), timing))
         elif kind == "conversation_item_added" and event.conversation_item_added.item.HasField(
             "agent_handoff"
         ):
