@@ -143,7 +143,7 @@ class ChildProcess:
             host.guard.add(self.pid)
         # cgroups of its own, where the tree has them: killing one kills all it started; the
         # other is where the breaker reads its memory and the kernel limits it
-        self.groups = ChildGroups.place(host.guard, path, pid)
+        self.groups = ChildGroups.place(host.tg, host.guard, path, pid)
         self.groups.limit(spec.settings)
 
     def respec(self, spec: ProcessSpec) -> None:
