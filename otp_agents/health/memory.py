@@ -224,7 +224,8 @@ class MemoryWatch:
         levels = [v for v in (s.memory_warn_mb, s.memory_soft_mb, s.memory_limit_mb) if v is not None]
         floor = min(levels) * HYSTERESIS if levels else math.inf
         w.samples += 1
-        charged = w.proc.groups.working_set_bytes()  # its memory cgroup, where it has one
+        # its memory cgroup, where it has one; under the lowest threshold the charge is enough
+        charged = w.proc.groups.working_set_bytes(floor * MB)
         if charged is not None:
             mb = charged / MB
         else:

@@ -78,8 +78,9 @@ class ChildGroups:
         if problem:
             log.warning("%s: memory_max_mb/memory_high_mb not enforced by the kernel: %s", self.path, problem)
 
-    def working_set_bytes(self) -> int | None:
-        return self.memory.working_set_bytes() if self.memory is not None else None
+    def working_set_bytes(self, floor: float = 0.0) -> int | None:
+        """Its memory cgroup's working set (see :meth:`MemoryGroup.working_set_bytes`)."""
+        return self.memory.working_set_bytes(floor) if self.memory is not None else None
 
     def oom_killed(self, status: ExitStatus) -> float | None:
         """The peak MB, if the kernel's OOM killer ended the child in its memory cgroup."""

@@ -73,10 +73,15 @@ class MemoryGroup:
             fd = self._fds[name] = os.open(self.path / name, os.O_RDONLY | os.O_CLOEXEC)
         return os.pread(fd, size, 0)
 
-    def working_set_bytes(self) -> int | None:
-        """The charge less the page cache the kernel can drop; None once it cannot be read."""
+    def working_set_bytes(self, floor: float = 0.0) -> int | None:
+        """The charge less the page cache the kernel can drop; None once it cannot be read.
+        A charge under ``floor`` bytes is returned as it is: the working set is no larger, and
+        ``memory.stat`` (which the kernel writes out in full, 40-odd lines, on every read) is
+        read only when the answer could matter."""
         try:
             usage = int(self._pread("memory.usage_in_bytes", 64))
+            if usage < floor:
+                return usage
             stat = self._pread("memory.stat", 8192)
         except (OSError, ValueError):
             return None
