@@ -192,7 +192,8 @@ class Level:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=REPO)  # noqa: ASYNC220
             try:
                 await stand_in.wait(lambda: stand_in.of("register"), START_BOUND)
-                await quiet(proc.pid)
+                if not self.args.quick:  # the smoke run needs no idle figure
+                    await quiet(proc.pid)
                 idle_pss = tree_pss(proc.pid)
                 cpu0, t0 = tree_cpu(proc.pid), time.monotonic()
                 async with anyio.create_task_group() as tg:
