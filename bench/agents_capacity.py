@@ -9,7 +9,8 @@ LiveKit Agents' own worker, with CPU and memory per call.
   (forkserver, ``num_idle_processes`` = CPU count, load threshold 0.7, its inference process for
   the turn detector), hosted by ``workers/agents_host.py APP --server`` as the one leaf of a tree.
 
-On both sides the providers run in the job's process: pocketsphinx (STT), flite (TTS), the
+On both sides the providers run in the job's process: pocketsphinx (STT; ``--stt streaming``,
+the default here, sets ``OTP_AGENTS_STT_STREAMING=1`` on both sides), flite (TTS), the
 scripted LLM of ``tests/agents_apps/scripts/basic_agent.toml`` and LiveKit's v1-mini turn
 detector. Jobs come from ``tests/livekit_standin.py`` (LiveKit's agent-worker protocol on
 loopback; **not** a LiveKit server: no rooms). Each job's audio goes over LiveKit's console
@@ -108,10 +109,11 @@ RETRY = 0.25  # a refused offer is offered again after this (the stand-in has on
 START_BOUND, TAKE_BOUND, TURN_BOUND, STOP_BOUND, QUIET_BOUND = 120.0, 60.0, 60.0, 60.0, 90.0
 
 
-def tree_toml(system: str, stand_in: StandIn, n: int) -> str:
+def tree_toml(system: str, stand_in: StandIn, n: int, stt: str) -> str:
+    streaming = "1" if stt == "streaming" else "0"
     env = (
         f'env = {{ LIVEKIT_URL = "{stand_in.url}", LIVEKIT_API_KEY = "{KEY}", '
-        f'LIVEKIT_API_SECRET = "{SECRET}" }}'
+        f'LIVEKIT_API_SECRET = "{SECRET}", OTP_AGENTS_STT_STREAMING = "{streaming}" }}'
     )
     head = ['id = "root"', "intensity = 3", "period = 600", "", "[[children]]"]
     if system == POOL:
@@ -184,7 +186,7 @@ class Level:
     async def run(self, tmp: Path) -> dict[str, Any]:
         async with serving() as stand_in:
             tree = tmp / "tree.toml"
-            tree.write_text(tree_toml(self.system, stand_in, self.n))
+            tree.write_text(tree_toml(self.system, stand_in, self.n, self.args.stt))
             log = (tmp / "stderr.log").open("wb")
             cmd = [sys.executable, "-m", "otp_agents.cli", "run", str(tree)]
             cmd += ["--state-dir", str(tmp / "state")]
@@ -417,6 +419,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--systems", default="pool,livekit", help="pool, livekit or both")
     p.add_argument("--turns", type=int, default=4, help="utterances per call (the phrases in turn)")
     p.add_argument("--gap", type=float, default=1.0, help="seconds between two callers' arrivals")
+    p.add_argument(
+        "--stt",
+        choices=["streaming", "whole"],
+        default="streaming",
+        help="the offline recogniser on both sides: decoding while the caller speaks, or each "
+        "utterance once it ended (the default in the product)",
+    )
     p.add_argument("--all", action="store_true", help="try every count, even after one that failed")
     p.add_argument("--quick", action="store_true", help="one call of one turn per system (a smoke run)")
     p.add_argument("--json", type=Path, help="write the results here")

@@ -143,7 +143,7 @@ async def test_a_killed_restaurant_call_resumes_mid_booking_and_mid_checkout_wit
             "to_checkout",
             "confirm_expense",
             "update_credit_card",
-        ]
+        ], (call.log.heard, call.log.said)
         given = json.loads(call.log.tools[-1].arguments)
         # the checkpoint after the card's tool is on disk, its result scrubbed
         kept = await until_stored(tmp_path, b"The credit card number is updated to [not kept]")

@@ -8,8 +8,9 @@ with no network and no API keys::
         tts=agents_plugins.FliteTTS(),
     )
 
-:class:`SphinxSTT` streams (it decodes while the caller speaks, see :mod:`.agents_stt`);
-:class:`FliteTTS` does not: AgentSession puts its sentence splitter in front of it.
+:class:`SphinxSTT` and :class:`FliteTTS` are non-streaming: AgentSession puts its VAD in front
+of the first (``OTP_AGENTS_STT_STREAMING=1`` makes it stream, see :mod:`.agents_stt`) and its
+sentence splitter in front of the second.
 :class:`RuleLLM` answers by the rules of :mod:`.agent` and keeps no state: what it remembers
 it reads back from the chat context.
 
@@ -19,6 +20,7 @@ installed).
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Literal
 
@@ -44,15 +46,18 @@ from otp_agents.voice.stt import PocketSphinxSTT
 from otp_agents.voice.tts import EspeakTTS
 from otp_agents.voice.tts import FliteTTS as FliteEngine
 
+ENV_STREAMING = "OTP_AGENTS_STT_STREAMING"  # "1": the recogniser streams (see SphinxSTT)
 Events = Literal["metrics_collected", "error"]  # the base classes' own events; we add none
 
 
 class SphinxSTT(stt.STT[Events]):
-    """pocketsphinx with the US English model from its wheel: streaming, each utterance decoded
-    while the caller speaks (:mod:`.agents_stt`); ``recognize`` takes a whole one."""
+    """pocketsphinx with the US English model from its wheel, on whole utterances behind the
+    session's VAD; with ``OTP_AGENTS_STT_STREAMING=1`` streaming instead, each utterance decoded
+    while the caller speaks (:mod:`.agents_stt`)."""
 
     def __init__(self, *, language: str = "en") -> None:
-        super().__init__(capabilities=stt.STTCapabilities(streaming=True, interim_results=False))
+        self._streaming = os.environ.get(ENV_STREAMING) == "1"
+        super().__init__(capabilities=stt.STTCapabilities(streaming=self._streaming, interim_results=False))
         self._language = language
         self._engine = PocketSphinxSTT()  # loads the model (~0.5 s): build it before the call
 
@@ -70,6 +75,8 @@ class SphinxSTT(stt.STT[Events]):
         language: NotGivenOr[str] = NOT_GIVEN,
         conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
     ) -> stt.RecognizeStream:
+        if not self._streaming:
+            return super().stream(language=language, conn_options=conn_options)
         from otp_agents.voice import agents_stt
 
         lang = language if utils.is_given(language) else self._language

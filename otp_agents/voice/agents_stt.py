@@ -37,12 +37,13 @@ LEAD = 1.0  # seconds of audio before the VAD's start of speech handed to the de
 
 class SphinxRecognizeStream(stt.RecognizeStream):
     def __init__(self, owner: stt.STT[Any], engine: PocketSphinxSTT, language: str) -> None:
-        super().__init__(stt=owner, conn_options=DEFAULT_API_CONNECT_OPTIONS)
+        # LiveKit's own stateful resampler brings the input to 16 kHz before it reaches us:
+        # resampling each 10 ms frame on its own leaves seams the recogniser hears
+        super().__init__(stt=owner, conn_options=DEFAULT_API_CONNECT_OPTIONS, sample_rate=SAMPLE_RATE)
         self._engine = engine
         self._language = language
-        self._lead: deque[np.ndarray] = deque()  # the last LEAD seconds before speech
+        self._lead: deque[np.ndarray] = deque()  # the last LEAD seconds heard, 16 kHz
         self._lead_len = 0
-        self._lead_rate = 0
         self._utterance: Any = None  # the decoder's stream while the caller speaks
 
     async def _run(self) -> None:
@@ -87,16 +88,14 @@ class SphinxRecognizeStream(stt.RecognizeStream):
         samples = pcm(frame)
         if frame.num_channels > 1:
             samples = samples.reshape(-1, frame.num_channels).mean(axis=1).astype(np.int16)
+        samples = resample(samples, frame.sample_rate, SAMPLE_RATE)  # already 16 kHz: a no-op
         if self._utterance is not None:
-            await self._utterance.push(resample(samples, frame.sample_rate, SAMPLE_RATE))
-            return
-        # between utterances (most of a call) only keep the last LEAD seconds, as they came
-        if frame.sample_rate != self._lead_rate:
-            self._lead.clear()
-            self._lead_len, self._lead_rate = 0, frame.sample_rate
+            await self._utterance.push(samples)
+        # the last LEAD seconds, always: an utterance that starts right after another one (a
+        # short noise the VAD took for speech) still gets its first words
         self._lead.append(samples.copy())
         self._lead_len += len(samples)
-        while self._lead and self._lead_len - len(self._lead[0]) >= LEAD * self._lead_rate:
+        while self._lead and self._lead_len - len(self._lead[0]) >= LEAD * SAMPLE_RATE:
             self._lead_len -= len(self._lead.popleft())
 
     async def _begin(self) -> None:
@@ -104,10 +103,7 @@ class SphinxRecognizeStream(stt.RecognizeStream):
             return
         self._utterance = self._engine.stream()
         if self._lead:
-            lead = resample(np.concatenate(self._lead), self._lead_rate, SAMPLE_RATE)
-            self._lead.clear()
-            self._lead_len = 0
-            await self._utterance.push(lead)
+            await self._utterance.push(np.concatenate(self._lead))
 
     async def _finish(self) -> str:
         utterance, self._utterance = self._utterance, None
