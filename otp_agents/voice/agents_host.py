@@ -33,7 +33,7 @@ import anyio
 
 from otp_agents.voice.agents_job import JobEnd, JobRunner, entrypoint
 from otp_agents.voice.agents_jobs import JobWatch
-from otp_agents.voice.agents_worker_jobs import fake_console_jobs, prepare
+from otp_agents.voice.agents_worker_jobs import fake_console_jobs, prepare, use_console
 from otp_agents.worker import Worker
 
 if TYPE_CHECKING:
@@ -118,16 +118,7 @@ class Console:
 
     async def entry(self, ctx: Any) -> None:
         """The job's entrypoint: wire the console, then run the app's own."""
-        from livekit.agents.cli.cli import AgentsConsole
-        from livekit.agents.cli.tcp_console import TcpAudioInput, TcpAudioOutput
-
-        transport = _transport_class()(self.host, self.port, self)
-        console = AgentsConsole.get_instance()
-        console.enabled = True
-        console.record = False
-        console._tcp_transport = transport
-        console._tcp_audio_input = TcpAudioInput()
-        console._tcp_audio_output = TcpAudioOutput(transport)
+        use_console(_transport_class()(self.host, self.port, self))
         await entrypoint(self.server)(ctx)
 
 

@@ -93,22 +93,28 @@ def fake_console_jobs(pool: Any) -> None:
     pool.launch_job = launch_job
 
 
+def use_console(transport: Any) -> None:
+    """Point LiveKit's console I/O (its audio input and output) at ``transport``, on the job's
+    own loop: the session then hears and speaks over it instead of a room."""
+    from livekit.agents.cli.cli import AgentsConsole
+    from livekit.agents.cli.tcp_console import TcpAudioInput, TcpAudioOutput
+
+    console = AgentsConsole.get_instance()
+    console.enabled = True
+    console.record = False
+    console._tcp_transport = transport
+    console._tcp_audio_input = TcpAudioInput()
+    console._tcp_audio_output = TcpAudioOutput(transport)
+
+
 async def console_or_app(app_entry: Entry, ctx: Any) -> None:
     """The job's entrypoint in LiveKit's job process: console I/O first if the job asks for it."""
     address = metadata_console(ctx.job.metadata)
     if address is not None:
-        from livekit.agents.cli.cli import AgentsConsole
-        from livekit.agents.cli.tcp_console import TcpAudioInput, TcpAudioOutput
         from livekit.agents.voice.remote_session import TcpSessionTransport
 
         host, _, port = address.rpartition(":")
-        transport = TcpSessionTransport(host, int(port))
-        console = AgentsConsole.get_instance()
-        console.enabled = True
-        console.record = False
-        console._tcp_transport = transport
-        console._tcp_audio_input = TcpAudioInput()
-        console._tcp_audio_output = TcpAudioOutput(transport)
+        use_console(TcpSessionTransport(host, int(port)))
     await app_entry(ctx)
 
 
@@ -119,4 +125,5 @@ __all__ = [
     "metadata_console",
     "offline_from_env",
     "prepare",
+    "use_console",
 ]
